@@ -1,0 +1,30 @@
+"""bns: Bespoke Non-Stationary solvers, few-step sampling for any diffusion or flow model.
+
+    import bns
+    model = bns.Model(net, prediction="eps", schedule=bns.schedules.VP(), sample_shape=(1, 28, 28))
+    solver = bns.solvers.midpoint(bns.grids.uniform(4, model.t_range))   # NFE 8
+    x = bns.sample(model, torch.randn(16, 1, 28, 28), solver)
+
+Only torch is needed to import bns; integrations are imported lazily.
+"""
+
+from . import grids, metrics, schedules, solvers, transforms
+from .ground_truth import ground_truth
+from .model import Model, ModelError
+from .solver import NSSolver, SolverFileError, sample
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Model",
+    "ModelError",
+    "NSSolver",
+    "SolverFileError",
+    "sample",
+    "ground_truth",
+    "grids",
+    "metrics",
+    "schedules",
+    "solvers",
+    "transforms",
+]

@@ -1,0 +1,1 @@
+"""Built-in models: the analytic Gaussian mixture and the reference image models."""

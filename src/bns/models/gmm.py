@@ -1,0 +1,144 @@
+"""The analytic model: a Gaussian mixture whose exact velocity has a closed form.
+
+Data ``x_1 ~ sum_k w_k N(mu_k, s_k^2 I)``. Given ``x_t = alpha x_1 + sigma eps`` the component
+posterior and the posterior means of ``x_1`` and ``eps`` are exact, so the "network" predicts
+any target (velocity, eps, x1, v) with no error under any scheduler. Components carry class
+labels, so conditional velocities and classifier-free guidance are exact too. It is the
+ground-truth model of the tests and the built-in model ``gmm``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..model import Model
+from ..schedules import CondOT, Schedule
+
+__all__ = ["GaussianMixtureNet", "gmm", "gaussian_mixture_model"]
+
+
+class GaussianMixtureNet(nn.Module):
+    """``net(x, t, y=None)``: the exact ``prediction`` of a labelled Gaussian mixture.
+
+    Args:
+        means: ``[K, D]`` component means (``D`` = product of ``sample_shape``).
+        stds: ``[K]`` component standard deviations (> 0).
+        weights: ``[K]`` mixture weights.
+        labels: ``[K]`` class of each component; label ``num_classes`` (or None) selects all.
+        schedule, prediction: the path and the target the net returns.
+    """
+
+    def __init__(
+        self,
+        means: Tensor,
+        stds: Tensor,
+        weights: Tensor,
+        labels: Tensor,
+        schedule: Schedule,
+        prediction: str = "velocity",
+        sample_shape: tuple[int, ...] | None = None,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("means", torch.as_tensor(means, dtype=torch.float64))
+        self.register_buffer("stds", torch.as_tensor(stds, dtype=torch.float64))
+        self.register_buffer("log_weights", torch.log(torch.as_tensor(weights, dtype=torch.float64)))
+        self.register_buffer("labels", torch.as_tensor(labels, dtype=torch.long))
+        self.schedule = schedule
+        self.prediction = prediction
+        self.sample_shape = sample_shape or (self.means.shape[1],)
+        self.num_classes = int(self.labels.max()) + 1
+
+    def posterior(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(E[x_1 | x_t], E[eps | x_t])`` computed in float64, shapes ``[B, D]``."""
+        xf = x.reshape(x.shape[0], -1).to(torch.float64)
+        t = t.to(torch.float64).reshape(-1)
+        a, s, _, _ = self.schedule(t)
+        a, s = a[:, None], s[:, None]  # [B, 1]
+        var = a * a * self.stds**2 + s * s  # [B, K]
+        diff = xf[:, None, :] - a[:, :, None] * self.means[None]  # [B, K, D]
+        d = xf.shape[1]
+        logp = (
+            self.log_weights
+            - 0.5 * (diff * diff).sum(-1) / var
+            - 0.5 * d * torch.log(2 * math.pi * var)
+        )
+        if y is not None:
+            allowed = (self.labels[None, :] == y[:, None]) | (y[:, None] >= self.num_classes)
+            logp = logp.masked_fill(~allowed, -math.inf)
+        p = torch.softmax(logp, dim=-1)  # [B, K]
+        r = diff / var[:, :, None]  # (x - alpha mu_k) / var_k
+        x1 = (p[:, :, None] * (self.means[None] + (a * self.stds**2)[:, :, None] * r)).sum(1)
+        eps = (p[:, :, None] * (s[:, :, None] * r)).sum(1)
+        return x1, eps
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        x1, eps = self.posterior(x, t, y)
+        a, s, da, ds = (v.to(torch.float64).reshape(-1, 1) for v in self.schedule(
+            t.to(torch.float64).reshape(-1)))
+        if self.prediction == "velocity":
+            f = da * x1 + ds * eps
+        elif self.prediction == "eps":
+            f = eps
+        elif self.prediction == "x1":
+            f = x1
+        elif self.prediction == "v":
+            f = a * eps - s * x1
+        else:
+            raise ValueError(f"unknown prediction {self.prediction!r}")
+        return f.to(x.dtype).reshape(x.shape)
+
+    def sample_data(self, n: int, generator: torch.Generator | None = None,
+                    y: Tensor | None = None) -> Tensor:
+        """Draw ``n`` data points (of class ``y`` where given), shape ``[n, *sample_shape]``."""
+        logits = self.log_weights.expand(n, -1)
+        if y is not None:
+            logits = logits.masked_fill(self.labels[None, :] != y[:, None], -math.inf)
+        k = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
+        z = torch.randn(n, self.means.shape[1], generator=generator, dtype=torch.float64)
+        return (self.means[k] + self.stds[k, None] * z).reshape(n, *self.sample_shape)
+
+
+def gaussian_mixture_model(
+    dim: int = 64,
+    components: int = 8,
+    num_classes: int | None = None,
+    std: float = 0.1,
+    scale: float = 1.0,
+    schedule: Schedule | None = None,
+    prediction: str = "velocity",
+    t_range: tuple[float, float] = (0.0, 1.0),
+    seed: int = 0,
+    name: str | None = None,
+) -> Model:
+    """A :class:`bns.Model` over a random labelled Gaussian mixture in ``dim`` dimensions.
+
+    Means are ``scale``-sized random directions, components have standard deviation ``std``
+    (small ``std``: strongly curved trajectories); component ``k`` has label ``k % num_classes``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(components, dim, generator=g, dtype=torch.float64)
+    means = scale * means
+    stds = std * (0.5 + torch.rand(components, generator=g, dtype=torch.float64))
+    weights = 0.5 + torch.rand(components, generator=g, dtype=torch.float64)
+    weights = weights / weights.sum()
+    nc = num_classes or 1
+    labels = torch.arange(components) % nc
+    schedule = schedule or CondOT()
+    net = GaussianMixtureNet(means, stds, weights, labels, schedule, prediction)
+    return Model(
+        net,
+        prediction=prediction,
+        schedule=schedule,
+        sample_shape=(dim,),
+        t_range=t_range,
+        num_classes=num_classes,
+        name=name or f"gmm{dim}",
+    )
+
+
+def gmm() -> Model:
+    """The built-in ``gmm`` model: 64 dimensions, 16 components in 4 classes, curved trajectories."""
+    return gaussian_mixture_model(dim=64, components=16, num_classes=4, std=0.15, name="gmm")

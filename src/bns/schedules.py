@@ -1,0 +1,309 @@
+"""Schedulers of Gaussian paths in flow time.
+
+A scheduler gives ``x_t = alpha_t x_1 + sigma_t eps`` for flow time ``t`` in [0, 1], where
+``t = 0`` is noise and ``t = 1`` is data (bns-math.md, section 1). Every scheduler returns
+alpha, sigma and their time derivatives together, computed with torch operations so that
+gradients flow through ``t`` (BNS learns its time grid), and knows its log-SNR
+``lambda_t = log(alpha_t / sigma_t)`` and the inverse map from log-SNR back to time.
+
+Example:
+    >>> s = CondOT()
+    >>> a, sig, da, dsig = s(torch.tensor([0.25], dtype=torch.float64))
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Schedule",
+    "CondOT",
+    "VP",
+    "Cosine",
+    "DiscreteVP",
+    "EDM",
+    "schedule_from_config",
+]
+
+
+def _as_tensor(t: Tensor | float) -> Tensor:
+    if isinstance(t, Tensor):
+        return t if t.is_floating_point() else t.to(torch.float64)
+    return torch.tensor(float(t), dtype=torch.float64)
+
+
+class Schedule(ABC):
+    """A scheduler (alpha_t, sigma_t) in flow time, with alpha increasing and sigma decreasing."""
+
+    name: str = "schedule"
+
+    @abstractmethod
+    def __call__(self, t: Tensor | float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Return ``(alpha, sigma, d alpha/dt, d sigma/dt)`` at ``t`` (same shape as ``t``)."""
+
+    @abstractmethod
+    def config(self) -> dict[str, Any]:
+        """A JSON-able description that :func:`schedule_from_config` turns back into this object."""
+
+    def alpha(self, t: Tensor | float) -> Tensor:
+        return self(t)[0]
+
+    def sigma(self, t: Tensor | float) -> Tensor:
+        return self(t)[1]
+
+    def log_snr(self, t: Tensor | float) -> Tensor:
+        """``log(alpha_t / sigma_t)``; -inf where alpha is 0 and +inf where sigma is 0."""
+        a, s, _, _ = self(t)
+        return torch.log(a) - torch.log(s)
+
+    def d_log_snr(self, t: Tensor | float) -> Tensor:
+        """Time derivative of the log-SNR."""
+        a, s, da, ds = self(t)
+        return da / a - ds / s
+
+    def t_from_log_snr(self, lam: Tensor | float) -> Tensor:
+        """Inverse of :meth:`log_snr`. The default bisects, which any monotone scheduler allows."""
+        lam = _as_tensor(lam).detach().to(torch.float64)
+        lo = torch.zeros_like(lam)
+        hi = torch.ones_like(lam)
+        for _ in range(80):
+            mid = 0.5 * (lo + hi)
+            below = self.log_snr(mid) < lam
+            lo = torch.where(below, mid, lo)
+            hi = torch.where(below, hi, mid)
+        return 0.5 * (lo + hi)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Schedule) and self.config() == other.config()
+
+    def __hash__(self) -> int:
+        return hash(repr(sorted(self.config().items())))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
+        return f"{type(self).__name__}({args})"
+
+
+class CondOT(Schedule):
+    """Conditional optimal transport / rectified flow: ``alpha = t``, ``sigma = 1 - t``.
+
+    ``sigma0`` scales the noise: ``sigma = sigma0 (1 - t)`` (the preconditioning scheduler of
+    bns-math.md, section 3; ``sigma0 = 1`` is plain CondOT).
+    """
+
+    name = "condot"
+
+    def __init__(self, sigma0: float = 1.0) -> None:
+        if not sigma0 > 0:
+            raise ValueError(f"CondOT needs sigma0 > 0, got {sigma0}")
+        self.sigma0 = float(sigma0)
+
+    def __call__(self, t):
+        t = _as_tensor(t)
+        one = torch.ones_like(t)
+        return t, self.sigma0 * (1 - t), one, -self.sigma0 * one
+
+    def log_snr(self, t):
+        t = _as_tensor(t)
+        return torch.log(t) - torch.log1p(-t) - math.log(self.sigma0)
+
+    def t_from_log_snr(self, lam):
+        return torch.sigmoid(_as_tensor(lam) + math.log(self.sigma0))
+
+    def config(self):
+        return {"name": self.name, "sigma0": self.sigma0}
+
+
+class Cosine(Schedule):
+    """Cosine scheduler: ``alpha = sin(pi t / 2)``, ``sigma = cos(pi t / 2)``."""
+
+    name = "cosine"
+
+    def __call__(self, t):
+        t = _as_tensor(t)
+        h = 0.5 * math.pi
+        return torch.sin(h * t), torch.cos(h * t), h * torch.cos(h * t), -h * torch.sin(h * t)
+
+    def log_snr(self, t):
+        return torch.log(torch.tan(0.5 * math.pi * _as_tensor(t)))
+
+    def t_from_log_snr(self, lam):
+        return torch.atan(torch.exp(_as_tensor(lam))) * (2.0 / math.pi)
+
+    def config(self):
+        return {"name": self.name}
+
+
+class VP(Schedule):
+    """Variance preserving scheduler with a linear beta (DDPM in continuous time).
+
+    With diffusion time ``s = 1 - t``: ``alpha = exp(-B(s))``, ``B(s) = s^2 (b1 - b0)/4 + s b0/2``,
+    ``sigma = sqrt(1 - alpha^2)``.
+    """
+
+    name = "vp"
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0) -> None:
+        if not (0 < beta_min < beta_max):
+            raise ValueError(f"VP needs 0 < beta_min < beta_max, got {beta_min}, {beta_max}")
+        self.beta_min = float(beta_min)
+        self.beta_max = float(beta_max)
+
+    def _B(self, s: Tensor) -> tuple[Tensor, Tensor]:
+        d = self.beta_max - self.beta_min
+        return s * s * d / 4 + s * self.beta_min / 2, s * d / 2 + self.beta_min / 2
+
+    def __call__(self, t):
+        t = _as_tensor(t)
+        B, dB_ds = self._B(1 - t)
+        alpha = torch.exp(-B)
+        # sigma = sqrt(1 - exp(-2B)) written with expm1 for accuracy near t = 1.
+        sigma = torch.sqrt(-torch.expm1(-2 * B))
+        d_alpha = alpha * dB_ds  # ds/dt = -1
+        d_sigma = -alpha * d_alpha / sigma
+        return alpha, sigma, d_alpha, d_sigma
+
+    def log_snr(self, t):
+        B, _ = self._B(1 - _as_tensor(t))
+        return -B - 0.5 * torch.log(-torch.expm1(-2 * B))
+
+    def t_from_log_snr(self, lam):
+        lam = _as_tensor(lam)
+        B = 0.5 * torch.nn.functional.softplus(-2 * lam)
+        d = self.beta_max - self.beta_min
+        b0 = self.beta_min
+        s = (-b0 / 2 + torch.sqrt(b0 * b0 / 4 + d * B)) / (d / 2)
+        return 1 - s
+
+    def config(self):
+        return {"name": self.name, "beta_min": self.beta_min, "beta_max": self.beta_max}
+
+
+class DiscreteVP(Schedule):
+    """A discrete DDPM schedule given by ``alphas_cumprod`` (as diffusers models use it).
+
+    Discrete timestep ``k`` (0 = least noise, N-1 = most) sits at flow time
+    ``t = 1 - k / (N - 1)``; between timesteps the log-SNR is interpolated linearly, so
+    ``alpha^2 = sigmoid(2 lambda)`` and ``sigma^2 = sigmoid(-2 lambda)``. :meth:`timestep`
+    gives the (fractional) diffusers timestep of a flow time.
+    """
+
+    name = "discrete_vp"
+
+    def __init__(self, alphas_cumprod: Tensor | list[float]) -> None:
+        ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
+        if ac.numel() < 2 or not torch.all((ac > 0) & (ac < 1)):
+            raise ValueError("alphas_cumprod must hold at least 2 values in (0, 1)")
+        lam = 0.5 * (torch.log(ac) - torch.log1p(-ac))
+        if not torch.all(lam[1:] < lam[:-1]):
+            raise ValueError("alphas_cumprod must be strictly decreasing")
+        self.alphas_cumprod = ac
+        self._lam = lam  # indexed by timestep k, decreasing in k
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.alphas_cumprod.numel()
+
+    def timestep(self, t: Tensor | float) -> Tensor:
+        """Fractional diffusers timestep ``k = (1 - t)(N - 1)`` of flow time ``t``."""
+        return (1 - _as_tensor(t)) * (self.num_train_timesteps - 1)
+
+    def flow_time(self, k: Tensor | float) -> Tensor:
+        """Flow time of a (possibly fractional) diffusers timestep."""
+        return 1 - _as_tensor(k) / (self.num_train_timesteps - 1)
+
+    def _lam_and_slope(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        n = self.num_train_timesteps
+        lam_tab = self._lam.to(t.device)
+        k = self.timestep(t).clamp(0, n - 1)
+        i0 = torch.floor(k.detach()).long().clamp(0, n - 2)
+        w = k - i0.to(k.dtype)
+        l0, l1 = lam_tab[i0].to(k.dtype), lam_tab[i0 + 1].to(k.dtype)
+        lam = l0 + w * (l1 - l0)
+        dlam_dt = -(l1 - l0) * (n - 1)  # dk/dt = -(N - 1)
+        return lam, dlam_dt
+
+    def __call__(self, t):
+        t = _as_tensor(t)
+        lam, dlam = self._lam_and_slope(t)
+        alpha = torch.sqrt(torch.sigmoid(2 * lam))
+        sigma = torch.sqrt(torch.sigmoid(-2 * lam))
+        # d alpha/dlam = alpha sigma^2, d sigma/dlam = -sigma alpha^2 (for alpha^2 + sigma^2 = 1).
+        return alpha, sigma, alpha * sigma**2 * dlam, -sigma * alpha**2 * dlam
+
+    def log_snr(self, t):
+        return self._lam_and_slope(_as_tensor(t))[0]
+
+    def t_from_log_snr(self, lam):
+        lam = _as_tensor(lam).to(torch.float64)
+        tab = self._lam.to(lam.device)
+        inc = tab.flip(0)  # increasing in position j = N-1-k
+        j = torch.searchsorted(inc, lam.clamp(inc[0], inc[-1]).contiguous()).clamp(1, len(inc) - 1)
+        l0, l1 = inc[j - 1], inc[j]
+        pos = (j - 1).to(lam.dtype) + (lam.clamp(inc[0], inc[-1]) - l0) / (l1 - l0)
+        k = (self.num_train_timesteps - 1) - pos
+        return self.flow_time(k)
+
+    def config(self):
+        return {"name": self.name, "alphas_cumprod": [float(v) for v in self.alphas_cumprod]}
+
+
+class EDM(Schedule):
+    """Variance exploding / EDM noise levels ``s`` rescaled to a Gaussian path.
+
+    ``x = x_1 + s eps`` becomes ``alpha = 1/sqrt(1+s^2)``, ``sigma = s/sqrt(1+s^2)`` after dividing
+    by ``sqrt(1 + s^2)``. Flow time runs log-linearly from ``s_max`` (t = 0) to ``s_min`` (t = 1):
+    ``log s_t = (1 - t) log s_max + t log s_min``. :meth:`noise_level` gives ``s`` at ``t``.
+    """
+
+    name = "edm"
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0) -> None:
+        if not (0 < sigma_min < sigma_max):
+            raise ValueError(f"EDM needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        self.sigma_min = float(sigma_min)
+        self.sigma_max = float(sigma_max)
+        self._lmax = math.log(sigma_max)
+        self._lmin = math.log(sigma_min)
+
+    def noise_level(self, t: Tensor | float) -> Tensor:
+        t = _as_tensor(t)
+        return torch.exp((1 - t) * self._lmax + t * self._lmin)
+
+    def __call__(self, t):
+        t = _as_tensor(t)
+        s = self.noise_level(t)
+        ds = s * (self._lmin - self._lmax)
+        r = torch.rsqrt(1 + s * s)
+        alpha, sigma = r, s * r
+        d_alpha = -s * r**3 * ds
+        d_sigma = r**3 * ds
+        return alpha, sigma, d_alpha, d_sigma
+
+    def log_snr(self, t):
+        return -torch.log(self.noise_level(t))
+
+    def t_from_log_snr(self, lam):
+        return (-_as_tensor(lam) - self._lmax) / (self._lmin - self._lmax)
+
+    def config(self):
+        return {"name": self.name, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
+
+
+_REGISTRY: dict[str, type[Schedule]] = {
+    c.name: c for c in (CondOT, VP, Cosine, DiscreteVP, EDM)
+}
+
+
+def schedule_from_config(config: dict[str, Any]) -> Schedule:
+    """Rebuild a scheduler from :meth:`Schedule.config`."""
+    cfg = dict(config)
+    name = cfg.pop("name", None)
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown scheduler {name!r}; known: {sorted(_REGISTRY)}")
+    return _REGISTRY[name](**cfg)

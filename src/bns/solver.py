@@ -1,0 +1,290 @@
+"""`NSSolver`: a non-stationary solver as pure data, the sampler that runs it, and its file.
+
+An NS solver with ``n`` steps evaluates the velocity at ``n`` points and forms each next point as
+a fixed linear combination of the start point and all velocities so far (bns-math.md, section 2):
+
+    u_i = u_{t_i}(x_i),    x_{i+1} = a_i x_0 + sum_{j <= i} b_{i,j} u_j,    i = 0 .. n-1.
+
+``x_n`` is the sample. Times are non-decreasing with ``t_0 < t_n`` (Runge-Kutta stages may share a
+time, e.g. RK4's two midpoint stages); a learned BNS solver has strictly increasing times.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["NSSolver", "SolverFileError", "sample", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+
+
+class SolverFileError(ValueError):
+    """A solver file is missing, corrupt, of another version, or does not fit the model."""
+
+
+@dataclass
+class NSSolver:
+    """A non-stationary solver: ``times [n+1]`` (float64), ``a [n]``, ``b [n, n]`` lower triangular.
+
+    ``b[i, j]`` is the weight of ``u_j`` in ``x_{i+1}``; entries above the diagonal are ignored and
+    kept at zero. Tensors may require grad (training builds solvers from parameters). ``meta``
+    holds JSON-able provenance (model fingerprint, guidance, training settings, validation PSNR).
+    """
+
+    times: Tensor
+    a: Tensor
+    b: Tensor
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.times = torch.as_tensor(self.times, dtype=torch.float64)
+        self.a = torch.as_tensor(self.a, dtype=torch.float64)
+        self.b = torch.as_tensor(self.b, dtype=torch.float64)
+        n = self.a.numel()
+        if self.times.shape != (n + 1,) or self.a.shape != (n,) or self.b.shape != (n, n):
+            raise ValueError(
+                f"NSSolver shapes do not fit: times {list(self.times.shape)}, a {list(self.a.shape)},"
+                f" b {list(self.b.shape)}; expected [n+1], [n], [n, n]"
+            )
+        if n < 1:
+            raise ValueError("an NSSolver needs at least one step")
+
+    @property
+    def nfe(self) -> int:
+        """Velocity evaluations per sample (a guided evaluation is 2 network forwards)."""
+        return int(self.a.numel())
+
+    @property
+    def t_range(self) -> tuple[float, float]:
+        return float(self.times[0]), float(self.times[-1])
+
+    def detach(self) -> NSSolver:
+        return NSSolver(
+            self.times.detach().clone(), self.a.detach().clone(), self.b.detach().clone(),
+            dict(self.meta),
+        )
+
+    def validate(self, t_range: tuple[float, float] | None = None, strict: bool = False) -> None:
+        """Raise :class:`SolverFileError` unless the values make a usable solver.
+
+        Checks finite values, non-decreasing times with ``t_0 < t_n`` (strictly increasing with
+        ``strict``), zeros above the diagonal of ``b`` and, given ``t_range``, that the times
+        start and end on the model's range (to 1e-9).
+        """
+        for name in ("times", "a", "b"):
+            if not torch.all(torch.isfinite(getattr(self, name))):
+                raise SolverFileError(f"solver {name} holds non-finite values (NaN or inf)")
+        dt = self.times[1:] - self.times[:-1]
+        if strict and not torch.all(dt > 0):
+            raise SolverFileError("solver times must be strictly increasing")
+        if not torch.all(dt >= 0) or not self.times[-1] > self.times[0]:
+            raise SolverFileError("solver times must be non-decreasing with t_0 < t_n")
+        if torch.any(torch.triu(self.b, diagonal=1) != 0):
+            raise SolverFileError("solver b must be lower triangular (x_{i+1} uses u_0..u_i only)")
+        if t_range is not None:
+            lo, hi = self.t_range
+            if abs(lo - t_range[0]) > 1e-9 or abs(hi - t_range[1]) > 1e-9:
+                raise SolverFileError(
+                    f"solver times run over [{lo:.6g}, {hi:.6g}] but the model's range is"
+                    f" [{t_range[0]:.6g}, {t_range[1]:.6g}]"
+                )
+
+    # -- file -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        s = self.detach()
+        n = s.nfe
+        body = {
+            "format": "bns-ns-solver",
+            "format_version": FORMAT_VERSION,
+            "nfe": n,
+            "times": [float(v) for v in s.times],
+            "a": [float(v) for v in s.a],
+            # Row i holds b[i, 0..i]: the lower triangle only.
+            "b": [[float(v) for v in s.b[i, : i + 1]] for i in range(n)],
+            "meta": s.meta,
+        }
+        body["checksum"] = _checksum(body)
+        return body
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> NSSolver:
+        """Build and validate a solver from :meth:`to_dict` output; raises SolverFileError."""
+        if not isinstance(d, dict) or d.get("format") != "bns-ns-solver":
+            raise SolverFileError("not a bns solver file (missing 'format': 'bns-ns-solver')")
+        version = d.get("format_version")
+        if not isinstance(version, int):
+            raise SolverFileError("solver file has no integer format_version")
+        if version > FORMAT_VERSION:
+            raise SolverFileError(
+                f"solver file has format version {version}, newer than this bns reads"
+                f" ({FORMAT_VERSION}); upgrade bns"
+            )
+        if version < 1:
+            raise SolverFileError(f"unknown solver format version {version}")
+        if d.get("checksum") != _checksum(d):
+            raise SolverFileError(
+                "solver file checksum does not match its contents (edited or corrupt)"
+            )
+        try:
+            n = int(d["nfe"])
+            times = [float(v) for v in d["times"]]
+            a = [float(v) for v in d["a"]]
+            rows = d["b"]
+            if len(times) != n + 1 or len(a) != n or len(rows) != n:
+                raise SolverFileError(
+                    f"solver file shapes do not fit nfe = {n}: {len(times)} times (want {n + 1}),"
+                    f" {len(a)} a (want {n}), {len(rows)} rows of b (want {n})"
+                )
+            b = torch.zeros(n, n, dtype=torch.float64)
+            for i, row in enumerate(rows):
+                if not isinstance(row, list) or len(row) != i + 1:
+                    raise SolverFileError(f"solver file row {i} of b must hold {i + 1} values")
+                b[i, : i + 1] = torch.tensor([float(v) for v in row], dtype=torch.float64)
+            meta = d.get("meta", {})
+            if not isinstance(meta, dict):
+                raise SolverFileError("solver file 'meta' must be an object")
+        except SolverFileError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise SolverFileError(f"solver file is malformed: {e}") from None
+        solver = cls(torch.tensor(times, dtype=torch.float64), torch.tensor(a, dtype=torch.float64),
+                     b, meta)
+        solver.validate()
+        return solver
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the solver as one JSON file, atomically (a crash never leaves half a file)."""
+        self.validate()
+        path = Path(path)
+        text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
+        atomic_write_text(path, text + "\n")
+        return path
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        model: Any = None,
+        guidance: float | None = None,
+        force: bool = False,
+    ) -> NSSolver:
+        """Read and validate a solver file; never unpickles.
+
+        Given ``model`` (a :class:`bns.Model`), the solver must have been trained for it (same
+        fingerprint) and span its time range; given ``guidance``, the same guidance scale.
+        ``force=True`` skips the model and guidance checks (not the file's own validation).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise SolverFileError(f"solver file not found: {path}")
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SolverFileError(f"cannot read solver file {path}: {e}") from None
+        try:
+            solver = cls.from_dict(d)
+        except SolverFileError as e:
+            raise SolverFileError(f"{path}: {e}") from None
+        if not force:
+            solver.check_compatible(model, guidance, where=str(path))
+        return solver
+
+    def check_compatible(self, model: Any = None, guidance: float | None = None,
+                         where: str = "solver") -> None:
+        """Refuse a solver trained for another model or guidance (see :meth:`load`)."""
+        if model is not None:
+            fp = self.meta.get("model_fingerprint")
+            if fp is not None and fp != model.fingerprint():
+                raise SolverFileError(
+                    f"{where}: trained for model {self.meta.get('model_name', '?')} ({fp}), not"
+                    f" for {model.name} ({model.fingerprint()}); pass force=True / --force to use"
+                    " it anyway"
+                )
+            self.validate(t_range=model.t_range)
+        if guidance is not None and "guidance" in self.meta:
+            if not math.isclose(float(self.meta["guidance"]), float(guidance), abs_tol=1e-12):
+                raise SolverFileError(
+                    f"{where}: trained for guidance {self.meta['guidance']}, asked for {guidance};"
+                    " pass force=True / --force to use it anyway"
+                )
+
+    def __repr__(self) -> str:
+        kind = self.meta.get("solver", "ns")
+        return f"NSSolver({kind}, nfe={self.nfe}, t=[{self.t_range[0]:.4g}, {self.t_range[1]:.4g}])"
+
+
+def _checksum(d: dict[str, Any]) -> str:
+    """sha256 over the canonical JSON of everything but the checksum itself."""
+    body = {k: v for k, v in d.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def sample(
+    model: Any,
+    x0: Tensor,
+    solver: NSSolver,
+    y: Tensor | None = None,
+    guidance: float = 1.0,
+    *,
+    return_trajectory: bool = False,
+    checkpoint: bool = False,
+    velocity: Callable[..., Tensor] | None = None,
+) -> Tensor | tuple[Tensor, list[Tensor]]:
+    """Run an NS solver from noise ``x0`` (``[B, *sample_shape]``) and return ``x_n``.
+
+    States are accumulated in at least float32 (the network may run in half precision); the
+    result has that dtype. Differentiable with respect to ``x0``, the solver's times and
+    coefficients. With ``return_trajectory`` it also returns ``[x_0, x_1, ..., x_n]``.
+    ``checkpoint`` recomputes each network call in the backward pass (memory of one step).
+    ``velocity(x, t)`` overrides ``model.velocity`` (used by adapters and tests).
+    """
+    acc = torch.promote_types(x0.dtype, torch.float32)
+    if velocity is None:
+        def velocity(x: Tensor, t: Tensor) -> Tensor:
+            return model.velocity(x, t, y, guidance)
+    x_start = x0.to(acc)
+    times = solver.times.to(x0.device)
+    a = solver.a.to(device=x0.device, dtype=acc)
+    b = solver.b.to(device=x0.device, dtype=acc)
+    us: list[Tensor] = []
+    x = x_start
+    traj = [x_start] if return_trajectory else None
+    for i in range(solver.nfe):
+        if checkpoint and torch.is_grad_enabled():
+            u = torch.utils.checkpoint.checkpoint(velocity, x, times[i], use_reentrant=False)
+        else:
+            u = velocity(x, times[i])
+        us.append(u.to(acc))
+        x = a[i] * x_start
+        for j in range(i + 1):
+            x = x + b[i, j] * us[j]
+        if traj is not None:
+            traj.append(x)
+    return (x, traj) if traj is not None else x
