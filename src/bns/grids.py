@@ -56,8 +56,9 @@ def logsnr(steps: int, schedule: Schedule, t_range: tuple[float, float] = (0.0, 
             f"the log-SNR is infinite at an end of {t_range}; use a t_range inside (0, 1) for a"
             " log-SNR grid"
         )
-    lam = torch.linspace(float(ends[0]), float(ends[1]), _check_steps(steps) + 1,
-                         dtype=torch.float64)
+    lam = torch.linspace(
+        float(ends[0]), float(ends[1]), _check_steps(steps) + 1, dtype=torch.float64
+    )
     return _pin_ends(schedule.t_from_log_snr(lam), lo, hi)
 
 
@@ -83,7 +84,9 @@ def check_grid(grid: Tensor, t_range: tuple[float, float] | None = None) -> Tens
     given ``t_range``, inside it."""
     g = torch.as_tensor(grid, dtype=torch.float64)
     if g.dim() != 1 or g.numel() < 2:
-        raise GridError(f"a grid must be a 1-D tensor of at least 2 times, got shape {list(g.shape)}")
+        raise GridError(
+            f"a grid must be a 1-D tensor of at least 2 times, got shape {list(g.shape)}"
+        )
     if not torch.all(torch.isfinite(g)):
         raise GridError("the grid holds non-finite values")
     if not torch.all(g[1:] > g[:-1]):

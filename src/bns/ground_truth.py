@@ -51,8 +51,15 @@ def ground_truth(
 
     times = torch.tensor([t_min, t_max], dtype=torch.float64, device=x0.device)
     with torch.no_grad():
-        out = odeint(f, x0.to(dtype), times, rtol=rtol, atol=atol, method=method,
-                     options={"norm": norm, "step_t": times})[-1]
+        out = odeint(
+            f,
+            x0.to(dtype),
+            times,
+            rtol=rtol,
+            atol=atol,
+            method=method,
+            options={"norm": norm, "step_t": times},
+        )[-1]
     if not torch.all(torch.isfinite(out)):
         raise FloatingPointError("ground truth produced non-finite values; check the model")
     if return_stats:

@@ -129,8 +129,10 @@ class Model:
 
     def _forward(self, x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
         net_dtype = self.dtype or x.dtype
-        f = self.net(x.to(net_dtype), t.to(net_dtype), y) if y is not None else (
-            self.net(x.to(net_dtype), t.to(net_dtype))
+        f = (
+            self.net(x.to(net_dtype), t.to(net_dtype), y)
+            if y is not None
+            else (self.net(x.to(net_dtype), t.to(net_dtype)))
         )
         if not isinstance(f, Tensor) or f.shape != x.shape:
             shape = list(f.shape) if isinstance(f, Tensor) else type(f).__name__

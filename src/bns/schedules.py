@@ -295,9 +295,7 @@ class EDM(Schedule):
         return {"name": self.name, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
 
 
-_REGISTRY: dict[str, type[Schedule]] = {
-    c.name: c for c in (CondOT, VP, Cosine, DiscreteVP, EDM)
-}
+_REGISTRY: dict[str, type[Schedule]] = {c.name: c for c in (CondOT, VP, Cosine, DiscreteVP, EDM)}
 
 
 def schedule_from_config(config: dict[str, Any]) -> Schedule:

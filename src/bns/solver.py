@@ -71,7 +71,9 @@ class NSSolver:
 
     def detach(self) -> NSSolver:
         return NSSolver(
-            self.times.detach().clone(), self.a.detach().clone(), self.b.detach().clone(),
+            self.times.detach().clone(),
+            self.a.detach().clone(),
+            self.b.detach().clone(),
             dict(self.meta),
         )
 
@@ -158,8 +160,9 @@ class NSSolver:
             raise
         except (KeyError, TypeError, ValueError) as e:
             raise SolverFileError(f"solver file is malformed: {e}") from None
-        solver = cls(torch.tensor(times, dtype=torch.float64), torch.tensor(a, dtype=torch.float64),
-                     b, meta)
+        solver = cls(
+            torch.tensor(times, dtype=torch.float64), torch.tensor(a, dtype=torch.float64), b, meta
+        )
         solver.validate()
         return solver
 
@@ -200,8 +203,9 @@ class NSSolver:
             solver.check_compatible(model, guidance, where=str(path))
         return solver
 
-    def check_compatible(self, model: Any = None, guidance: float | None = None,
-                         where: str = "solver") -> None:
+    def check_compatible(
+        self, model: Any = None, guidance: float | None = None, where: str = "solver"
+    ) -> None:
         """Refuse a solver trained for another model or guidance (see :meth:`load`)."""
         if model is not None:
             fp = self.meta.get("model_fingerprint")
@@ -267,8 +271,10 @@ def sample(
     """
     acc = torch.promote_types(x0.dtype, torch.float32)
     if velocity is None:
+
         def velocity(x: Tensor, t: Tensor) -> Tensor:
             return model.velocity(x, t, y, guidance)
+
     x_start = x0.to(acc)
     times = solver.times.to(x0.device)
     a = solver.a.to(device=x0.device, dtype=acc)

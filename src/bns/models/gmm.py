@@ -44,7 +44,9 @@ class GaussianMixtureNet(nn.Module):
         super().__init__()
         self.register_buffer("means", torch.as_tensor(means, dtype=torch.float64))
         self.register_buffer("stds", torch.as_tensor(stds, dtype=torch.float64))
-        self.register_buffer("log_weights", torch.log(torch.as_tensor(weights, dtype=torch.float64)))
+        self.register_buffer(
+            "log_weights", torch.log(torch.as_tensor(weights, dtype=torch.float64))
+        )
         self.register_buffer("labels", torch.as_tensor(labels, dtype=torch.long))
         self.schedule = schedule
         self.prediction = prediction
@@ -76,8 +78,10 @@ class GaussianMixtureNet(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         x1, eps = self.posterior(x, t, y)
-        a, s, da, ds = (v.to(torch.float64).reshape(-1, 1) for v in self.schedule(
-            t.to(torch.float64).reshape(-1)))
+        a, s, da, ds = (
+            v.to(torch.float64).reshape(-1, 1)
+            for v in self.schedule(t.to(torch.float64).reshape(-1))
+        )
         if self.prediction == "velocity":
             f = da * x1 + ds * eps
         elif self.prediction == "eps":
@@ -90,8 +94,9 @@ class GaussianMixtureNet(nn.Module):
             raise ValueError(f"unknown prediction {self.prediction!r}")
         return f.to(x.dtype).reshape(x.shape)
 
-    def sample_data(self, n: int, generator: torch.Generator | None = None,
-                    y: Tensor | None = None) -> Tensor:
+    def sample_data(
+        self, n: int, generator: torch.Generator | None = None, y: Tensor | None = None
+    ) -> Tensor:
         """Draw ``n`` data points (of class ``y`` where given), shape ``[n, *sample_shape]``."""
         logits = self.log_weights.expand(n, -1)
         if y is not None:

@@ -142,6 +142,9 @@ def _setup(velocity, x0, grid, transform):
         return transform.velocity(velocity, xbar, r)
 
     s1 = transform.scale(r1)
-    return f, x0 * transform.scale(r0), (lambda xbar: xbar * (1.0 / s1)), float(
-        transform.t_of_r(r1)
+    return (
+        f,
+        x0 * transform.scale(r0),
+        (lambda xbar: xbar * (1.0 / s1)),
+        float(transform.t_of_r(r1)),
     )

@@ -86,14 +86,19 @@ def adams_bashforth(
     """Variable-step Adams-Bashforth of ``order`` (1-4) on ``grid`` (NFE = steps); the first
     steps use the orders their history allows."""
     order = _check_order(order)
-    return trace(adams_bashforth_method, grid, transform=transform, order=order,
-                 meta={"solver": f"ab{order}"})
+    return trace(
+        adams_bashforth_method,
+        grid,
+        transform=transform,
+        order=order,
+        meta={"solver": f"ab{order}"},
+    )
 
 
 def ipndm(grid: Tensor, order: int = 4, *, transform: ScheduleChange | None = None) -> NSSolver:
     """Improved PNDM (Zhang & Chen, 2023): Adams-Bashforth with constant-step weights on any grid,
     lower order while the history is short (NFE = steps)."""
     order = _check_order(order)
-    return trace(ipndm_method, grid, transform=transform, order=order,
-                 meta={"solver": f"ipndm{order}"})
-
+    return trace(
+        ipndm_method, grid, transform=transform, order=order, meta={"solver": f"ipndm{order}"}
+    )

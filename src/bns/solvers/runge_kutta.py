@@ -12,8 +12,16 @@ from ..solver import NSSolver
 from ..transforms import ScheduleChange
 from ._trace import trace
 
-__all__ = ["euler", "midpoint", "heun", "rk4", "euler_method", "midpoint_method", "heun_method",
-           "rk4_method"]
+__all__ = [
+    "euler",
+    "midpoint",
+    "heun",
+    "rk4",
+    "euler_method",
+    "midpoint_method",
+    "heun_method",
+    "rk4_method",
+]
 
 
 def _steps(grid: Tensor):
