@@ -1,0 +1,362 @@
+"""The ``bns`` command line: thin commands over the Python API.
+
+    bns distill --model SPEC --nfe N [--guidance W] --out solver.json
+    bns eval    --model SPEC --solver solver.json --baselines euler,midpoint,dpmpp2m --nfe 4,8,16 --json out.json
+    bns sample  --model SPEC --solver solver.json --n 16 --out grid.png
+    bns demo    [--out DIR]
+
+Wrong input ends with one line on stderr and exit status 2, never a traceback (set
+``BNS_DEBUG=1`` to see one), and never overwrites a good artifact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+
+class CLIError(Exception):
+    """A user error reported as one line."""
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not vals or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return vals
+
+
+def _name_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        required=True,
+        help="gmm | fmnist-cfg | fmnist-vp | file.py:factory | diffusers:PATH",
+    )
+    p.add_argument(
+        "--prompts", type=Path, help="text prompts, one per line (diffusers text models)"
+    )
+    p.add_argument(
+        "--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)"
+    )
+    p.add_argument(
+        "--cache-dir", type=Path, help="ground-truth cache (default $BNS_CACHE_DIR or ~/.cache/bns)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the pairs and the optimization")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bns",
+        description="Bespoke Non-Stationary solvers: few-step sampling for diffusion and flow models.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("distill", help="learn a BNS solver for a model")
+    _add_model(d)
+    d.add_argument("--nfe", type=int, required=True, help="velocity evaluations of the solver")
+    d.add_argument(
+        "--init",
+        default="auto",
+        help="initial solver: auto (midpoint/euler), euler, midpoint, or a baseline name",
+    )
+    d.add_argument(
+        "--precondition",
+        type=float,
+        default=None,
+        metavar="SIGMA0",
+        help="run the initial solver on the CondOT(sigma0)-rescheduled ODE",
+    )
+    d.add_argument("--train-pairs", type=int, default=520)
+    d.add_argument("--val-pairs", type=int, default=1024)
+    d.add_argument("--steps", type=int, default=1000, help="optimization steps (at most)")
+    d.add_argument("--batch-size", type=int, default=40)
+    d.add_argument("--lr", type=float, default=2e-3)
+    d.add_argument("--val-every", type=int, default=25)
+    d.add_argument(
+        "--patience",
+        type=int,
+        default=20,
+        help="validation rounds without improvement before stopping",
+    )
+    d.add_argument(
+        "--grad-checkpoint",
+        action="store_true",
+        help="recompute each step in the backward pass (less memory)",
+    )
+    d.add_argument(
+        "--resume", action="store_true", help="continue from OUT.ckpt after an interruption"
+    )
+    d.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    d.add_argument("--out", type=Path, required=True, help="the solver file to write (JSON)")
+
+    e = sub.add_parser("eval", help="PSNR of solvers against ground truth on held-out pairs")
+    _add_model(e)
+    e.add_argument("--solver", type=Path, nargs="*", default=[], help="BNS solver files")
+    e.add_argument(
+        "--baselines",
+        type=_name_list,
+        default=None,
+        help="comma-separated classical solvers (default: all)",
+    )
+    e.add_argument(
+        "--nfe", type=_int_list, default=[4, 8, 16], help="NFEs of the baselines, e.g. 4,8,16"
+    )
+    e.add_argument("--test-pairs", type=int, default=1024)
+    e.add_argument(
+        "--force", action="store_true", help="accept solvers trained for another model or guidance"
+    )
+    e.add_argument(
+        "--json", type=Path, required=True, help="rows: solver, nfe, psnr_mean, psnr_std"
+    )
+    e.add_argument("--table", type=Path, help="markdown table (default: next to --json)")
+    e.add_argument("--plot", type=Path, help="PSNR-vs-NFE plot (PNG)")
+
+    s = sub.add_parser("sample", help="sample with a solver and save a grid image")
+    _add_model(s)
+    s.add_argument("--solver", type=Path, required=True)
+    s.add_argument("--n", type=int, default=16)
+    s.add_argument(
+        "--labels",
+        type=_name_list,
+        default=None,
+        help="class labels, comma-separated (conditional models)",
+    )
+    s.add_argument(
+        "--force", action="store_true", help="accept a solver trained for another model or guidance"
+    )
+    s.add_argument("--out", type=Path, required=True, help="PNG grid (or .pt tensor file)")
+
+    m = sub.add_parser("demo", help="the main job on the embedded default model")
+    m.add_argument("--out", type=Path, default=Path("bns-demo"))
+    m.add_argument("--model", default="fmnist-cfg")
+    m.add_argument("--guidance", type=float, default=2.0)
+    m.add_argument("--nfe", type=int, default=8)
+    m.add_argument("--quick", action="store_true", help="a much smaller run (for tests)")
+    m.add_argument("--cache-dir", type=Path)
+    m.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def _read_prompts(path: Path | None) -> list[str] | None:
+    if path is None:
+        return None
+    if not path.is_file():
+        raise CLIError(f"prompts file not found: {path}")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise CLIError(f"prompts file {path} holds no prompt")
+    return prompts
+
+
+def _model(args) -> Any:
+    from .specs import load_model
+
+    return load_model(args.model, prompts=_read_prompts(getattr(args, "prompts", None)))
+
+
+def _cache(args) -> Any:
+    return args.cache_dir if getattr(args, "cache_dir", None) else True
+
+
+def cmd_distill(args) -> int:
+    from .solver import NSSolver
+    from .train import distill
+
+    if args.out.exists() and not (args.overwrite or args.resume):
+        raise CLIError(f"{args.out} exists; pass --overwrite to replace it")
+    if args.out.exists() and args.out.is_dir():
+        raise CLIError(f"{args.out} is a folder; --out names the solver file")
+    model = _model(args)
+    t0 = time.perf_counter()
+    ckpt = args.out.with_name(args.out.name + ".ckpt")
+    solver, hist = distill(
+        model,
+        args.nfe,
+        guidance=args.guidance,
+        init=args.init,
+        precondition=args.precondition,
+        train_pairs=args.train_pairs,
+        val_pairs=args.val_pairs,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        val_every=args.val_every,
+        patience=args.patience,
+        seed=args.seed,
+        grad_checkpoint=args.grad_checkpoint,
+        cache=_cache(args),
+        checkpoint_path=ckpt,
+        resume=args.resume,
+        progress=not args.quiet,
+    )
+    solver.save(args.out)
+    NSSolver.load(args.out, model=model, guidance=args.guidance)  # what we wrote reads back
+    if ckpt.exists():
+        ckpt.unlink()
+    init_psnr = hist["val_psnr"][0]
+    print(
+        f"bns distill: {model.name} nfe={args.nfe} guidance={args.guidance:g}: validation PSNR"
+        f" {hist['best_val_psnr']:.2f} dB (init {solver.meta['init']} {init_psnr:.2f} dB,"
+        f" {hist['best_val_psnr'] - init_psnr:+.2f} dB), best step {hist['best_step']} of"
+        f" {hist['steps_run']}, {time.perf_counter() - t0:.1f} s -> {args.out}"
+    )
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import DEFAULT_BASELINES, baseline_solvers, best_rows, evaluate
+    from .pairs import make_pairs
+    from .report import markdown_table, plot_psnr_vs_nfe, write_results
+    from .solver import NSSolver
+
+    model = _model(args)
+    solvers = [
+        NSSolver.load(p, model=model, guidance=args.guidance, force=args.force) for p in args.solver
+    ]
+    names = args.baselines if args.baselines is not None else list(DEFAULT_BASELINES)
+    entries = baseline_solvers(model, args.nfe, names)
+    kinds = {}
+    seen_nfe: dict[int, int] = {}
+    for path, s in zip(args.solver, solvers):
+        name = "bns" if s.nfe not in seen_nfe else f"bns:{path.stem}"
+        seen_nfe[s.nfe] = seen_nfe.get(s.nfe, 0) + 1
+        entries.append((name, s.nfe, s))
+        kinds[name] = "bns"
+    if not entries:
+        raise CLIError("nothing to evaluate: no solver reaches the requested NFEs")
+    test = make_pairs(
+        model,
+        args.test_pairs,
+        "test",
+        seed=args.seed,
+        guidance=args.guidance,
+        cache=_cache(args),
+        progress=not args.quiet,
+    )
+    rows = evaluate(model, entries, test, args.guidance, kinds=kinds, progress=not args.quiet)
+    table = args.table or args.json.with_suffix(".md")
+    write_results(
+        rows,
+        args.json,
+        {"model": model.name, "guidance": args.guidance, "model_fingerprint": model.fingerprint()},
+        table,
+        f"{model.name}, guidance {args.guidance:g}, {len(test)} test pairs",
+    )
+    if args.plot:
+        plot_psnr_vs_nfe(rows, args.plot, f"{model.name}, guidance {args.guidance:g}")
+    print(markdown_table(rows))
+    best = best_rows(rows)
+    for r in rows:
+        if r["kind"] == "bns" and r["nfe"] in best:
+            b = best[r["nfe"]]
+            print(
+                f"bns eval: {r['solver']} nfe={r['nfe']}: {r['psnr_mean']:.2f} dB vs best classical"
+                f" {b['solver']} {b['psnr_mean']:.2f} dB ({r['psnr_mean'] - b['psnr_mean']:+.2f} dB)"
+            )
+    print(f"bns eval: {len(rows)} rows -> {args.json}, {table}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from .report import save_sample_grid
+    from .solver import NSSolver, sample
+
+    model = _model(args)
+    solver = NSSolver.load(args.solver, model=model, guidance=args.guidance, force=args.force)
+    if args.n < 1:
+        raise CLIError("--n must be at least 1")
+    g = torch.Generator().manual_seed(args.seed)
+    x0 = torch.randn((args.n, *model.sample_shape), generator=g)
+    y = None
+    if model.num_classes is not None:
+        if args.labels:
+            try:
+                labels = [int(v) for v in args.labels]
+            except ValueError:
+                raise CLIError(f"--labels must be integers, got {args.labels}") from None
+            y = torch.tensor([labels[i % len(labels)] for i in range(args.n)])
+        else:
+            y = torch.arange(args.n) % model.num_classes
+    elif args.labels:
+        raise CLIError(f"{model.name} is unconditional: --labels does not apply")
+    with torch.no_grad():
+        x = sample(model, x0, solver, y, args.guidance)
+    if args.out.suffix == ".pt":
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        torch.save(x, tmp)
+        os.replace(tmp, args.out)
+    elif len(model.sample_shape) == 3:
+        save_sample_grid({f"bns nfe={solver.nfe}": x}, args.out)
+    else:
+        raise CLIError(f"{model.name} samples are not images; write them with --out FILE.pt")
+    print(f"bns sample: {args.n} samples, nfe={solver.nfe} -> {args.out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(
+        args.out,
+        model_spec=args.model,
+        guidance=args.guidance,
+        nfe=args.nfe,
+        quick=args.quick,
+        cache=args.cache_dir or True,
+        progress=not args.quiet,
+    )
+    return 0
+
+
+COMMANDS = {"distill": cmd_distill, "eval": cmd_eval, "sample": cmd_sample, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("bns: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one clear line, never a traceback
+        if os.environ.get("BNS_DEBUG"):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        known = type(e).__name__ in {
+            "CLIError",
+            "SpecError",
+            "SolverFileError",
+            "ModelError",
+            "GridError",
+            "TrainingError",
+            "ModelWeightsError",
+        }
+        prefix = (
+            ""
+            if known or isinstance(e, (ValueError, FileNotFoundError))
+            else f"{type(e).__name__}: "
+        )
+        print(f"bns {args.command}: error: {prefix}{msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

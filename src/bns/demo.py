@@ -1,0 +1,182 @@
+"""``bns demo``: the main job on the embedded default model, end to end, with a report folder.
+
+Ground-truth pairs (cached), a BNS solver distilled at one NFE, every classical solver at
+NFE 4-16 on held-out test pairs, and a folder with the table, the plot, the sample grid and the
+solver. Sizes are reduced from the paper's protocol (520 / 1024 / 1024 pairs) so that the first
+run fits in about 10 minutes on a 2-core CPU; the README states them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["run_demo", "DemoSizes", "FULL", "QUICK"]
+
+
+@dataclass(frozen=True)
+class DemoSizes:
+    train_pairs: int
+    val_pairs: int
+    test_pairs: int
+    steps: int
+    batch_size: int
+    val_every: int
+    nfes: tuple[int, ...]
+
+
+FULL = DemoSizes(
+    train_pairs=256,
+    val_pairs=128,
+    test_pairs=256,
+    steps=300,
+    batch_size=24,
+    val_every=25,
+    nfes=(4, 6, 8, 10, 12, 16),
+)
+QUICK = DemoSizes(
+    train_pairs=16, val_pairs=8, test_pairs=16, steps=4, batch_size=8, val_every=2, nfes=(4, 8)
+)
+
+
+def run_demo(
+    out: Path,
+    model_spec: str = "fmnist-cfg",
+    guidance: float = 2.0,
+    nfe: int = 8,
+    quick: bool = False,
+    cache: Any = True,
+    progress: bool = True,
+    sizes: DemoSizes | None = None,
+) -> dict[str, Any]:
+    """Run the demo and write ``out/``: results.json, results.md, psnr_vs_nfe.png, samples.png
+    and the solver ``bns_nfe{nfe}.json``. Returns the results payload."""
+    from .evaluate import baseline_solvers, best_rows, evaluate
+    from .pairs import make_pairs
+    from .report import markdown_table, plot_psnr_vs_nfe, save_sample_grid, write_results
+    from .solver import NSSolver, SolverFileError, sample
+    from .specs import load_model
+    from .train import distill, initial_solver
+
+    sz = sizes or (QUICK if quick else FULL)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    model = load_model(model_spec)
+    say = print if progress else (lambda *a, **k: None)
+    say(f"bns demo: {model.name} (guidance {guidance:g}), BNS at NFE {nfe}; report in {out}/")
+
+    kw = dict(seed=0, guidance=guidance, cache=cache, progress=progress)
+    t0 = time.perf_counter()
+    train = make_pairs(model, sz.train_pairs, "train", **kw)
+    val = make_pairs(model, sz.val_pairs, "val", **kw)
+    test = make_pairs(model, sz.test_pairs, "test", **kw)
+    t_gt = time.perf_counter() - t0
+    say(
+        f"  ground truth: {sz.train_pairs}/{sz.val_pairs}/{sz.test_pairs} train/val/test pairs,"
+        f" {train.nfe_per_sample:.0f} NFE per sample (dopri5), {t_gt:.1f} s"
+    )
+
+    solver_path = out / f"bns_nfe{nfe}.json"
+    settings = {
+        "train_pairs": sz.train_pairs,
+        "val_pairs": sz.val_pairs,
+        "steps": sz.steps,
+        "batch_size": sz.batch_size,
+        "val_every": sz.val_every,
+    }
+    solver = _reusable(solver_path, model, guidance, settings, NSSolver, SolverFileError)
+    t0 = time.perf_counter()
+    if solver is None:
+        solver, _ = distill(
+            model, nfe, guidance=guidance, pairs=(train, val), progress=progress, **settings
+        )
+        solver.save(solver_path)
+        say(
+            f"  distilled: validation PSNR {solver.meta['val_psnr']:.2f} dB, best step"
+            f" {solver.meta['best_step']} of {solver.meta['steps_run']},"
+            f" {time.perf_counter() - t0:.1f} s -> {solver_path}"
+        )
+    else:
+        say(f"  reusing the solver in {solver_path} (same model and settings)")
+    t_distill = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    init = initial_solver(model, nfe)
+    entries = [("bns", nfe, solver), (f"init ({init.meta.get('solver', 'init')})", nfe, init)]
+    entries += baseline_solvers(model, list(sz.nfes))
+    kinds = {"bns": "bns", entries[1][0]: "init"}
+    rows = evaluate(model, entries, test, guidance, kinds=kinds, progress=progress)
+    t_eval = time.perf_counter() - t0
+
+    best = best_rows(rows)
+    bns_row = rows[0]
+    best_same = best.get(nfe)
+    best_double = best.get(2 * nfe)
+    summary = {
+        "model": model.name,
+        "guidance": guidance,
+        "nfe": nfe,
+        "bns_psnr": bns_row["psnr_mean"],
+        "best_classical": best_same
+        and {"solver": best_same["solver"], "psnr": best_same["psnr_mean"]},
+        "best_classical_at_2nfe": best_double
+        and {"solver": best_double["solver"], "psnr": best_double["psnr_mean"]},
+        "sizes": asdict(sz),
+        "seconds": {
+            "ground_truth": round(t_gt, 1),
+            "distill": round(t_distill, 1),
+            "evaluate": round(t_eval, 1),
+            "total": round(time.perf_counter() - t_start, 1),
+        },
+    }
+    title = f"{model.name}, guidance {guidance:g}, {len(test)} test pairs"
+    write_results(rows, out / "results.json", {"summary": summary}, out / "results.md", title)
+    plot_psnr_vs_nfe(rows, out / "psnr_vs_nfe.png", title)
+    if len(model.sample_shape) == 3:
+        k = min(8, len(test))
+        p = test[:k]
+        columns = {"ground truth": p.x1}
+        with torch.no_grad():
+            columns[f"BNS {nfe}"] = sample(model, p.x0, solver, p.y, guidance)
+            if best_same is not None:
+                base = next(s for n, f, s in entries if n == best_same["solver"] and f == nfe)
+                columns[f"{best_same['solver']} {nfe}"] = sample(model, p.x0, base, p.y, guidance)
+        save_sample_grid(columns, out / "samples.png", title)
+    say("")
+    say(markdown_table(rows, title))
+    if best_same is not None:
+        say(
+            f"bns demo: BNS at NFE {nfe}: {bns_row['psnr_mean']:.2f} dB; best classical at NFE"
+            f" {nfe}: {best_same['solver']} {best_same['psnr_mean']:.2f} dB"
+            f" ({bns_row['psnr_mean'] - best_same['psnr_mean']:+.2f} dB)"
+            + (
+                f"; best classical at NFE {2 * nfe}: {best_double['solver']}"
+                f" {best_double['psnr_mean']:.2f} dB"
+                if best_double
+                else ""
+            )
+        )
+    say(
+        f"bns demo: done in {summary['seconds']['total']:.0f} s; report in {out}/ (results.md,"
+        " results.json, psnr_vs_nfe.png, samples.png, " + solver_path.name + ")"
+    )
+    return {"rows": rows, "summary": summary}
+
+
+def _reusable(path, model, guidance, settings, NSSolver, SolverFileError):
+    """The solver already in ``path`` if it was trained for this model, guidance and settings."""
+    if not path.exists():
+        return None
+    try:
+        solver = NSSolver.load(path, model=model, guidance=guidance)
+    except SolverFileError:
+        return None
+    cfg = solver.meta.get("config", {})
+    if all(cfg.get(k) == v for k, v in settings.items()):
+        return solver
+    return None

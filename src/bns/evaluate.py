@@ -1,0 +1,97 @@
+"""Evaluation: PSNR against ground truth on held-out test pairs, for BNS and classical solvers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .pairs import Pairs
+from .solver import NSSolver
+from .train import evaluate_psnr
+
+__all__ = ["DEFAULT_BASELINES", "baseline_solvers", "evaluate", "best_rows"]
+
+DEFAULT_BASELINES = (
+    "euler",
+    "midpoint",
+    "heun",
+    "rk4",
+    "ab2",
+    "ab3",
+    "ipndm",
+    "ddim",
+    "dpmpp2m",
+    "dpmpp3m",
+    "unipc2",
+    "unipc3",
+)
+
+
+def baseline_solvers(
+    model: Any, nfes: list[int], names: tuple[str, ...] | list[str] = DEFAULT_BASELINES
+) -> list[tuple[str, int, NSSolver]]:
+    """Each classical solver at each NFE it can reach exactly, on its best grid.
+
+    An NFE a method cannot reach (midpoint at an odd NFE, RK4 at one not divisible by 4) is
+    skipped; an unknown name is an error.
+    """
+    from .solvers import SOLVER_NAMES, by_name
+
+    unknown = [n for n in names if n not in SOLVER_NAMES]
+    if unknown:
+        raise ValueError(f"unknown baseline(s) {unknown}; known: {', '.join(SOLVER_NAMES)}")
+    out = []
+    for name in names:
+        for nfe in nfes:
+            try:
+                out.append((name, nfe, by_name(name, nfe, model)))
+            except ValueError:
+                continue  # this NFE is not reachable by this method
+    return out
+
+
+def evaluate(
+    model: Any,
+    entries: list[tuple[str, int, NSSolver]],
+    test: Pairs,
+    guidance: float = 1.0,
+    data_range: float = 2.0,
+    kinds: dict[str, str] | None = None,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """One row per ``(name, nfe, solver)``: PSNR mean, std, median and 5/95% quantiles."""
+    from tqdm.auto import tqdm
+
+    rows = []
+    per = 2 if (model.num_classes is not None and guidance != 1.0) else 1
+    for name, nfe, solver in tqdm(entries, desc="evaluate", disable=not progress, leave=False):
+        p = evaluate_psnr(model, solver, test, guidance, data_range=data_range).double()
+        q = torch.quantile(p, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64))
+        rows.append(
+            {
+                "solver": name,
+                "nfe": int(nfe),
+                "forwards": int(nfe) * per,
+                "kind": (kinds or {}).get(name, "classical"),
+                "psnr_mean": float(p.mean()),
+                "psnr_std": float(p.std()) if len(p) > 1 else 0.0,
+                "psnr_median": float(q[1]),
+                "psnr_p05": float(q[0]),
+                "psnr_p95": float(q[2]),
+                "psnr_samples": [round(float(v), 4) for v in p],
+                "test_pairs": len(test),
+            }
+        )
+    return rows
+
+
+def best_rows(rows: list[dict[str, Any]], kind: str = "classical") -> dict[int, dict[str, Any]]:
+    """The best row of ``kind`` at each NFE (by mean PSNR)."""
+    best: dict[int, dict[str, Any]] = {}
+    for r in rows:
+        if r.get("kind") == kind and (
+            r["nfe"] not in best or r["psnr_mean"] > best[r["nfe"]]["psnr_mean"]
+        ):
+            best[r["nfe"]] = r
+    return best

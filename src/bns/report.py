@@ -1,0 +1,136 @@
+"""Reports: a markdown table, a PSNR-vs-NFE plot and a sample grid (matplotlib, imported lazily)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from .evaluate import best_rows
+from .solver import atomic_write_text
+
+__all__ = ["markdown_table", "write_results", "plot_psnr_vs_nfe", "save_sample_grid"]
+
+
+def markdown_table(rows: list[dict[str, Any]], title: str | None = None) -> str:
+    """Solvers as rows, NFEs as columns, cells ``mean ± std`` dB; the best classical solver and
+    the gap of BNS over it at each NFE below."""
+    nfes = sorted({r["nfe"] for r in rows})
+    names: list[str] = []
+    for r in rows:
+        if r["solver"] not in names:
+            names.append(r["solver"])
+    cell = {(r["solver"], r["nfe"]): r for r in rows}
+    lines = [f"### {title}", ""] if title else []
+    lines.append("| solver | " + " | ".join(f"NFE {n}" for n in nfes) + " |")
+    lines.append("|---|" + "---|" * len(nfes))
+    for name in names:
+        vals = []
+        for n in nfes:
+            r = cell.get((name, n))
+            vals.append(f"{r['psnr_mean']:.2f} ± {r['psnr_std']:.2f}" if r else "")
+        lines.append(f"| {name} | " + " | ".join(vals) + " |")
+    best = best_rows(rows, "classical")
+    bns_best = best_rows(rows, "bns")
+    if best:
+        lines.append(
+            "| *best classical* | "
+            + " | ".join(
+                f"{best[n]['solver']} {best[n]['psnr_mean']:.2f}" if n in best else "" for n in nfes
+            )
+            + " |"
+        )
+    if bns_best and best:
+        lines.append(
+            "| *BNS gain (dB)* | "
+            + " | ".join(
+                f"{bns_best[n]['psnr_mean'] - best[n]['psnr_mean']:+.2f}"
+                if n in best and n in bns_best
+                else ""
+                for n in nfes
+            )
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_results(
+    rows: list[dict[str, Any]],
+    json_path: Path,
+    extra: dict | None = None,
+    table_path: Path | None = None,
+    title: str | None = None,
+) -> None:
+    """Write the rows as JSON (``{"rows": [...], **extra}``) and, optionally, the markdown table."""
+    payload = {"rows": rows, **(extra or {})}
+    atomic_write_text(Path(json_path), json.dumps(payload, indent=1) + "\n")
+    if table_path is not None:
+        atomic_write_text(Path(table_path), markdown_table(rows, title))
+
+
+def plot_psnr_vs_nfe(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """PSNR (mean) against NFE, one line per solver; BNS drawn bold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    names: list[str] = []
+    for r in rows:
+        if r["solver"] not in names:
+            names.append(r["solver"])
+    for name in names:
+        rs = sorted((r for r in rows if r["solver"] == name), key=lambda r: r["nfe"])
+        kind = rs[0].get("kind", "classical")
+        style = {
+            "bns": dict(lw=2.6, marker="o", color="black", zorder=5),
+            "init": dict(lw=1.2, ls="--", marker="x", color="gray"),
+        }.get(kind, dict(lw=1.0, marker=".", alpha=0.85))
+        ax.plot([r["nfe"] for r in rs], [r["psnr_mean"] for r in rs], label=name, **style)
+    ax.set_xlabel("NFE (velocity evaluations)")
+    ax.set_ylabel("PSNR vs ground truth (dB)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def save_sample_grid(columns: dict[str, Tensor], path: Path, title: str = "") -> None:
+    """Images ``[B, C, H, W]`` in [-1, 1], one row per named set (same noise across rows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(columns)
+    n = min(v.shape[0] for v in columns.values())
+    fig, axes = plt.subplots(
+        len(names), n, figsize=(n * 0.9, len(names) * 1.0 + 0.4), dpi=120, squeeze=False
+    )
+    for i, name in enumerate(names):
+        imgs = columns[name].detach().float().clamp(-1, 1)
+        for j in range(n):
+            ax = axes[i][j]
+            img = imgs[j]
+            if img.shape[0] == 1:
+                ax.imshow(img[0].numpy(), cmap="gray", vmin=-1, vmax=1)
+            else:
+                ax.imshow(((img.permute(1, 2, 0) + 1) / 2).numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(name, fontsize=7, rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
