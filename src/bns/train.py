@@ -222,6 +222,8 @@ def distill(
         val = make_pairs(model, cfg.val_pairs, "val", **kw)
     else:
         train, val = pairs
+        # Record what was used, not the defaults.
+        cfg.train_pairs, cfg.val_pairs = len(train), len(val)
     return _Trainer(model, cfg, init_solver, train, val, checkpoint_path, progress, callback).run(
         resume
     )
