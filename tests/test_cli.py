@@ -1,0 +1,138 @@
+"""The command line: the three commands end to end, and one clear line for every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import bns
+from bns.cli import main
+
+MODEL_FILE = """
+from bns.models.gmm import gaussian_mixture_model
+def small():
+    return gaussian_mixture_model(dim=8, components=3, num_classes=None, std=0.2, seed={seed},
+                                  name="small")
+def not_a_model():
+    return 42
+"""
+
+
+@pytest.fixture()
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("BNS_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "m.py").write_text(MODEL_FILE.format(seed=0))
+    (tmp_path / "other.py").write_text(MODEL_FILE.format(seed=1))
+    return tmp_path
+
+
+def _distill(env, out, *extra):
+    return main(["distill", "--model", f"{env / 'm.py'}:small", "--nfe", "4", "--train-pairs",
+                 "16", "--val-pairs", "8", "--steps", "6", "--val-every", "3", "--batch-size", "8",
+                 "--quiet", "--out", str(out), *extra])
+
+
+def test_distill_eval_sample_end_to_end(env, capsys):
+    out = env / "s.json"
+    assert _distill(env, out) == 0
+    assert "validation PSNR" in capsys.readouterr().out
+    solver = bns.NSSolver.load(out)
+    assert solver.nfe == 4 and solver.meta["model_name"] == "small"
+    assert not out.with_name("s.json.ckpt").exists()
+
+    js = env / "r.json"
+    assert main(["eval", "--model", f"{env / 'm.py'}:small", "--solver", str(out),
+                 "--baselines", "euler,midpoint", "--nfe", "2,4", "--test-pairs", "8", "--quiet",
+                 "--json", str(js), "--plot", str(env / "p.png")]) == 0
+    rows = json.loads(js.read_text())["rows"]
+    got = {(r["solver"], r["nfe"]) for r in rows}
+    assert got == {("euler", 2), ("euler", 4), ("midpoint", 2), ("midpoint", 4), ("bns", 4)}
+    for r in rows:
+        assert {"solver", "nfe", "psnr_mean", "psnr_std"} <= set(r) and len(r["psnr_samples"]) == 8
+    assert (env / "r.md").read_text().count("| euler |") == 1
+    assert (env / "p.png").stat().st_size > 1000
+    assert "bns eval" in capsys.readouterr().out
+
+    pt = env / "x.pt"
+    assert main(["sample", "--model", f"{env / 'm.py'}:small", "--solver", str(out), "--n", "5",
+                 "--out", str(pt)]) == 0
+    x = torch.load(pt)
+    assert x.shape == (5, 8) and torch.all(torch.isfinite(x))
+
+
+def _error(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+def test_bad_inputs_end_with_one_clear_line(env, capsys):
+    m = f"{env / 'm.py'}:small"
+    assert "unknown model" in _error(capsys, ["distill", "--model", "nope", "--nfe", "4",
+                                              "--out", str(env / "a.json")])
+    assert "not found" in _error(capsys, ["distill", "--model", "missing.py:f", "--nfe", "4",
+                                          "--out", str(env / "a.json")])
+    assert "did not give a bns.Model" in _error(
+        capsys, ["distill", "--model", f"{env / 'm.py'}:not_a_model", "--nfe", "4", "--out",
+                 str(env / "a.json")])
+    assert "solver file not found" in _error(
+        capsys, ["sample", "--model", m, "--solver", str(env / "none.json"), "--out",
+                 str(env / "g.png")])
+    bad = env / "bad.json"
+    bad.write_text("{not json")
+    assert "cannot read solver file" in _error(
+        capsys, ["eval", "--model", m, "--solver", str(bad), "--json", str(env / "e.json")])
+    assert not (env / "e.json").exists()
+
+    good = env / "s.json"
+    assert _distill(env, good) == 0
+    capsys.readouterr()
+    content = good.read_text()
+    # An existing artifact is never overwritten by accident.
+    assert "exists" in _error(capsys, ["distill", "--model", m, "--nfe", "4", "--out", str(good)])
+    assert good.read_text() == content
+    # A solver of another model, or another guidance, is refused.
+    assert "trained for model" in _error(
+        capsys, ["sample", "--model", f"{env / 'other.py'}:small", "--solver", str(good),
+                 "--out", str(env / "x.pt")])
+    # A tampered solver is refused.
+    d = json.loads(content)
+    d["a"][0] = 0.5
+    (env / "t.json").write_text(json.dumps(d))
+    assert "checksum" in _error(capsys, ["sample", "--model", m, "--solver", str(env / "t.json"),
+                                         "--out", str(env / "x.pt")])
+    assert "unconditional" in _error(capsys, ["distill", "--model", m, "--nfe", "4",
+                                              "--guidance", "3", "--out", str(env / "c.json")])
+    assert "divisible" in _error(capsys, ["distill", "--model", m, "--nfe", "3", "--init",
+                                          "midpoint", "--out", str(env / "c.json")])
+    assert "not images" in _error(capsys, ["sample", "--model", m, "--solver", str(good),
+                                           "--out", str(env / "x.png")])
+    assert not (env / "c.json").exists()
+
+
+def test_console_script_runs_as_a_process(env):
+    exe = Path(sys.executable).with_name("bns")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "bns.cli"]
+    r = subprocess.run(cmd + ["sample", "--model", "nope", "--solver", "x", "--out", "y"],
+                       capture_output=True, text=True, env=dict(os.environ))
+    assert r.returncode == 2 and r.stderr.startswith("bns sample: error:")
+    assert "Traceback" not in r.stderr
+
+
+def test_demo_quick_on_the_analytic_model(env, capsys):
+    out = env / "demo"
+    assert main(["demo", "--quick", "--model", "gmm", "--guidance", "1.5", "--out", str(out),
+                 "--quiet"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    names = {r["solver"] for r in res["rows"]}
+    assert "bns" in names and "init (midpoint)" in names and "euler" in names
+    assert (out / "results.md").exists() and (out / "psnr_vs_nfe.png").exists()
+    assert bns.NSSolver.load(out / "bns_nfe8.json").meta["guidance"] == 1.5
