@@ -1,0 +1,161 @@
+"""Quality benchmark: PSNR vs NFE for BNS and every classical solver, on held-out test pairs.
+
+    python benchmarks/quality.py --model gmm --guidance 1 --nfe 4,6,8,10,12,16 \
+        --train-pairs 520 --val-pairs 1024 --test-pairs 1024 --steps 1500
+
+For each NFE it distills a BNS solver (initialized from midpoint for even NFE, euler for odd),
+evaluates it, its initialization and every classical solver on the test pairs, and writes
+``benchmarks/results/quality_<model>_g<guidance>.json`` and ``.md`` (and a PNG plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import bns
+from bns.evaluate import baseline_solvers, best_rows, evaluate
+from bns.pairs import make_pairs
+from bns.report import markdown_table, plot_psnr_vs_nfe, write_results
+from bns.specs import load_model
+from bns.train import distill, initial_solver
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> str:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads,"
+        f" {gpu}, torch {torch.__version__}"
+    )
+
+
+def run(args: argparse.Namespace) -> dict:
+    model = load_model(args.model)
+    device = torch.device(args.device)
+    if hasattr(model.net, "to"):
+        model.net.to(device)
+    kw = dict(seed=args.seed, guidance=args.guidance, progress=not args.quiet)
+    t0 = time.perf_counter()
+    train = make_pairs(model, args.train_pairs, "train", **kw)
+    val = make_pairs(model, args.val_pairs, "val", **kw)
+    test = make_pairs(model, args.test_pairs, "test", **kw)
+    t_gt = time.perf_counter() - t0
+    entries, kinds, distill_info = [], {"bns": "bns"}, {}
+    for nfe in args.nfe:
+        t1 = time.perf_counter()
+        solver, hist = distill(
+            model,
+            nfe,
+            guidance=args.guidance,
+            pairs=(train, val),
+            steps=args.steps,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            val_every=args.val_every,
+            precondition=args.precondition,
+            seed=args.seed,
+            progress=not args.quiet,
+        )
+        distill_info[nfe] = {
+            "seconds": round(time.perf_counter() - t1, 1),
+            "val_psnr": hist["best_val_psnr"],
+            "best_step": hist["best_step"],
+            "steps_run": hist["steps_run"],
+            "forwards": hist["forwards"],
+        }
+        if args.save_solvers:
+            solver.save(RESULTS / "solvers" / f"{model.name}_g{args.guidance:g}_nfe{nfe}.json")
+        init = initial_solver(model, nfe, precondition=args.precondition)
+        entries += [("bns", nfe, solver), ("bns init", nfe, init)]
+        if not args.quiet:
+            print(
+                f"nfe {nfe}: val {hist['best_val_psnr']:.2f} dB (init {hist['val_psnr'][0]:.2f}),"
+                f" {distill_info[nfe]['seconds']} s",
+                file=sys.stderr,
+            )
+    kinds["bns init"] = "init"
+    entries += baseline_solvers(model, args.nfe)
+    rows = evaluate(model, entries, test, args.guidance, kinds=kinds, progress=not args.quiet)
+    best, ours = best_rows(rows), best_rows(rows, "bns")
+    targets = {}
+    for n in args.nfe:
+        if n in best and n in ours:
+            targets[n] = {
+                "bns": ours[n]["psnr_mean"],
+                "best_classical": best[n]["solver"],
+                "best_classical_psnr": best[n]["psnr_mean"],
+                "gain_db": ours[n]["psnr_mean"] - best[n]["psnr_mean"],
+            }
+            if 2 * n in best:
+                targets[n]["best_classical_at_2n"] = best[2 * n]["solver"]
+                targets[n]["best_classical_at_2n_psnr"] = best[2 * n]["psnr_mean"]
+    return {
+        "rows": rows,
+        "model": model.name,
+        "guidance": args.guidance,
+        "targets": targets,
+        "distill": distill_info,
+        "protocol": {
+            "train_pairs": len(train),
+            "val_pairs": len(val),
+            "test_pairs": len(test),
+            "steps": args.steps,
+            "lr": args.lr,
+            "batch_size": args.batch_size,
+            "precondition": args.precondition,
+            "seed": args.seed,
+        },
+        "ground_truth": {"seconds": round(t_gt, 1), "nfe_per_sample": train.nfe_per_sample},
+        "machine": machine(),
+        "command": " ".join(["python", "benchmarks/quality.py", *sys.argv[1:]]),
+        "bns_version": bns.__version__,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="gmm")
+    p.add_argument("--guidance", type=float, default=1.0)
+    p.add_argument("--nfe", type=lambda s: [int(v) for v in s.split(",")], default=[4, 8, 16])
+    p.add_argument("--train-pairs", type=int, default=520)
+    p.add_argument("--val-pairs", type=int, default=1024)
+    p.add_argument("--test-pairs", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--batch-size", type=int, default=40)
+    p.add_argument("--val-every", type=int, default=25)
+    p.add_argument("--precondition", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--tag", default="")
+    p.add_argument("--save-solvers", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args()
+    res = run(args)
+    stem = f"quality_{res['model']}_g{args.guidance:g}{args.tag}"
+    title = (
+        f"{res['model']}, guidance {args.guidance:g}: PSNR (dB) vs ground truth,"
+        f" {res['protocol']['test_pairs']} test pairs"
+    )
+    note = (
+        f"\nMachine: {res['machine']}. Command: `{res['command']}`.\n"
+        f"Protocol: {json.dumps(res['protocol'])}.\n"
+    )
+    write_results(
+        res["rows"], RESULTS / f"{stem}.json", {k: v for k, v in res.items() if k != "rows"}
+    )
+    (RESULTS / f"{stem}.md").write_text(markdown_table(res["rows"], title) + note)
+    plot_psnr_vs_nfe(res["rows"], RESULTS / f"{stem}.png", title)
+    print(markdown_table(res["rows"], title) + note)
+
+
+if __name__ == "__main__":
+    main()
