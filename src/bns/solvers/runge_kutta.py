@@ -1,4 +1,4 @@
-"""Runge-Kutta solvers as NS solvers: Euler, midpoint, Heun, RK4.
+"""Runge-Kutta solvers as NS solvers: Euler, midpoint, Heun, RK4 (classical and 3/8 rule).
 
 Each stage is one velocity evaluation, so ``m`` steps of an ``s``-stage method are an NS solver
 with ``n = s m`` (midpoint on m steps: NFE 2m). ``grid`` is the method's own step grid.
@@ -21,6 +21,7 @@ __all__ = [
     "midpoint_method",
     "heun_method",
     "rk4_method",
+    "rk38_method",
 ]
 
 
@@ -60,6 +61,20 @@ def rk4_method(f, x, grid):
     return x
 
 
+def rk38_method(f, x, grid):
+    # Kutta's 3/8 rule: torchdiffeq's fixed-grid "rk4" is this variant (rk4_alt_step_func).
+    for t, h in _steps(grid):
+        k1 = f(x, t)
+        k2 = f(x + (h / 3) * k1, t + h / 3)
+        k3 = f(x + h * (k2 - k1 / 3), t + 2 * h / 3)
+        k4 = f(x + h * (k1 - k2 + k3), t + h)
+        x = x + (h / 8) * (k1 + 3 * (k2 + k3) + k4)
+    return x
+
+
+_RK4_VARIANTS = {"classic": (rk4_method, "rk4"), "3/8": (rk38_method, "rk4_38")}
+
+
 def _export(method, name: str, grid: Tensor, transform: ScheduleChange | None) -> NSSolver:
     return trace(method, grid, transform=transform, meta={"solver": name})
 
@@ -79,6 +94,16 @@ def heun(grid: Tensor, *, transform: ScheduleChange | None = None) -> NSSolver:
     return _export(heun_method, "heun", grid, transform)
 
 
-def rk4(grid: Tensor, *, transform: ScheduleChange | None = None) -> NSSolver:
-    """Classical fourth-order Runge-Kutta on ``grid`` (NFE = 4 steps)."""
-    return _export(rk4_method, "rk4", grid, transform)
+def rk4(
+    grid: Tensor, variant: str = "classic", *, transform: ScheduleChange | None = None
+) -> NSSolver:
+    """Fourth-order Runge-Kutta on ``grid`` (NFE = 4 steps).
+
+    ``variant="classic"`` is the classical RK4 (stages at 0, 1/2, 1/2, 1; weights 1, 2, 2, 1 / 6);
+    ``"3/8"`` is Kutta's 3/8 rule (stages at 0, 1/3, 2/3, 1; weights 1, 3, 3, 1 / 8), which is
+    what torchdiffeq's fixed-grid ``method="rk4"`` runs.
+    """
+    if variant not in _RK4_VARIANTS:
+        raise ValueError(f"rk4 variant must be one of {sorted(_RK4_VARIANTS)}, got {variant!r}")
+    method, name = _RK4_VARIANTS[variant]
+    return _export(method, name, grid, transform)
