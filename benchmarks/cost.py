@@ -1,0 +1,236 @@
+"""Cost benchmark: ground truth, distillation, sampling overhead and distillation memory.
+
+    python benchmarks/cost.py --model fmnist-cfg --guidance 2
+
+Writes ``benchmarks/results/cost_<model>.json`` and ``.md``:
+- ground truth: wall time and NFE per sample of the adaptive dopri5 solve;
+- distillation: wall time and network forwards for ``--steps`` steps at NFE 8;
+- sampling: an NS solver with dense coefficients through ``bns.sample`` vs a plain Euler loop
+  at the same NFE on the same model, timed interleaved in one run (median of repeats);
+- memory: peak resident memory added by distillation steps at NFE 4, 8, 16 with and without
+  per-step gradient checkpointing, each in a fresh subprocess (ru_maxrss).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import bns
+from bns.pairs import make_pairs
+from bns.specs import load_model
+from bns.train import distill
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _dense_solver(model, nfe: int) -> bns.NSSolver:
+    """A midpoint solver with every coefficient perturbed off zero: the cost of a trained BNS."""
+    s = bns.solvers.midpoint(bns.grids.uniform(nfe // 2, model.t_range))
+    b = s.b + 1e-4 * torch.tril(torch.ones_like(s.b))
+    return bns.NSSolver(s.times, s.a, b)
+
+
+def euler_loop(model, x0, nfe, y, guidance):
+    """The plain Euler sampler: what any library runs at this NFE."""
+    t0, t1 = model.t_range
+    h = (t1 - t0) / nfe
+    x = x0
+    for i in range(nfe):
+        x = x + h * model.velocity(x, t0 + i * h, y, guidance)
+    return x
+
+
+def time_sampling(model, guidance, nfe, batch, repeats):
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn((batch, *model.sample_shape), generator=g)
+    y = torch.arange(batch) % model.num_classes if model.num_classes else None
+    ns = _dense_solver(model, nfe)
+    times = {"ns": [], "euler": []}
+    with torch.no_grad():
+        bns.sample(model, x0, ns, y, guidance)
+        euler_loop(model, x0, nfe, y, guidance)  # warm-up
+        for _ in range(repeats):
+            for name in ("ns", "euler"):  # interleaved, so drifts hit both alike
+                t = time.perf_counter()
+                if name == "ns":
+                    bns.sample(model, x0, ns, y, guidance)
+                else:
+                    euler_loop(model, x0, nfe, y, guidance)
+                times[name].append(time.perf_counter() - t)
+    ns_med, eu_med = statistics.median(times["ns"]), statistics.median(times["euler"])
+    return {
+        "nfe": nfe,
+        "batch": batch,
+        "repeats": repeats,
+        "ns_s": ns_med,
+        "euler_s": eu_med,
+        "overhead_pct": 100 * (ns_med / eu_med - 1),
+    }
+
+
+_MEM_CHILD = r"""
+import json, resource, sys, torch
+from bns.specs import load_model
+from bns.train import _Params, initial_solver, _log_mse_loss
+from bns.solver import sample
+spec, guidance, nfe, ckpt, batch, threads = sys.argv[1:7]
+torch.set_num_threads(int(threads))
+model = load_model(spec)
+guidance, nfe, batch = float(guidance), int(nfe), int(batch)
+for p in model.net.parameters():
+    p.requires_grad_(False)
+g = torch.Generator().manual_seed(0)
+x0 = torch.randn((batch, *model.sample_shape), generator=g)
+y = torch.arange(batch) % model.num_classes if model.num_classes else None
+x1 = torch.randn_like(x0)
+params = _Params(initial_solver(model, nfe))
+with torch.no_grad():
+    sample(model, x0, params.solver(), y, guidance)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for _ in range(2):
+    x = sample(model, x0, params.solver(), y, guidance, checkpoint=ckpt == "1")
+    _log_mse_loss(x, x1).backward()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"base_mb": base / 1024, "peak_mb": peak / 1024, "added_mb": (peak - base) / 1024}))
+"""
+
+
+def memory(spec, guidance, nfe, checkpoint, batch, threads):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _MEM_CHILD,
+            spec,
+            str(guidance),
+            str(nfe),
+            "1" if checkpoint else "0",
+            str(batch),
+            str(threads),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="fmnist-cfg")
+    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--gt-samples", type=int, default=64)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=24)
+    p.add_argument("--sample-batch", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--mem-batch", type=int, default=24)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model)
+    res = {
+        "model": model.name,
+        "guidance": args.guidance,
+        "machine": f"{platform.machine()}, {args.threads} threads, torch {torch.__version__}",
+        "command": " ".join(["python", "benchmarks/cost.py", *sys.argv[1:]]),
+    }
+
+    t = time.perf_counter()
+    pairs = make_pairs(
+        model,
+        args.gt_samples,
+        "test",
+        seed=12345,
+        guidance=args.guidance,
+        cache=False,
+        progress=False,
+    )
+    gt_s = time.perf_counter() - t
+    res["ground_truth"] = {
+        "samples": args.gt_samples,
+        "seconds": gt_s,
+        "seconds_per_sample": gt_s / args.gt_samples,
+        "nfe_per_sample": pairs.nfe_per_sample,
+    }
+    t = time.perf_counter()
+    _, hist = distill(
+        model,
+        8,
+        guidance=args.guidance,
+        pairs=(pairs, pairs[:16]),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        val_every=args.steps,
+        progress=False,
+    )
+    d_s = time.perf_counter() - t
+    res["distill_nfe8"] = {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "seconds": d_s,
+        "seconds_per_step": d_s / args.steps,
+        "network_forwards": hist["forwards"],
+    }
+    res["sampling"] = [
+        time_sampling(model, args.guidance, n, args.sample_batch, args.repeats) for n in (8, 16)
+    ]
+    res["memory"] = []
+    for nfe in (4, 8, 16):
+        for ck in (False, True):
+            m = memory(args.model, args.guidance, nfe, ck, args.mem_batch, args.threads)
+            res["memory"].append({"nfe": nfe, "checkpoint": ck, "batch": args.mem_batch, **m})
+    mem = {(r["nfe"], r["checkpoint"]): r["added_mb"] for r in res["memory"]}
+
+    def ratio(ck):
+        return mem[16, ck] / mem[4, ck] if mem[4, ck] > 0 else float("nan")
+
+    res["memory_ratio_16_over_4"] = {"checkpoint": ratio(True), "no_checkpoint": ratio(False)}
+
+    lines = [
+        f"### Cost on {model.name} (guidance {args.guidance:g})",
+        "",
+        f"Machine: {res['machine']}. Command: `{res['command']}`.",
+        "",
+        f"- Ground truth (dopri5, rtol = atol = 1e-5): {res['ground_truth']['nfe_per_sample']:.0f}"
+        f" NFE per sample, {res['ground_truth']['seconds_per_sample'] * 1000:.1f} ms per sample"
+        f" (batch of {args.gt_samples}).",
+        f"- Distillation at NFE 8: {res['distill_nfe8']['seconds_per_step']:.3f} s per step"
+        f" (batch {args.batch_size}), {hist['forwards']} network forwards for {args.steps} steps.",
+        "",
+        "| sampling | NFE | batch | NS solver (s) | Euler loop (s) | overhead |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in res["sampling"]:
+        lines.append(
+            f"| dense NS vs Euler | {r['nfe']} | {r['batch']} | {r['ns_s']:.4f} |"
+            f" {r['euler_s']:.4f} | {r['overhead_pct']:+.2f}% |"
+        )
+    lines += [
+        "",
+        "| distillation memory | NFE 4 | NFE 8 | NFE 16 | NFE 16 / NFE 4 |",
+        "|---|---|---|---|---|",
+    ]
+    for ck in (False, True):
+        lines.append(
+            f"| {'per-step checkpointing' if ck else 'no checkpointing'} (MB added) | "
+            + " | ".join(f"{mem[n, ck]:.0f}" for n in (4, 8, 16))
+            + f" | {ratio(ck):.2f} |"
+        )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"cost_{model.name}.json").write_text(json.dumps(res, indent=1) + "\n")
+    (RESULTS / f"cost_{model.name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
