@@ -37,6 +37,16 @@ def _as_tensor(t: Tensor | float) -> Tensor:
     return torch.tensor(float(t), dtype=torch.float64)
 
 
+def _positive(owner: str, **values: float) -> None:
+    for key, v in values.items():
+        try:
+            ok = math.isfinite(float(v)) and float(v) > 0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{owner} needs a finite {key} > 0, got {v!r}")
+
+
 class Schedule(ABC):
     """A scheduler (alpha_t, sigma_t) in flow time, with alpha increasing and sigma decreasing."""
 
@@ -67,16 +77,28 @@ class Schedule(ABC):
         return da / a - ds / s
 
     def t_from_log_snr(self, lam: Tensor | float) -> Tensor:
-        """Inverse of :meth:`log_snr`. The default bisects, which any monotone scheduler allows."""
-        lam = _as_tensor(lam).detach().to(torch.float64)
-        lo = torch.zeros_like(lam)
-        hi = torch.ones_like(lam)
-        for _ in range(80):
-            mid = 0.5 * (lo + hi)
-            below = self.log_snr(mid) < lam
-            lo = torch.where(below, mid, lo)
-            hi = torch.where(below, hi, mid)
-        return 0.5 * (lo + hi)
+        """Inverse of :meth:`log_snr` (float64), clamped to [0, 1].
+
+        The default bisects, which any monotone scheduler allows; the gradient with respect to
+        ``lam`` is ``1 / lambda'(t)`` (implicit function theorem), so it stays differentiable.
+        """
+        lam = _as_tensor(lam).to(torch.float64)
+        target = lam.detach()
+        lo = torch.zeros_like(target)
+        hi = torch.ones_like(target)
+        with torch.no_grad():
+            for _ in range(80):
+                mid = 0.5 * (lo + hi)
+                below = self.log_snr(mid) < target
+                lo = torch.where(below, mid, lo)
+                hi = torch.where(below, hi, mid)
+            t = 0.5 * (lo + hi)
+        if not lam.requires_grad:
+            return t
+        slope = self.d_log_snr(t).detach()
+        # Zero in value, 1 / lambda'(t) in gradient; where lambda is infinite the slope is too.
+        step = (lam - target) / slope
+        return t + torch.where(torch.isfinite(step), step, torch.zeros_like(step))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Schedule) and self.config() == other.config()
@@ -99,8 +121,7 @@ class CondOT(Schedule):
     name = "condot"
 
     def __init__(self, sigma0: float = 1.0) -> None:
-        if not sigma0 > 0:
-            raise ValueError(f"CondOT needs sigma0 > 0, got {sigma0}")
+        _positive("CondOT", sigma0=sigma0)
         self.sigma0 = float(sigma0)
 
     def __call__(self, t):
@@ -127,13 +148,22 @@ class Cosine(Schedule):
     def __call__(self, t):
         t = _as_tensor(t)
         h = 0.5 * math.pi
-        return torch.sin(h * t), torch.cos(h * t), h * torch.cos(h * t), -h * torch.sin(h * t)
+        # sigma as sin(h (1 - t)): exactly 0 at t = 1 (cos(pi / 2) rounds to 6e-17) and accurate
+        # near it, so the log-SNR is +inf there as for every other scheduler.
+        alpha, sigma = torch.sin(h * t), torch.sin(h * (1 - t))
+        return alpha, sigma, h * sigma, -h * alpha
 
     def log_snr(self, t):
-        return torch.log(torch.tan(0.5 * math.pi * _as_tensor(t)))
+        a, s, _, _ = self(t)
+        return torch.log(a) - torch.log(s)
 
     def t_from_log_snr(self, lam):
-        return torch.atan(torch.exp(_as_tensor(lam))) * (2.0 / math.pi)
+        lam = _as_tensor(lam)
+        # t = (2/pi) atan(e^lam) = 1 - (2/pi) atan(e^-lam): take the form without cancellation.
+        k = 2.0 / math.pi
+        return torch.where(
+            lam > 0, 1 - k * torch.atan(torch.exp(-lam)), k * torch.atan(torch.exp(lam))
+        )
 
     def config(self):
         return {"name": self.name}
@@ -149,7 +179,8 @@ class VP(Schedule):
     name = "vp"
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0) -> None:
-        if not (0 < beta_min < beta_max):
+        _positive("VP", beta_min=beta_min, beta_max=beta_max)
+        if not beta_min < beta_max:
             raise ValueError(f"VP needs 0 < beta_min < beta_max, got {beta_min}, {beta_max}")
         self.beta_min = float(beta_min)
         self.beta_max = float(beta_max)
@@ -177,8 +208,11 @@ class VP(Schedule):
         B = 0.5 * torch.nn.functional.softplus(-2 * lam)
         d = self.beta_max - self.beta_min
         b0 = self.beta_min
-        s = (-b0 / 2 + torch.sqrt(b0 * b0 / 4 + d * B)) / (d / 2)
-        return 1 - s
+        # The root of s^2 d/4 + s b0/2 = B, written without cancellation for small B (t near 1).
+        s = 2 * B / (b0 / 2 + torch.sqrt(b0 * b0 / 4 + d * B))
+        s = torch.where(torch.isinf(B), torch.full_like(B, math.inf), s)
+        # Log-SNRs below lambda(0) have no time in [0, 1]: clamp, as every scheduler does.
+        return (1 - s).clamp(0.0, 1.0)
 
     def config(self):
         return {"name": self.name, "beta_min": self.beta_min, "beta_max": self.beta_max}
@@ -196,7 +230,9 @@ class DiscreteVP(Schedule):
     name = "discrete_vp"
 
     def __init__(self, alphas_cumprod: Tensor | list[float]) -> None:
-        ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
+        ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().cpu()
+        if ac.dim() != 1:
+            raise ValueError(f"alphas_cumprod must be 1-D, got shape {list(ac.shape)}")
         if ac.numel() < 2 or not torch.all((ac > 0) & (ac < 1)):
             raise ValueError("alphas_cumprod must hold at least 2 values in (0, 1)")
         lam = 0.5 * (torch.log(ac) - torch.log1p(-ac))
@@ -204,6 +240,7 @@ class DiscreteVP(Schedule):
             raise ValueError("alphas_cumprod must be strictly decreasing")
         self.alphas_cumprod = ac
         self._lam = lam  # indexed by timestep k, decreasing in k
+        self._dlam = lam[1:] - lam[:-1]
 
     @property
     def num_train_timesteps(self) -> int:
@@ -219,13 +256,15 @@ class DiscreteVP(Schedule):
 
     def _lam_and_slope(self, t: Tensor) -> tuple[Tensor, Tensor]:
         n = self.num_train_timesteps
-        lam_tab = self._lam.to(t.device)
         k = self.timestep(t).clamp(0, n - 1)
         i0 = torch.floor(k.detach()).long().clamp(0, n - 2)
         w = k - i0.to(k.dtype)
-        l0, l1 = lam_tab[i0].to(k.dtype), lam_tab[i0 + 1].to(k.dtype)
-        lam = l0 + w * (l1 - l0)
-        dlam_dt = -(l1 - l0) * (n - 1)  # dk/dt = -(N - 1)
+        # Differences taken in float64 before any cast: neighbouring log-SNRs are close, and
+        # subtracting them in float32 would cost the slope (and alpha') four digits.
+        l0 = self._lam.to(t.device)[i0].to(k.dtype)
+        dl = self._dlam.to(t.device)[i0].to(k.dtype)
+        lam = l0 + w * dl
+        dlam_dt = -dl * (n - 1)  # dk/dt = -(N - 1)
         return lam, dlam_dt
 
     def __call__(self, t):
@@ -264,7 +303,8 @@ class EDM(Schedule):
     name = "edm"
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0) -> None:
-        if not (0 < sigma_min < sigma_max):
+        _positive("EDM", sigma_min=sigma_min, sigma_max=sigma_max)
+        if not sigma_min < sigma_max:
             raise ValueError(f"EDM needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
         self.sigma_min = float(sigma_min)
         self.sigma_max = float(sigma_max)
@@ -289,7 +329,8 @@ class EDM(Schedule):
         return -torch.log(self.noise_level(t))
 
     def t_from_log_snr(self, lam):
-        return (-_as_tensor(lam) - self._lmax) / (self._lmin - self._lmax)
+        t = (-_as_tensor(lam) - self._lmax) / (self._lmin - self._lmax)
+        return t.clamp(0.0, 1.0)
 
     def config(self):
         return {"name": self.name, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
@@ -300,8 +341,13 @@ _REGISTRY: dict[str, type[Schedule]] = {c.name: c for c in (CondOT, VP, Cosine, 
 
 def schedule_from_config(config: dict[str, Any]) -> Schedule:
     """Rebuild a scheduler from :meth:`Schedule.config`."""
+    if not isinstance(config, dict):
+        raise ValueError(f"a scheduler config must be a dict, got {type(config).__name__}")
     cfg = dict(config)
     name = cfg.pop("name", None)
     if name not in _REGISTRY:
         raise ValueError(f"unknown scheduler {name!r}; known: {sorted(_REGISTRY)}")
-    return _REGISTRY[name](**cfg)
+    try:
+        return _REGISTRY[name](**cfg)
+    except TypeError as e:
+        raise ValueError(f"bad config for scheduler {name!r}: {e}") from None
