@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -103,29 +104,40 @@ class Model:
         self.dtype = dtype
         self.forwards = 0  # network forwards (a guided evaluation counts 2 per sample)
         self._fingerprint: str | None = None
+        self._fingerprint_key: Any = None
 
     # -- evaluation -------------------------------------------------------------------------
     @property
     def null_label(self) -> int | None:
         return self.num_classes
 
-    def _check_inputs(self, x: Tensor, y: Tensor | None, guidance: float) -> None:
-        if tuple(x.shape[1:]) != self.sample_shape:
+    def _check_inputs(self, x: Tensor, y: Tensor | None, guidance: float) -> Tensor | None:
+        """Validate the inputs; return the labels as a long tensor on ``x``'s device (or None)."""
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise ModelError(f"{self.name}: samples must be a floating point tensor")
+        if x.dim() < 1 or tuple(x.shape[1:]) != self.sample_shape:
             raise ModelError(
                 f"{self.name}: expected samples of shape [B, {', '.join(map(str, self.sample_shape))}],"
                 f" got {list(x.shape)}"
             )
+        if not math.isfinite(guidance):
+            raise ModelError(f"{self.name}: guidance must be finite, got {guidance}")
         if y is not None:
             if self.num_classes is None:
                 raise ModelError(f"{self.name} is unconditional but labels were given")
+            y = torch.as_tensor(y, device=x.device)
+            if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+                raise ModelError(f"labels must be an integer tensor, got {y.dtype}")
             if y.shape != (x.shape[0],):
                 raise ModelError(f"labels must have shape [{x.shape[0]}], got {list(y.shape)}")
             if y.numel() and (int(y.min()) < 0 or int(y.max()) > self.num_classes):
                 raise ModelError(
                     f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = no label)"
                 )
+            y = y.long()
         if guidance != 1.0 and self.num_classes is None:
             raise ModelError(f"{self.name} is unconditional: guidance must be 1, got {guidance}")
+        return y
 
     def _forward(self, x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
         net_dtype = self.dtype or x.dtype
@@ -152,7 +164,7 @@ class Model:
         missing ``y`` means the unconditional branch alone.
         """
         guidance = float(guidance)
-        self._check_inputs(x, y, guidance)
+        y = self._check_inputs(x, y, guidance)
         b = x.shape[0]
         out_dtype = torch.promote_types(x.dtype, torch.float32)
         t = torch.as_tensor(t, dtype=torch.float64, device=x.device)
@@ -192,20 +204,47 @@ class Model:
             "num_classes": self.num_classes,
         }
 
+    def _module(self) -> nn.Module | None:
+        """The ``nn.Module`` holding the weights: the net itself or the owner of a bound method."""
+        if isinstance(self.net, nn.Module):
+            return self.net
+        owner = getattr(self.net, "__self__", None)
+        return owner if isinstance(owner, nn.Module) else None
+
     def fingerprint(self) -> str:
-        """A hash of the network's weights and the model's settings (hex, 16 characters)."""
-        if self._fingerprint is None:
+        """A hash of the network's weights and the model's settings (hex, 16 characters).
+
+        Cached, but recomputed whenever a setting or a weight changes (in place, through the
+        tensor's version counter, or by replacing a tensor).
+        """
+        settings = json.dumps(self.settings(), sort_keys=True)
+        module = self._module()
+        state = sorted(module.state_dict().items()) if module is not None else []
+        # Cheap key: the settings and, per tensor, its storage and in-place version counter.
+        key = (
+            settings,
+            tuple(
+                (k, v.data_ptr(), v._version, tuple(v.shape), v.dtype, str(v.device))
+                for k, v in state
+            ),
+        )
+        if self._fingerprint is None or self._fingerprint_key != key:
             h = hashlib.sha256()
-            h.update(json.dumps(self.settings(), sort_keys=True).encode())
-            if isinstance(self.net, nn.Module):
-                for key, value in sorted(self.net.state_dict().items()):
-                    h.update(key.encode())
+            h.update(settings.encode())
+            if module is not None:
+                for name, value in state:
+                    h.update(name.encode())
                     v = value.detach().cpu().contiguous().reshape(-1)
                     h.update(str(v.dtype).encode() + str(tuple(v.shape)).encode())
+                    if value.dim() == 0:
+                        # Flattened, a 0-d buffer would hash like a [1] one. Only 0-d tensors get
+                        # the marker, so fingerprints recorded before this fix stay valid.
+                        h.update(b"0-d")
                     h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
             else:
                 h.update(repr(getattr(self.net, "__qualname__", type(self.net).__name__)).encode())
             self._fingerprint = h.hexdigest()[:16]
+            self._fingerprint_key = key
         return self._fingerprint
 
     def __repr__(self) -> str:

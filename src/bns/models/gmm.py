@@ -29,6 +29,8 @@ class GaussianMixtureNet(nn.Module):
         weights: ``[K]`` mixture weights.
         labels: ``[K]`` class of each component; label ``num_classes`` (or None) selects all.
         schedule, prediction: the path and the target the net returns.
+        sample_shape: the shape of one sample (default ``(D,)``).
+        num_classes: the number of classes (default: one past the largest label).
     """
 
     def __init__(
@@ -40,6 +42,7 @@ class GaussianMixtureNet(nn.Module):
         schedule: Schedule,
         prediction: str = "velocity",
         sample_shape: tuple[int, ...] | None = None,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
         self.register_buffer("means", torch.as_tensor(means, dtype=torch.float64))
@@ -50,11 +53,24 @@ class GaussianMixtureNet(nn.Module):
         self.register_buffer("labels", torch.as_tensor(labels, dtype=torch.long))
         self.schedule = schedule
         self.prediction = prediction
-        self.sample_shape = sample_shape or (self.means.shape[1],)
-        self.num_classes = int(self.labels.max()) + 1
+        self.sample_shape = tuple(sample_shape or (self.means.shape[1],))
+        if math.prod(self.sample_shape) != self.means.shape[1]:
+            raise ValueError(
+                f"sample_shape {self.sample_shape} does not hold {self.means.shape[1]} values"
+            )
+        # The null label must be the Model's (K), not one past the largest label in use.
+        self.num_classes = int(self.labels.max()) + 1 if num_classes is None else int(num_classes)
+        if int(self.labels.max()) >= self.num_classes:
+            raise ValueError(f"component labels must lie in [0, {self.num_classes})")
 
     def posterior(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(E[x_1 | x_t], E[eps | x_t])`` computed in float64, shapes ``[B, D]``."""
+        x1, score = self._posterior(x, t, y)
+        s = self.schedule(t.to(torch.float64).reshape(-1))[1].reshape(-1, 1)
+        return x1, s * score
+
+    def _posterior(self, x: Tensor, t: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``E[x_1 | x_t]`` and ``E[(x - alpha mu_k) / var_k]`` (``E[eps | x_t] / sigma``)."""
         xf = x.reshape(x.shape[0], -1).to(torch.float64)
         t = t.to(torch.float64).reshape(-1)
         a, s, _, _ = self.schedule(t)
@@ -73,17 +89,20 @@ class GaussianMixtureNet(nn.Module):
         p = torch.softmax(logp, dim=-1)  # [B, K]
         r = diff / var[:, :, None]  # (x - alpha mu_k) / var_k
         x1 = (p[:, :, None] * (self.means[None] + (a * self.stds**2)[:, :, None] * r)).sum(1)
-        eps = (p[:, :, None] * (s[:, :, None] * r)).sum(1)
-        return x1, eps
+        return x1, (p[:, :, None] * r).sum(1)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        x1, eps = self.posterior(x, t, y)
+        x1, score = self._posterior(x, t, y)
         a, s, da, ds = (
             v.to(torch.float64).reshape(-1, 1)
             for v in self.schedule(t.to(torch.float64).reshape(-1))
         )
+        eps = s * score
         if self.prediction == "velocity":
-            f = da * x1 + ds * eps
+            # sigma' eps = (sigma sigma') score. A VP scheduler has sigma' = -inf where sigma = 0
+            # (t = 1), yet sigma sigma' = -alpha alpha' stays finite there.
+            s_ds = torch.where(torch.isfinite(ds), s * ds, -a * da)
+            f = da * x1 + s_ds * score
         elif self.prediction == "eps":
             f = eps
         elif self.prediction == "x1":
@@ -123,6 +142,15 @@ def gaussian_mixture_model(
     Means are ``scale``-sized random directions, components have standard deviation ``std``
     (small ``std``: strongly curved trajectories); component ``k`` has label ``k % num_classes``.
     """
+    if int(dim) < 1 or int(components) < 1:
+        raise ValueError(f"need dim >= 1 and components >= 1, got {dim}, {components}")
+    if num_classes is not None and not 1 <= int(num_classes) <= int(components):
+        raise ValueError(
+            f"num_classes must lie in [1, components = {components}] so that every class has a"
+            f" component, got {num_classes}"
+        )
+    if not (math.isfinite(std) and std > 0):
+        raise ValueError(f"std must be a finite number > 0, got {std}")
     g = torch.Generator().manual_seed(seed)
     means = torch.randn(components, dim, generator=g, dtype=torch.float64)
     means = scale * means
@@ -132,7 +160,7 @@ def gaussian_mixture_model(
     nc = num_classes or 1
     labels = torch.arange(components) % nc
     schedule = schedule or CondOT()
-    net = GaussianMixtureNet(means, stds, weights, labels, schedule, prediction)
+    net = GaussianMixtureNet(means, stds, weights, labels, schedule, prediction, num_classes=nc)
     return Model(
         net,
         prediction=prediction,
