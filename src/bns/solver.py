@@ -15,7 +15,7 @@ import hashlib
 import json
 import math
 import os
-import tempfile
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,7 +125,7 @@ class NSSolver:
         if not isinstance(d, dict) or d.get("format") != "bns-ns-solver":
             raise SolverFileError("not a bns solver file (missing 'format': 'bns-ns-solver')")
         version = d.get("format_version")
-        if not isinstance(version, int):
+        if isinstance(version, bool) or not isinstance(version, int):
             raise SolverFileError("solver file has no integer format_version")
         if version > FORMAT_VERSION:
             raise SolverFileError(
@@ -139,7 +139,9 @@ class NSSolver:
                 "solver file checksum does not match its contents (edited or corrupt)"
             )
         try:
-            n = int(d["nfe"])
+            if isinstance(d["nfe"], bool) or not isinstance(d["nfe"], int):
+                raise SolverFileError(f"solver file nfe must be an integer, got {d['nfe']!r}")
+            n = d["nfe"]
             times = [float(v) for v in d["times"]]
             a = [float(v) for v in d["a"]]
             rows = d["b"]
@@ -156,13 +158,18 @@ class NSSolver:
             meta = d.get("meta", {})
             if not isinstance(meta, dict):
                 raise SolverFileError("solver file 'meta' must be an object")
+            if n < 1:
+                raise SolverFileError(f"solver file has nfe = {n}; a solver needs at least 1 step")
+            solver = cls(
+                torch.tensor(times, dtype=torch.float64),
+                torch.tensor(a, dtype=torch.float64),
+                b,
+                meta,
+            )
         except SolverFileError:
             raise
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise SolverFileError(f"solver file is malformed: {e}") from None
-        solver = cls(
-            torch.tensor(times, dtype=torch.float64), torch.tensor(a, dtype=torch.float64), b, meta
-        )
         solver.validate()
         return solver
 
@@ -170,7 +177,13 @@ class NSSolver:
         """Write the solver as one JSON file, atomically (a crash never leaves half a file)."""
         self.validate()
         path = Path(path)
-        text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
+        try:
+            text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise SolverFileError(
+                f"cannot save solver: its meta must be plain JSON (finite numbers, strings,"
+                f" lists, dicts with string keys): {e}"
+            ) from None
         atomic_write_text(path, text + "\n")
         return path
 
@@ -186,7 +199,9 @@ class NSSolver:
 
         Given ``model`` (a :class:`bns.Model`), the solver must have been trained for it (same
         fingerprint) and span its time range; given ``guidance``, the same guidance scale.
-        ``force=True`` skips the model and guidance checks (not the file's own validation).
+        ``force=True`` skips the fingerprint and guidance checks, never the file's own validation
+        nor the time range (a solver outside the model's range would evaluate it where it is
+        undefined).
         """
         path = Path(path)
         if not path.is_file():
@@ -201,6 +216,11 @@ class NSSolver:
             raise SolverFileError(f"{path}: {e}") from None
         if not force:
             solver.check_compatible(model, guidance, where=str(path))
+        elif model is not None:
+            try:
+                solver.validate(t_range=model.t_range)
+            except SolverFileError as e:
+                raise SolverFileError(f"{path}: {e}") from None
         return solver
 
     def check_compatible(
@@ -215,7 +235,10 @@ class NSSolver:
                     f" for {model.name} ({model.fingerprint()}); pass force=True / --force to use"
                     " it anyway"
                 )
-            self.validate(t_range=model.t_range)
+            try:
+                self.validate(t_range=model.t_range)
+            except SolverFileError as e:
+                raise SolverFileError(f"{where}: {e}") from None
         if guidance is not None and "guidance" in self.meta:
             if not math.isclose(float(self.meta["guidance"]), float(guidance), abs_tol=1e-12):
                 raise SolverFileError(
@@ -235,10 +258,16 @@ def _checksum(d: dict[str, Any]) -> str:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    """Write ``text`` to ``path`` through a temporary file and a rename.
+
+    Readers see the old file or the new one, never half of one; a failure leaves the old file.
+    The file gets the usual permissions (umask), not the private ones of ``mkstemp``.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -248,6 +277,16 @@ def atomic_write_text(path: Path, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    try:  # make the rename itself durable; not possible everywhere (e.g. Windows)
+        dfd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
 
 
 def sample(
