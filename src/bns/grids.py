@@ -5,6 +5,8 @@ Each returns ``steps + 1`` float64 times from ``t_min`` to ``t_max`` (flow time,
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -18,13 +20,21 @@ class GridError(ValueError):
 
 
 def _check_steps(steps: int) -> int:
-    if int(steps) != steps or steps < 1:
+    ok = not isinstance(steps, bool)
+    try:
+        ok = ok and int(steps) == steps and steps >= 1
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
         raise GridError(f"steps must be a positive integer, got {steps!r}")
     return int(steps)
 
 
 def _range(t_range: tuple[float, float]) -> tuple[float, float]:
-    lo, hi = float(t_range[0]), float(t_range[1])
+    try:
+        lo, hi = (float(v) for v in t_range)
+    except (TypeError, ValueError):
+        raise GridError(f"t_range must be two numbers (t_min, t_max), got {t_range!r}") from None
     if not (0.0 <= lo < hi <= 1.0):
         raise GridError(f"t_range must satisfy 0 <= t_min < t_max <= 1, got {t_range}")
     return lo, hi
@@ -40,7 +50,7 @@ def _pin_ends(grid: Tensor, lo: float, hi: float) -> Tensor:
 def uniform(steps: int, t_range: tuple[float, float] = (0.0, 1.0)) -> Tensor:
     """``steps + 1`` times equally spaced over ``t_range``."""
     lo, hi = _range(t_range)
-    return torch.linspace(lo, hi, _check_steps(steps) + 1, dtype=torch.float64)
+    return _pin_ends(torch.linspace(lo, hi, _check_steps(steps) + 1, dtype=torch.float64), lo, hi)
 
 
 def logsnr(steps: int, schedule: Schedule, t_range: tuple[float, float] = (0.0, 1.0)) -> Tensor:
@@ -50,15 +60,14 @@ def logsnr(steps: int, schedule: Schedule, t_range: tuple[float, float] = (0.0, 
     such a range must be shrunk first (the model's ``t_range`` usually is).
     """
     lo, hi = _range(t_range)
+    steps = _check_steps(steps)
     ends = schedule.log_snr(torch.tensor([lo, hi], dtype=torch.float64))
     if not torch.all(torch.isfinite(ends)):
         raise GridError(
             f"the log-SNR is infinite at an end of {t_range}; use a t_range inside (0, 1) for a"
             " log-SNR grid"
         )
-    lam = torch.linspace(
-        float(ends[0]), float(ends[1]), _check_steps(steps) + 1, dtype=torch.float64
-    )
+    lam = torch.linspace(float(ends[0]), float(ends[1]), steps + 1, dtype=torch.float64)
     return _pin_ends(schedule.t_from_log_snr(lam), lo, hi)
 
 
@@ -67,6 +76,9 @@ def edm(
 ) -> Tensor:
     """EDM's grid: noise levels ``s = sigma/alpha`` spaced uniformly in ``s^(1/rho)``."""
     lo, hi = _range(t_range)
+    steps = _check_steps(steps)
+    if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho > 0):
+        raise GridError(f"rho must be a finite number > 0, got {rho!r}")
     ends = schedule.log_snr(torch.tensor([lo, hi], dtype=torch.float64))
     if not torch.all(torch.isfinite(ends)):
         raise GridError(
@@ -74,7 +86,7 @@ def edm(
             " for an EDM grid"
         )
     s_max, s_min = torch.exp(-ends[0]), torch.exp(-ends[1])
-    r = torch.linspace(0, 1, _check_steps(steps) + 1, dtype=torch.float64)
+    r = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
     s = (s_max ** (1 / rho) + r * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
     return _pin_ends(schedule.t_from_log_snr(-torch.log(s)), lo, hi)
 
