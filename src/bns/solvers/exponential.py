@@ -264,7 +264,7 @@ def dpm_solver_pp(
     the one before it second order. The second-order update is diffusers' default ``"midpoint"``
     form. A grid ending where ``sigma = 0`` always ends with a first-order step.
 
-    The third-order update reproduces diffusers (and the reference DPM-Solver code) exactly; its
+    The third-order update reproduces diffusers' DPMSolverMultistepScheduler exactly; its
     second divided difference enters with half the weight a third-order Taylor match needs, so
     ``order=3`` converges at order 2 (measured in tests/test_solvers.py).
 
