@@ -14,7 +14,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test]'
-	$(BIN)/pip install --quiet --no-deps k-diffusion==0.1.1.post1
+	$(BIN)/pip install --quiet --no-deps k-diffusion==0.1.1.post1 torchsde==0.2.6 trampoline==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
