@@ -22,11 +22,14 @@ transformers = pytest.importorskip("transformers")
 from diffusers import (  # noqa: E402
     AutoencoderKL,
     DDIMScheduler,
+    DDPMPipeline,
+    DDPMScheduler,
     DiTPipeline,
     DiTTransformer2DModel,
     FlowMatchEulerDiscreteScheduler,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
+    UNet2DModel,
 )
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 
@@ -345,6 +348,47 @@ def test_sd3_stock_flow_euler_equals_bns_euler(sd3):
     finally:
         sd3.scheduler = base
         sd3.to(dtype=torch.float32)
+
+
+# -- unconditional UNet pipeline (DDPM, v-prediction) ------------------------------------------
+
+
+def test_ddpm_unet_v_prediction_pipeline_equals_bns_sample(monkeypatch):
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    ).double()
+    scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    pipe = DDPMPipeline(unet=unet.eval(), scheduler=scheduler)
+    model = model_from_pipeline(pipe)
+    assert model.prediction == "v" and model.num_classes is None
+    assert model.sample_shape == (3, 8, 8)
+    solver = _bns_like(bns.solvers.heun(bns.grids.uniform(2)), seed=4)
+    pipe.scheduler = BNSScheduler.from_solver(solver, scheduler)
+    finals = []
+    step = pipe.scheduler.step
+
+    def spy(*args, **kwargs):
+        out = step(*args, **kwargs)
+        finals.append(out.prev_sample)
+        return out
+
+    monkeypatch.setattr(pipe.scheduler, "step", spy)
+    with torch.no_grad():
+        pipe(batch_size=2, generator=torch.Generator().manual_seed(5), num_inference_steps=4)
+        x0 = torch.randn(
+            2, 3, 8, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64
+        )
+        ref = bns.sample(model, x0, solver)
+    assert len(finals) == 4
+    assert (finals[-1] - ref).abs().max() <= 1e-12 * ref.abs().max()
 
 
 # -- the scheduler itself -----------------------------------------------------------------------
