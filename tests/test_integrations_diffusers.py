@@ -583,6 +583,8 @@ def test_cli_distill_on_a_saved_pipeline(tmp_path, dit, monkeypatch):
     assert solver.nfe == 4
     # The trained solver drops into the pipeline with no further information.
     pipe = DiTPipeline.from_pretrained(tmp_path / "dit")
+    # The fingerprint is the weights' and settings', not the folder's.
+    assert model_from_pipeline(pipe).fingerprint() == model.fingerprint()
     pipe.scheduler = BNSScheduler.from_solver(solver)
     got = _final_latents(
         pipe,

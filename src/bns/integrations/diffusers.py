@@ -143,7 +143,9 @@ class BNSScheduler(SchedulerMixin, ConfigMixin):
 
     The solver is part of the config (``solver``: the JSON of :meth:`bns.NSSolver.to_dict`), so
     ``save_pretrained`` / ``from_pretrained`` round-trip it exactly. It only runs the step count
-    it was trained for: ``set_timesteps`` refuses any other. A pipeline saved with this scheduler
+    it was trained for: ``set_timesteps`` refuses any other. Call the pipeline with the guidance
+    scale the solver was trained for (``solver.meta["guidance"]``): the scheduler cannot see
+    it. A pipeline saved with this scheduler
     is reloaded with ``DiffusionPipeline.from_pretrained(path, scheduler=
     BNSScheduler.from_pretrained(path, subfolder="scheduler"))`` (``import bns`` does not export
     the class, so diffusers cannot find it by name).
@@ -289,7 +291,7 @@ class BNSScheduler(SchedulerMixin, ConfigMixin):
                 "BNSScheduler cannot take custom timesteps: its times are part of the trained"
                 " solver"
             )
-        asked = num_inference_steps if num_inference_steps is not None else None
+        asked = num_inference_steps
         if sigmas is not None:
             if asked is not None and len(sigmas) != asked:
                 raise DiffusersError(
@@ -594,7 +596,8 @@ def model_from_pipeline(
         size = cfg.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         sample_shape = (int(cfg.in_channels), *size)
-    where = path_or_pipeline if isinstance(path_or_pipeline, (str, os.PathLike)) else kind
+    # The name enters the model's fingerprint: the pipeline class, not its folder, so that a
+    # solver stays valid for the same weights wherever they live.
     return Model(
         net,
         prediction=_PREDICTIONS[prediction_type],
@@ -602,7 +605,7 @@ def model_from_pipeline(
         sample_shape=tuple(sample_shape),
         t_range=(0.0, 1.0),
         num_classes=num_classes,
-        name=name or f"diffusers:{where}",
+        name=name or f"diffusers:{kind}",
         # float64 so that the flow time reaches the net unrounded; the net casts x itself.
         dtype=torch.float64,
     )
