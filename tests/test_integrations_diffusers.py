@@ -528,6 +528,21 @@ def test_from_solver_reads_the_trained_models_settings(dit, sd3):
         BNSScheduler.from_solver(bare)
 
 
+def test_text_pipeline_from_a_folder_with_absent_components(tmp_path, sd3):
+    """SD3 saved without T5 and VAE (null components) loads from its folder, as the command
+    line's ``diffusers:PATH --prompts FILE`` does, and is the same model as the object's."""
+    sd3.save_pretrained(tmp_path / "sd3")
+    from_folder = model_from_pipeline(str(tmp_path / "sd3"), prompts=PROMPTS)
+    from_object = model_from_pipeline(sd3, prompts=PROMPTS)
+    assert from_folder.fingerprint() == from_object.fingerprint()
+    x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+    y = torch.tensor([0, 2, 3])
+    with torch.no_grad():
+        a = from_folder.velocity(x, 0.4, y, guidance=2.0)
+        b = from_object.velocity(x, 0.4, y, guidance=2.0)
+    assert torch.equal(a, b)
+
+
 def test_model_from_pipeline_bad_inputs(tmp_path, dit, sd3):
     with pytest.raises(DiffusersError, match="text pipeline: pass prompts"):
         model_from_pipeline(sd3)

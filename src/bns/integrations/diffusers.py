@@ -26,6 +26,7 @@ Conventions (bns-math.md, section 1; flow time ``t``: 0 = noise, 1 = data):
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -482,6 +483,15 @@ def _load_pipeline(path_or_pipeline: Any, device: Any, dtype: torch.dtype | None
         from diffusers import DiffusionPipeline
 
         kwargs: dict[str, Any] = {"local_files_only": True}
+        # Components saved as absent ([null, null], e.g. SD3 without T5 or a VAE) must be
+        # passed as None explicitly, or diffusers refuses to build the pipeline.
+        try:
+            index = json.loads((path / "model_index.json").read_text())
+        except (OSError, ValueError) as e:
+            raise DiffusersError(f"cannot read {path / 'model_index.json'}: {e}") from None
+        for key, value in index.items():
+            if not key.startswith("_") and isinstance(value, list) and value[:1] == [None]:
+                kwargs[key] = None
         if dtype is not None:
             kwargs["torch_dtype"] = dtype
         pipe = DiffusionPipeline.from_pretrained(str(path), **kwargs)
