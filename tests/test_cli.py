@@ -33,9 +33,29 @@ def env(tmp_path, monkeypatch):
 
 
 def _distill(env, out, *extra):
-    return main(["distill", "--model", f"{env / 'm.py'}:small", "--nfe", "4", "--train-pairs",
-                 "16", "--val-pairs", "8", "--steps", "6", "--val-every", "3", "--batch-size", "8",
-                 "--quiet", "--out", str(out), *extra])
+    return main(
+        [
+            "distill",
+            "--model",
+            f"{env / 'm.py'}:small",
+            "--nfe",
+            "4",
+            "--train-pairs",
+            "16",
+            "--val-pairs",
+            "8",
+            "--steps",
+            "6",
+            "--val-every",
+            "3",
+            "--batch-size",
+            "8",
+            "--quiet",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
 
 
 def test_distill_eval_sample_end_to_end(env, capsys):
@@ -47,9 +67,29 @@ def test_distill_eval_sample_end_to_end(env, capsys):
     assert not out.with_name("s.json.ckpt").exists()
 
     js = env / "r.json"
-    assert main(["eval", "--model", f"{env / 'm.py'}:small", "--solver", str(out),
-                 "--baselines", "euler,midpoint", "--nfe", "2,4", "--test-pairs", "8", "--quiet",
-                 "--json", str(js), "--plot", str(env / "p.png")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                f"{env / 'm.py'}:small",
+                "--solver",
+                str(out),
+                "--baselines",
+                "euler,midpoint",
+                "--nfe",
+                "2,4",
+                "--test-pairs",
+                "8",
+                "--quiet",
+                "--json",
+                str(js),
+                "--plot",
+                str(env / "p.png"),
+            ]
+        )
+        == 0
+    )
     rows = json.loads(js.read_text())["rows"]
     got = {(r["solver"], r["nfe"]) for r in rows}
     assert got == {("euler", 2), ("euler", 4), ("midpoint", 2), ("midpoint", 4), ("bns", 4)}
@@ -60,8 +100,22 @@ def test_distill_eval_sample_end_to_end(env, capsys):
     assert "bns eval" in capsys.readouterr().out
 
     pt = env / "x.pt"
-    assert main(["sample", "--model", f"{env / 'm.py'}:small", "--solver", str(out), "--n", "5",
-                 "--out", str(pt)]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                f"{env / 'm.py'}:small",
+                "--solver",
+                str(out),
+                "--n",
+                "5",
+                "--out",
+                str(pt),
+            ]
+        )
+        == 0
+    )
     x = torch.load(pt)
     assert x.shape == (5, 8) and torch.all(torch.isfinite(x))
 
@@ -76,20 +130,33 @@ def _error(capsys, argv):
 
 def test_bad_inputs_end_with_one_clear_line(env, capsys):
     m = f"{env / 'm.py'}:small"
-    assert "unknown model" in _error(capsys, ["distill", "--model", "nope", "--nfe", "4",
-                                              "--out", str(env / "a.json")])
-    assert "not found" in _error(capsys, ["distill", "--model", "missing.py:f", "--nfe", "4",
-                                          "--out", str(env / "a.json")])
+    assert "unknown model" in _error(
+        capsys, ["distill", "--model", "nope", "--nfe", "4", "--out", str(env / "a.json")]
+    )
+    assert "not found" in _error(
+        capsys, ["distill", "--model", "missing.py:f", "--nfe", "4", "--out", str(env / "a.json")]
+    )
     assert "did not give a bns.Model" in _error(
-        capsys, ["distill", "--model", f"{env / 'm.py'}:not_a_model", "--nfe", "4", "--out",
-                 str(env / "a.json")])
+        capsys,
+        [
+            "distill",
+            "--model",
+            f"{env / 'm.py'}:not_a_model",
+            "--nfe",
+            "4",
+            "--out",
+            str(env / "a.json"),
+        ],
+    )
     assert "solver file not found" in _error(
-        capsys, ["sample", "--model", m, "--solver", str(env / "none.json"), "--out",
-                 str(env / "g.png")])
+        capsys,
+        ["sample", "--model", m, "--solver", str(env / "none.json"), "--out", str(env / "g.png")],
+    )
     bad = env / "bad.json"
     bad.write_text("{not json")
     assert "cannot read solver file" in _error(
-        capsys, ["eval", "--model", m, "--solver", str(bad), "--json", str(env / "e.json")])
+        capsys, ["eval", "--model", m, "--solver", str(bad), "--json", str(env / "e.json")]
+    )
     assert not (env / "e.json").exists()
 
     good = env / "s.json"
@@ -101,36 +168,60 @@ def test_bad_inputs_end_with_one_clear_line(env, capsys):
     assert good.read_text() == content
     # A solver of another model, or another guidance, is refused.
     assert "trained for model" in _error(
-        capsys, ["sample", "--model", f"{env / 'other.py'}:small", "--solver", str(good),
-                 "--out", str(env / "x.pt")])
+        capsys,
+        [
+            "sample",
+            "--model",
+            f"{env / 'other.py'}:small",
+            "--solver",
+            str(good),
+            "--out",
+            str(env / "x.pt"),
+        ],
+    )
     # A tampered solver is refused.
     d = json.loads(content)
     d["a"][0] = 0.5
     (env / "t.json").write_text(json.dumps(d))
-    assert "checksum" in _error(capsys, ["sample", "--model", m, "--solver", str(env / "t.json"),
-                                         "--out", str(env / "x.pt")])
-    assert "unconditional" in _error(capsys, ["distill", "--model", m, "--nfe", "4",
-                                              "--guidance", "3", "--out", str(env / "c.json")])
-    assert "divisible" in _error(capsys, ["distill", "--model", m, "--nfe", "3", "--init",
-                                          "midpoint", "--out", str(env / "c.json")])
-    assert "not images" in _error(capsys, ["sample", "--model", m, "--solver", str(good),
-                                           "--out", str(env / "x.png")])
+    assert "checksum" in _error(
+        capsys,
+        ["sample", "--model", m, "--solver", str(env / "t.json"), "--out", str(env / "x.pt")],
+    )
+    assert "unconditional" in _error(
+        capsys,
+        ["distill", "--model", m, "--nfe", "4", "--guidance", "3", "--out", str(env / "c.json")],
+    )
+    assert "divisible" in _error(
+        capsys,
+        ["distill", "--model", m, "--nfe", "3", "--init", "midpoint", "--out", str(env / "c.json")],
+    )
+    assert "not images" in _error(
+        capsys, ["sample", "--model", m, "--solver", str(good), "--out", str(env / "x.png")]
+    )
     assert not (env / "c.json").exists()
 
 
 def test_console_script_runs_as_a_process(env):
     exe = Path(sys.executable).with_name("bns")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "bns.cli"]
-    r = subprocess.run(cmd + ["sample", "--model", "nope", "--solver", "x", "--out", "y"],
-                       capture_output=True, text=True, env=dict(os.environ))
+    r = subprocess.run(
+        cmd + ["sample", "--model", "nope", "--solver", "x", "--out", "y"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+    )
     assert r.returncode == 2 and r.stderr.startswith("bns sample: error:")
     assert "Traceback" not in r.stderr
 
 
 def test_demo_quick_on_the_analytic_model(env, capsys):
     out = env / "demo"
-    assert main(["demo", "--quick", "--model", "gmm", "--guidance", "1.5", "--out", str(out),
-                 "--quiet"]) == 0
+    assert (
+        main(
+            ["demo", "--quick", "--model", "gmm", "--guidance", "1.5", "--out", str(out), "--quiet"]
+        )
+        == 0
+    )
     res = json.loads((out / "results.json").read_text())
     names = {r["solver"] for r in res["rows"]}
     assert "bns" in names and "init (midpoint)" in names and "euler" in names

@@ -35,14 +35,14 @@ def data(model, tmp_path_factory):
 
 
 def _same(s1, s2):
-    return (torch.equal(s1.times, s2.times) and torch.equal(s1.a, s2.a)
-            and torch.equal(s1.b, s2.b))
+    return torch.equal(s1.times, s2.times) and torch.equal(s1.a, s2.a) and torch.equal(s1.b, s2.b)
 
 
 @pytest.mark.parametrize("nfe,precondition", [(4, None), (5, None), (6, 1.0), (6, 0.5)])
 def test_zero_steps_return_the_initial_solver(model, data, nfe, precondition):
-    solver, hist = distill(model, nfe, steps=0, pairs=data, progress=False,
-                           precondition=precondition)
+    solver, hist = distill(
+        model, nfe, steps=0, pairs=data, progress=False, precondition=precondition
+    )
     assert _same(solver, initial_solver(model, nfe, precondition=precondition))
     assert hist["steps_run"] == 0 and len(hist["val_psnr"]) == 1
     assert solver.meta["init"] == ("midpoint" if nfe % 2 == 0 else "euler")
@@ -90,8 +90,9 @@ def test_network_weights_are_frozen_and_restored():
     with torch.no_grad():
         x1 = bns.sample(m, x0, bns.solvers.rk4(bns.grids.uniform(20)))
     pairs = bns.pairs.Pairs(x0, x1, None)
-    solver, hist = distill(m, 4, steps=5, val_every=5, pairs=(pairs, pairs), progress=False,
-                           batch_size=8)
+    solver, hist = distill(
+        m, 4, steps=5, val_every=5, pairs=(pairs, pairs), progress=False, batch_size=8
+    )
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k])
     assert all(p.grad is None and p.requires_grad for p in net.parameters())
@@ -126,8 +127,9 @@ def test_non_finite_steps_are_skipped_and_never_corrupt_the_best(model, data):
 def test_guidance_needs_a_conditional_model():
     m = gaussian_mixture_model(dim=4, components=2, num_classes=None)
     with pytest.raises(TrainingError, match="unconditional"):
-        distill(m, 4, guidance=2.0, steps=0, cache=False, train_pairs=2, val_pairs=2,
-                progress=False)
+        distill(
+            m, 4, guidance=2.0, steps=0, cache=False, train_pairs=2, val_pairs=2, progress=False
+        )
 
 
 def test_grad_checkpointing_gives_the_same_solver(model, data):
@@ -176,8 +178,9 @@ def test_kill_and_resume_ends_with_the_same_solver(tmp_path):
     ckpt, cache = tmp_path / "s.ckpt", tmp_path / "cache"
 
     def run(mode, out, **kw):
-        return subprocess.Popen([sys.executable, str(script), mode, str(ckpt), str(out),
-                                 str(cache)], env=env, **kw)
+        return subprocess.Popen(
+            [sys.executable, str(script), mode, str(ckpt), str(out), str(cache)], env=env, **kw
+        )
 
     assert run("plain", tmp_path / "ref.json").wait(timeout=300) == 0
     proc = run("killed", tmp_path / "never.json")
@@ -205,9 +208,26 @@ def test_resume_refuses_a_checkpoint_of_other_settings(model, data, tmp_path):
     ckpt = tmp_path / "x.ckpt"
     distill(model, 4, steps=4, val_every=2, pairs=data, progress=False, checkpoint_path=ckpt)
     with pytest.raises(TrainingError, match="other settings"):
-        distill(model, 4, steps=4, val_every=2, lr=1e-2, pairs=data, progress=False,
-                checkpoint_path=ckpt, resume=True)
+        distill(
+            model,
+            4,
+            steps=4,
+            val_every=2,
+            lr=1e-2,
+            pairs=data,
+            progress=False,
+            checkpoint_path=ckpt,
+            resume=True,
+        )
     ckpt.write_bytes(b"not a checkpoint")
     with pytest.raises(TrainingError, match="cannot read checkpoint"):
-        distill(model, 4, steps=4, val_every=2, pairs=data, progress=False,
-                checkpoint_path=ckpt, resume=True)
+        distill(
+            model,
+            4,
+            steps=4,
+            val_every=2,
+            pairs=data,
+            progress=False,
+            checkpoint_path=ckpt,
+            resume=True,
+        )

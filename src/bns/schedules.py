@@ -107,7 +107,13 @@ class Schedule(ABC):
         return hash(repr(sorted(self.config().items())))
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
+        def short(v: Any) -> str:
+            # A discrete schedule's 1000 alphas_cumprod would make every repr pages long.
+            if isinstance(v, list) and len(v) > 6:
+                return f"[{v[0]!r}, ..., {v[-1]!r}] ({len(v)} values)"
+            return repr(v)
+
+        args = ", ".join(f"{k}={short(v)}" for k, v in self.config().items() if k != "name")
         return f"{type(self).__name__}({args})"
 
 

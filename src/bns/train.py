@@ -59,6 +59,7 @@ class DistillConfig:
     atol: float = 1e-5
     data_range: float = 2.0
     max_skips: int = 20
+    coef_lr_scale: float = 1.0  # learning rate of a, b relative to lr, times the mean step
 
 
 def initial_solver(model: Any, nfe: int, init: str = "auto", precondition: float | None = None):
@@ -249,7 +250,17 @@ class _Trainer:
         self.progress, self.callback = progress, callback
         torch.manual_seed(cfg.seed)
         self.params = _Params(init_solver)
-        self.opt = torch.optim.Adam(self.params.parameters(), lr=cfg.lr)
+        # The coefficients a, b of step i are of the size of the step (b ~ h = range / n): their
+        # learning rate scales with it, so Adam's unit-size steps move every parameter by the
+        # same relative amount whatever the NFE. The time logits are already relative.
+        coef = cfg.coef_lr_scale * (model.t_range[1] - model.t_range[0]) / cfg.nfe
+        self.opt = torch.optim.Adam(
+            [
+                {"params": [self.params.logits], "lr_mult": 1.0},
+                {"params": [self.params.a, self.params.b], "lr_mult": coef},
+            ],
+            lr=cfg.lr,
+        )
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         self.lr_scale = 1.0  # halved on every non-finite step
@@ -412,7 +423,7 @@ class _Trainer:
     def _train_step(self) -> float:
         cfg = self.cfg
         for group in self.opt.param_groups:
-            group["lr"] = self._lr(self.step)
+            group["lr"] = self._lr(self.step) * group["lr_mult"]
         idx = torch.randint(len(self.train), (cfg.batch_size,), generator=self.gen)
         batch = self.train[idx]
         f0 = self.model.forwards
