@@ -33,8 +33,10 @@ class UNetConfig:
         emb_dim: width of the time/class embedding.
         num_classes: number of real classes (the embedding gets one more row for "no label"),
             or None for an unconditional net.
-        time_scale: ``t`` is multiplied by this before the sinusoidal features, so that the
-            highest frequencies resolve small steps of flow time.
+        time_scale: ``t`` is multiplied by this before the sinusoidal features (the highest
+            frequency is ``time_scale`` radians per unit of flow time). 100 rather than the usual
+            1000: with 1000 the trained velocity wiggles in ``t`` at a period of 0.006, and the
+            adaptive ground-truth solver needed ~280 evaluations instead of ~90 for the same loss.
         patch: space-to-depth factor of the input (2 folds 28x28x1 into 14x14x4, which makes
             the net about four times cheaper than working at full resolution).
     """
@@ -44,7 +46,7 @@ class UNetConfig:
     blocks: int = 1
     emb_dim: int = 128
     num_classes: int | None = None
-    time_scale: float = 1000.0
+    time_scale: float = 100.0
     patch: int = 1
 
     def to_dict(self) -> dict:
