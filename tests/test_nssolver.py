@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+import bns
 import bns.solver as solver_module
 from bns import Model, NSSolver, SolverFileError, sample
 from bns.models.gmm import GaussianMixtureNet, gaussian_mixture_model
@@ -380,3 +381,24 @@ def test_detach_and_to_dict_do_not_share_storage():
     assert not d.times.requires_grad
     d.a[0] = 123.0
     assert float(s.a[0]) != 123.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sample_does_not_depend_on_grad_mode(dtype):
+    """The inference fast path and the differentiable path give the same bits."""
+
+    m = gaussian_mixture_model(dim=10, components=3, std=0.2, seed=2)
+    base = bns.solvers.midpoint(bns.grids.uniform(3))
+    g = torch.Generator().manual_seed(1)
+    n = base.nfe
+    dense = bns.NSSolver(
+        base.times,
+        base.a + 0.01 * torch.randn(n, generator=g, dtype=torch.float64),
+        base.b + 0.01 * torch.tril(torch.randn(n, n, generator=g, dtype=torch.float64)),
+    )
+    x0 = torch.randn(5, 10, generator=g, dtype=dtype)
+    with torch.no_grad():
+        fast, ftraj = bns.sample(m, x0, dense, return_trajectory=True)
+    slow, straj = bns.sample(m, x0, dense, return_trajectory=True)
+    assert torch.equal(fast, slow.detach())
+    assert all(torch.equal(a, b.detach()) for a, b in zip(ftraj, straj))

@@ -316,13 +316,27 @@ def sample(
 
     x_start = x0.to(acc)
     times = solver.times.to(x0.device)
-    a = solver.a.to(device=x0.device, dtype=acc)
-    b = solver.b.to(device=x0.device, dtype=acc)
     us: list[Tensor] = []
     x = x_start
     traj = [x_start] if return_trajectory else None
+    if not torch.is_grad_enabled():
+        # Inference: plain-number coefficients, in-place sums and no autograd graph. The
+        # arithmetic (product, then sum, rounded apart) is the same as below, so a sample does
+        # not depend on the grad mode, bit for bit.
+        a_list, b_list = solver.a.tolist(), solver.b.tolist()
+        for i in range(solver.nfe):
+            us.append(velocity(x, times[i]).to(acc))
+            x = torch.mul(x_start, a_list[i])
+            for j in range(i + 1):
+                if b_list[i][j] != 0.0:
+                    x.add_(us[j] * b_list[i][j])
+            if traj is not None:
+                traj.append(x)
+        return (x, traj) if traj is not None else x
+    a = solver.a.to(device=x0.device, dtype=acc)
+    b = solver.b.to(device=x0.device, dtype=acc)
     for i in range(solver.nfe):
-        if checkpoint and torch.is_grad_enabled():
+        if checkpoint:
             u = torch.utils.checkpoint.checkpoint(velocity, x, times[i], use_reentrant=False)
         else:
             u = velocity(x, times[i])
