@@ -340,15 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("BNS_DEBUG"):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        known = type(e).__name__ in {
-            "CLIError",
-            "SpecError",
-            "SolverFileError",
-            "ModelError",
-            "GridError",
-            "TrainingError",
-            "ModelWeightsError",
-        }
+        # bns's own errors are written for people; a foreign one is named by its type.
+        known = type(e).__module__.startswith("bns") or type(e).__name__ == "CLIError"
         prefix = (
             ""
             if known or isinstance(e, (ValueError, FileNotFoundError))
