@@ -132,7 +132,11 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--batch-size", type=int, default=40)
     p.add_argument("--val-every", type=int, default=25)
-    p.add_argument("--precondition", type=float, default=None)
+    p.add_argument(
+        "--precondition",
+        default="auto",
+        type=lambda v: v if v == "auto" else None if v == "none" else float(v),
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--tag", default="")

@@ -231,3 +231,22 @@ def test_resume_refuses_a_checkpoint_of_other_settings(model, data, tmp_path):
             checkpoint_path=ckpt,
             resume=True,
         )
+
+
+def test_auto_preconditioning_is_sigma0_one_except_on_condot(model):
+    vp = gaussian_mixture_model(
+        dim=8,
+        components=3,
+        std=0.2,
+        schedule=bns.schedules.VP(),
+        prediction="eps",
+        t_range=(0.0, 1 - 1e-3),
+    )
+    auto = initial_solver(vp, 8)
+    explicit = initial_solver(vp, 8, precondition=1.0)
+    assert _same(auto, explicit)
+    assert not torch.allclose(auto.times, initial_solver(vp, 8, precondition=None).times)
+    # On a CondOT model the CondOT(1) change of scheduler is the identity: skipped, exactly.
+    assert _same(initial_solver(model, 8), initial_solver(model, 8, precondition=None))
+    solver, _ = distill(vp, 4, steps=0, cache=False, train_pairs=4, val_pairs=4, progress=False)
+    assert solver.meta["config"]["precondition"] == 1.0

@@ -37,6 +37,18 @@ def _int_list(text: str) -> list[int]:
     return vals
 
 
+def _precondition(text: str) -> float | str | None:
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, none or auto, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"sigma0 must be positive, got {text!r}")
+    return value
+
+
 def _name_list(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
@@ -77,10 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument(
         "--precondition",
-        type=float,
-        default=None,
+        type=_precondition,
+        default="auto",
         metavar="SIGMA0",
-        help="run the initial solver on the CondOT(sigma0)-rescheduled ODE",
+        help="run the initial solver on the CondOT(sigma0)-rescheduled ODE: a number, none, or"
+        " auto (1 unless the model is CondOT already)",
     )
     d.add_argument("--train-pairs", type=int, default=520)
     d.add_argument("--val-pairs", type=int, default=1024)

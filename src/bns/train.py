@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from . import grids
 from .metrics import psnr
 from .pairs import Pairs, make_pairs
+from .schedules import CondOT
 from .solver import NSSolver, sample
 from .transforms import precondition as _precondition
 
@@ -44,7 +45,7 @@ class DistillConfig:
     nfe: int
     guidance: float = 1.0
     init: str = "auto"
-    precondition: float | None = None
+    precondition: float | str | None = "auto"
     train_pairs: int = 520
     val_pairs: int = 1024
     steps: int = 1000
@@ -62,7 +63,20 @@ class DistillConfig:
     coef_lr_scale: float = 1.0  # learning rate of a, b relative to lr, times the mean step
 
 
-def initial_solver(model: Any, nfe: int, init: str = "auto", precondition: float | None = None):
+def resolve_precondition(model: Any, init: str, precondition: float | str | None) -> float | None:
+    """``"auto"``: sigma0 = 1 (the paper's choice, and the best of 0.5, 1, 2 in
+    benchmarks/results/precondition_gmm-vp.md) for euler/midpoint inits, except on a CondOT model,
+    where that change of scheduler is the identity and is skipped."""
+    if precondition != "auto":
+        return None if precondition is None else float(precondition)
+    if init not in ("auto", "euler", "midpoint") or model.schedule == CondOT():
+        return None
+    return 1.0
+
+
+def initial_solver(
+    model: Any, nfe: int, init: str = "auto", precondition: float | str | None = "auto"
+):
     """The classical solver BNS starts from, as an NS solver with strictly increasing times.
 
     ``init``: "auto" (midpoint for even ``nfe``, euler for odd), "euler" or "midpoint" on a
@@ -72,6 +86,7 @@ def initial_solver(model: Any, nfe: int, init: str = "auto", precondition: float
     """
     from . import solvers
 
+    precondition = resolve_precondition(model, init, precondition)
     if init == "auto":
         init = "midpoint" if nfe % 2 == 0 else "euler"
     if init in ("euler", "midpoint"):
@@ -156,7 +171,7 @@ def distill(
     *,
     guidance: float = 1.0,
     init: str = "auto",
-    precondition: float | None = None,
+    precondition: float | str | None = "auto",
     train_pairs: int = 520,
     val_pairs: int = 1024,
     steps: int = 1000,
@@ -181,7 +196,7 @@ def distill(
         nfe: steps of the solver (velocity evaluations; a guided one is 2 network forwards).
         init: the initial classical solver (see :func:`initial_solver`).
         precondition: ``sigma0`` of the CondOT scheduler change applied to the initial solver,
-            or None for none.
+            None for none, or "auto" (see :func:`resolve_precondition`).
         train_pairs, val_pairs: ground-truth pairs (from the cache or computed).
         steps, batch_size, lr, val_every, patience: the optimization.
         grad_checkpoint: recompute each step in the backward pass (memory of about one step).
@@ -209,6 +224,7 @@ def distill(
         **config,
     )
     _check_config(model, cfg)
+    cfg.precondition = resolve_precondition(model, cfg.init, cfg.precondition)
     init_solver = initial_solver(model, cfg.nfe, cfg.init, cfg.precondition)
     if pairs is None:
         kw = dict(
