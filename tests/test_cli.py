@@ -21,6 +21,16 @@ def small():
                                   name="small")
 def not_a_model():
     return 42
+def img():
+    import torch
+    from bns import Model
+    from bns.models.gmm import GaussianMixtureNet
+    from bns.schedules import CondOT
+    g = torch.Generator().manual_seed(0)
+    means = 0.5 * torch.randn(3, 16, generator=g, dtype=torch.float64)
+    net = GaussianMixtureNet(means, torch.full((3,), 0.2), torch.ones(3) / 3, torch.arange(3),
+                             CondOT(), "velocity", sample_shape=(1, 4, 4), num_classes=3)
+    return Model(net, "velocity", CondOT(), (1, 4, 4), num_classes=3, name="img")
 """
 
 
@@ -227,3 +237,85 @@ def test_demo_quick_on_the_analytic_model(env, capsys):
     assert "bns" in names and "init (midpoint)" in names and "euler" in names
     assert (out / "results.md").exists() and (out / "psnr_vs_nfe.png").exists()
     assert bns.NSSolver.load(out / "bns_nfe8.json").meta["guidance"] == 1.5
+
+
+def test_image_model_grids_from_eval_and_sample(env, capsys):
+    m = f"{env / 'm.py'}:img"
+    out = env / "img.json"
+    assert (
+        main(
+            [
+                "distill",
+                "--model",
+                m,
+                "--nfe",
+                "4",
+                "--guidance",
+                "2",
+                "--train-pairs",
+                "8",
+                "--val-pairs",
+                "4",
+                "--steps",
+                "2",
+                "--val-every",
+                "1",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    grid = env / "cmp.png"
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                m,
+                "--guidance",
+                "2",
+                "--solver",
+                str(out),
+                "--baselines",
+                "euler,dpmpp2m",
+                "--nfe",
+                "4",
+                "--test-pairs",
+                "8",
+                "--quiet",
+                "--json",
+                str(env / "e.json"),
+                "--samples",
+                str(grid),
+            ]
+        )
+        == 0
+    )
+    assert grid.stat().st_size > 1000
+    png = env / "s.png"
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                m,
+                "--guidance",
+                "2",
+                "--solver",
+                str(out),
+                "--n",
+                "6",
+                "--labels",
+                "0,2",
+                "--out",
+                str(png),
+            ]
+        )
+        == 0
+    )
+    assert png.stat().st_size > 1000
+    assert "guidance" in _error(
+        capsys, ["sample", "--model", m, "--solver", str(out), "--n", "2", "--out", str(png)]
+    )

@@ -139,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--table", type=Path, help="markdown table (default: next to --json)")
     e.add_argument("--plot", type=Path, help="PSNR-vs-NFE plot (PNG)")
+    e.add_argument(
+        "--samples",
+        type=Path,
+        help="image grid (PNG): ground truth, each BNS solver and the best classical solver at"
+        " its NFE, on the same test noise (image models)",
+    )
 
     s = sub.add_parser("sample", help="sample with a solver and save a grid image")
     _add_model(s)
@@ -273,6 +279,8 @@ def cmd_eval(args) -> int:
     )
     if args.plot:
         plot_psnr_vs_nfe(rows, args.plot, f"{model.name}, guidance {args.guidance:g}")
+    if args.samples:
+        _comparison_grid(model, entries, rows, test, args.guidance, args.samples)
     print(markdown_table(rows))
     best = best_rows(rows)
     for r in rows:
@@ -284,6 +292,35 @@ def cmd_eval(args) -> int:
             )
     print(f"bns eval: {len(rows)} rows -> {args.json}, {table}")
     return 0
+
+
+def _comparison_grid(model, entries, rows, test, guidance, path: Path) -> None:
+    """Ground truth, every BNS solver and the best classical solver at its NFE, same noise."""
+    import torch
+
+    from .evaluate import best_rows
+    from .report import save_sample_grid
+    from .solver import sample
+
+    if len(model.sample_shape) != 3:
+        raise CLIError(f"{model.name} samples are not images: --samples needs an image model")
+    p = test[: min(8, len(test))]
+    best = best_rows(rows)
+    solvers = {(name, nfe): s for name, nfe, s in entries}
+    columns = {"ground truth": p.x1}
+    with torch.no_grad():
+        for r in rows:
+            if r["kind"] != "bns":
+                continue
+            columns[f"{r['solver']} {r['nfe']}"] = sample(
+                model, p.x0, solvers[r["solver"], r["nfe"]], p.y, guidance
+            )
+            b = best.get(r["nfe"])
+            if b is not None:
+                columns[f"{b['solver']} {b['nfe']}"] = sample(
+                    model, p.x0, solvers[b["solver"], b["nfe"]], p.y, guidance
+                )
+    save_sample_grid(columns, path, f"{model.name}, guidance {guidance:g}")
 
 
 def cmd_sample(args) -> int:
