@@ -129,7 +129,7 @@ def main() -> None:
     p.add_argument("--val-pairs", type=int, default=1024)
     p.add_argument("--test-pairs", type=int, default=1024)
     p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--batch-size", type=int, default=40)
     p.add_argument("--val-every", type=int, default=25)
     p.add_argument(

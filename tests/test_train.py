@@ -250,3 +250,15 @@ def test_auto_preconditioning_is_sigma0_one_except_on_condot(model):
     assert _same(initial_solver(model, 8), initial_solver(model, 8, precondition=None))
     solver, _ = distill(vp, 4, steps=0, cache=False, train_pairs=4, val_pairs=4, progress=False)
     assert solver.meta["config"]["precondition"] == 1.0
+
+
+def test_an_overshoot_reverts_to_the_best_with_half_the_learning_rate(model, data):
+    """A learning rate far too large overshoots; training returns to its best point each time."""
+    solver, hist = distill(
+        model, 4, steps=40, val_every=5, lr=0.5, warmup=0, pairs=data, progress=False
+    )
+    assert hist["reverts"] >= 1
+    assert hist["best_val_psnr"] >= hist["val_psnr"][0]
+    assert evaluate_psnr(model, solver, data[1]).mean().item() == pytest.approx(
+        hist["best_val_psnr"], rel=1e-6
+    )

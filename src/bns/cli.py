@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--val-pairs", type=int, default=1024)
     d.add_argument("--steps", type=int, default=1000, help="optimization steps (at most)")
     d.add_argument("--batch-size", type=int, default=40)
-    d.add_argument("--lr", type=float, default=2e-3)
+    d.add_argument("--lr", type=float, default=5e-3)
     d.add_argument("--val-every", type=int, default=25)
     d.add_argument(
         "--patience",

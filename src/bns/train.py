@@ -50,8 +50,10 @@ class DistillConfig:
     val_pairs: int = 1024
     steps: int = 1000
     batch_size: int = 40
-    lr: float = 2e-3
+    lr: float = 5e-3
     lr_final: float = 0.1  # cosine decay to lr * lr_final
+    warmup: int = 25  # linear warm-up steps
+    revert_db: float = 1.0  # a validation this far below the best: back to it, lr halved
     val_every: int = 25
     patience: int = 20  # validation rounds without improvement before stopping
     seed: int = 0
@@ -60,7 +62,7 @@ class DistillConfig:
     atol: float = 1e-5
     data_range: float = 2.0
     max_skips: int = 20
-    coef_lr_scale: float = 1.0  # learning rate of a, b relative to lr, times the mean step
+    coef_lr_scale: float = 8.0  # learning rate of a, b relative to lr, times the mean step
 
 
 def resolve_precondition(model: Any, init: str, precondition: float | str | None) -> float | None:
@@ -176,7 +178,7 @@ def distill(
     val_pairs: int = 1024,
     steps: int = 1000,
     batch_size: int = 40,
-    lr: float = 2e-3,
+    lr: float = 5e-3,
     val_every: int = 25,
     patience: int = 20,
     seed: int = 0,
@@ -281,6 +283,8 @@ class _Trainer:
         self.step = 0
         self.lr_scale = 1.0  # halved on every non-finite step
         self.skipped = 0
+        self.reverts = 0
+        self.best_params = {k: v.detach().clone() for k, v in self.params.state_dict().items()}
         self.bad_rounds = 0
         self.elapsed = 0.0
         self.forwards = 0
@@ -312,6 +316,7 @@ class _Trainer:
                     "step": self.step,
                     "lr_scale": self.lr_scale,
                     "skipped": self.skipped,
+                    "reverts": self.reverts,
                     "bad_rounds": self.bad_rounds,
                     "elapsed": self.elapsed,
                     "forwards": self.forwards,
@@ -321,6 +326,7 @@ class _Trainer:
                 }
             ),
             "best": json.dumps(self.best.to_dict()),
+            "best_params": self.best_params,
         }
         tmp = self.ckpt.with_name(self.ckpt.name + ".tmp")
         self.ckpt.parent.mkdir(parents=True, exist_ok=True)
@@ -349,6 +355,8 @@ class _Trainer:
         self.best_psnr = -math.inf if s["best_psnr"] is None else s["best_psnr"]
         self.best_step, self.history = s["best_step"], s["history"]
         self.best = NSSolver.from_dict(json.loads(state["best"]))
+        self.best_params = state["best_params"]
+        self.reverts = s["reverts"]
         return True
 
     # -- the loop ---------------------------------------------------------------------------
@@ -356,7 +364,8 @@ class _Trainer:
         c = self.cfg
         frac = min(step / max(c.steps, 1), 1.0)
         cos = 0.5 * (1 + math.cos(math.pi * frac))
-        return c.lr * self.lr_scale * (c.lr_final + (1 - c.lr_final) * cos)
+        warm = min(1.0, (step + 1) / c.warmup) if c.warmup > 0 else 1.0
+        return c.lr * self.lr_scale * warm * (c.lr_final + (1 - c.lr_final) * cos)
 
     def _validate(self, solver: NSSolver, loss: float) -> None:
         f0 = self.model.forwards
@@ -373,8 +382,16 @@ class _Trainer:
             # The initial solver (step 0) is kept as it is, not rebuilt from parameters.
             self.best = self.init_solver.detach() if self.step == 0 else solver.detach()
             self.best_psnr, self.best_step, self.bad_rounds = v, self.step, 0
+            self.best_params = {k: v.detach().clone() for k, v in self.params.state_dict().items()}
         else:
             self.bad_rounds += 1
+            if not (v > self.best_psnr - self.cfg.revert_db):
+                # Overshot: go back to the best parameters with half the learning rate, so one
+                # learning rate serves a model at 35 dB and one at 70 dB alike.
+                self.params.load_state_dict(self.best_params)
+                self.opt.state.clear()
+                self.lr_scale *= 0.5
+                self.reverts += 1
         if self.callback is not None:
             self.callback(self.step, {"val_psnr": v, "train_loss": loss, "best": self.best_psnr})
 
@@ -491,6 +508,7 @@ class _Trainer:
             "ground_truth_nfe_per_sample": self.train.nfe_per_sample,
             "wall_time_s": round(self.elapsed, 3),
             "skipped_steps": self.skipped,
+            "reverts": self.reverts,
         }
         solver.validate(t_range=model.t_range, strict=True)
         history = dict(self.history)
@@ -499,6 +517,7 @@ class _Trainer:
             best_val_psnr=self.best_psnr,
             steps_run=self.step,
             skipped=self.skipped,
+            reverts=self.reverts,
             forwards=self.forwards,
             wall_time_s=self.elapsed,
         )
