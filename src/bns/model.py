@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._hashing import tensor_bytes
 from .schedules import Schedule
 
 __all__ = ["Model", "PREDICTIONS", "prediction_coefficients", "ModelError"]
@@ -240,7 +241,7 @@ class Model:
                         # Flattened, a 0-d buffer would hash like a [1] one. Only 0-d tensors get
                         # the marker, so fingerprints recorded before this fix stay valid.
                         h.update(b"0-d")
-                    h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+                    h.update(tensor_bytes(v))
             else:
                 h.update(repr(getattr(self.net, "__qualname__", type(self.net).__name__)).encode())
             self._fingerprint = h.hexdigest()[:16]

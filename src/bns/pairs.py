@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._hashing import tensor_bytes
 from .ground_truth import ground_truth
 
 __all__ = ["Pairs", "make_pairs", "cache_dir", "pair_noise", "SPLITS", "CACHE_VERSION"]
@@ -94,7 +95,7 @@ def _digest(tensors: dict[str, Tensor]) -> str:
     for name in sorted(tensors):
         v = tensors[name].contiguous()
         h.update(name.encode() + str(v.dtype).encode() + str(tuple(v.shape)).encode())
-        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(tensor_bytes(v))
     return h.hexdigest()
 
 

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -114,12 +113,12 @@ def _recipe(name: str) -> Recipe:
 
 
 # -- data ----------------------------------------------------------------------------------
-def _read_idx(path: Path, magic: int, header: int) -> np.ndarray:
+def _read_idx(path: Path, magic: int, header: int) -> Tensor:
     with gzip.open(path, "rb") as f:
-        raw = f.read()
+        raw = bytearray(f.read())  # writable, so torch can share it without a warning
     if len(raw) < header or int.from_bytes(raw[:4], "big") != magic:
         raise ValueError(f"{path} is not an IDX file (bad magic number)")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header)
+    return torch.frombuffer(raw, dtype=torch.uint8, offset=header)
 
 
 def load_fashion_mnist(
@@ -144,13 +143,13 @@ def load_fashion_mnist(
             )
     images = _read_idx(img_path, 2051, 16)
     labels = _read_idx(lab_path, 2049, 8)
-    n = labels.size
-    if images.size != n * 28 * 28:
-        raise ValueError(f"{img_path}: {images.size} bytes of pixels for {n} labels")
+    n = labels.numel()
+    if images.numel() != n * 28 * 28:
+        raise ValueError(f"{img_path}: {images.numel()} bytes of pixels for {n} labels")
     if limit is not None:
         n = min(n, int(limit))
-    x = torch.from_numpy(images[: n * 784].reshape(n, 1, 28, 28).astype(np.float32))
-    y = torch.from_numpy(labels[:n].astype(np.int64))
+    x = images[: n * 784].reshape(n, 1, 28, 28).float()
+    y = labels[:n].long()
     return x / 127.5 - 1.0, y
 
 
