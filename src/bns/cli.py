@@ -320,7 +320,9 @@ def _comparison_grid(model, entries, rows, test, guidance, path: Path) -> None:
                 columns[f"{b['solver']} {b['nfe']}"] = sample(
                     model, p.x0, solvers[b["solver"], b["nfe"]], p.y, guidance
                 )
-    save_sample_grid(columns, path, f"{model.name}, guidance {guidance:g}")
+    save_sample_grid(
+        columns, path, f"{model.name}, guidance {guidance:g}", reference="ground truth"
+    )
 
 
 def cmd_sample(args) -> int:

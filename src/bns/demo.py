@@ -146,7 +146,7 @@ def run_demo(
             if best_same is not None:
                 base = next(s for n, f, s in entries if n == best_same["solver"] and f == nfe)
                 columns[f"{best_same['solver']} {nfe}"] = sample(model, p.x0, base, p.y, guidance)
-        save_sample_grid(columns, out / "samples.png", title)
+        save_sample_grid(columns, out / "samples.png", title, reference="ground truth")
     say("")
     say(markdown_table(rows, title))
     if best_same is not None:

@@ -102,13 +102,33 @@ def plot_psnr_vs_nfe(rows: list[dict[str, Any]], path: Path, title: str = "") ->
     plt.close(fig)
 
 
-def save_sample_grid(columns: dict[str, Tensor], path: Path, title: str = "") -> None:
-    """Images ``[B, C, H, W]`` in [-1, 1], one row per named set (same noise across rows)."""
+def save_sample_grid(
+    columns: dict[str, Tensor],
+    path: Path,
+    title: str = "",
+    reference: str | None = None,
+    error_gain: float = 10.0,
+) -> None:
+    """Images ``[B, C, H, W]`` in [-1, 1], one row per named set (same noise across rows).
+
+    With ``reference`` (a key of ``columns``), every other set gets a row below it with its
+    absolute error against the reference, times ``error_gain`` (black = none), because errors of
+    30-40 dB PSNR are hard to see in the images themselves.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if reference is not None:
+        ref = columns[reference].detach().float()
+        rows: dict[str, Tensor] = {}
+        for name, x in columns.items():
+            rows[name] = x
+            if name != reference:
+                err = (x.detach().float() - ref).abs() * error_gain
+                rows[f"{name}: |error| x{error_gain:g}"] = err.clamp(0, 2) - 1
+        columns = rows
     names = list(columns)
     n = min(v.shape[0] for v in columns.values())
     fig, axes = plt.subplots(
