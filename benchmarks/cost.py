@@ -67,6 +67,24 @@ def time_sampling(model, guidance, nfe, batch, repeats):
                     euler_loop(model, x0, nfe, y, guidance)
                 times[name].append(time.perf_counter() - t)
     ns_med, eu_med = statistics.median(times["ns"]), statistics.median(times["euler"])
+    # The solver's own work, isolated: the same loops with a velocity that costs nothing.
+    u = torch.randn_like(x0)
+
+    def stub(x, t, *args):
+        return u
+
+    upd = {"ns": [], "euler": []}
+    with torch.no_grad():
+        for _ in range(20):
+            t = time.perf_counter()
+            bns.sample(model, x0, ns, velocity=stub)
+            upd["ns"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            x = x0
+            for i in range(nfe):
+                x = x + (1.0 / nfe) * stub(x, i)
+            upd["euler"].append(time.perf_counter() - t)
+    extra = statistics.median(upd["ns"]) - statistics.median(upd["euler"])
     return {
         "nfe": nfe,
         "batch": batch,
@@ -74,16 +92,23 @@ def time_sampling(model, guidance, nfe, batch, repeats):
         "ns_s": ns_med,
         "euler_s": eu_med,
         "overhead_pct": 100 * (ns_med / eu_med - 1),
+        "update_only_extra_s": extra,
+        "update_only_overhead_pct": 100 * extra / eu_med,
     }
 
 
 _MEM_CHILD = r"""
-import json, resource, sys, torch
+import json, sys, torch
 from bns.specs import load_model
 from bns.train import _Params, initial_solver, _log_mse_loss
 from bns.solver import sample
 spec, guidance, nfe, ckpt, batch, threads = sys.argv[1:7]
 torch.set_num_threads(int(threads))
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024  # MB
 model = load_model(spec)
 guidance, nfe, batch = float(guidance), int(nfe), int(batch)
 for p in model.net.parameters():
@@ -93,14 +118,19 @@ x0 = torch.randn((batch, *model.sample_shape), generator=g)
 y = torch.arange(batch) % model.num_classes if model.num_classes else None
 x1 = torch.randn_like(x0)
 params = _Params(initial_solver(model, nfe))
-with torch.no_grad():
-    sample(model, x0, params.solver(), y, guidance)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-for _ in range(2):
+saved = [0]
+
+def pack(t):
+    saved[0] += t.numel() * t.element_size()
+    return t
+base = status("VmRSS")  # no warm-up: its peak would hide the training step's
+with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
     x = sample(model, x0, params.solver(), y, guidance, checkpoint=ckpt == "1")
-    _log_mse_loss(x, x1).backward()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"base_mb": base / 1024, "peak_mb": peak / 1024, "added_mb": (peak - base) / 1024}))
+saved_mb = saved[0] / 2**20
+_log_mse_loss(x, x1).backward()
+peak = status("VmHWM")
+print(json.dumps({"base_mb": base, "peak_mb": peak, "added_mb": peak - base,
+                  "saved_for_backward_mb": saved_mb}))
 """
 
 
@@ -132,8 +162,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=24)
     p.add_argument("--sample-batch", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--mem-batch", type=int, default=24)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--mem-batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -207,25 +237,35 @@ def main() -> None:
         f"- Distillation at NFE 8: {res['distill_nfe8']['seconds_per_step']:.3f} s per step"
         f" (batch {args.batch_size}), {hist['forwards']} network forwards for {args.steps} steps.",
         "",
-        "| sampling | NFE | batch | NS solver (s) | Euler loop (s) | overhead |",
-        "|---|---|---|---|---|---|",
+        "| sampling | NFE | batch | NS solver (s) | Euler loop (s) | end-to-end overhead |"
+        " NS update's own extra cost |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in res["sampling"]:
         lines.append(
             f"| dense NS vs Euler | {r['nfe']} | {r['batch']} | {r['ns_s']:.4f} |"
             f" {r['euler_s']:.4f} | {r['overhead_pct']:+.2f}% |"
+            f" {r['update_only_overhead_pct']:+.2f}% ({r['update_only_extra_s'] * 1000:.2f} ms) |"
         )
     lines += [
         "",
         "| distillation memory | NFE 4 | NFE 8 | NFE 16 | NFE 16 / NFE 4 |",
         "|---|---|---|---|---|",
     ]
+    saved = {(r["nfe"], r["checkpoint"]): r["saved_for_backward_mb"] for r in res["memory"]}
     for ck in (False, True):
+        name = "per-step checkpointing" if ck else "no checkpointing"
         lines.append(
-            f"| {'per-step checkpointing' if ck else 'no checkpointing'} (MB added) | "
+            f"| {name}: peak RSS added (MB) | "
             + " | ".join(f"{mem[n, ck]:.0f}" for n in (4, 8, 16))
             + f" | {ratio(ck):.2f} |"
         )
+        lines.append(
+            f"| {name}: kept for backward (MB) | "
+            + " | ".join(f"{saved[n, ck]:.1f}" for n in (4, 8, 16))
+            + f" | {saved[16, ck] / saved[4, ck]:.2f} |"
+        )
+    lines.append(f"\nMemory: batch {args.mem_batch}, one training step in a fresh process each.")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"cost_{model.name}.json").write_text(json.dumps(res, indent=1) + "\n")
     (RESULTS / f"cost_{model.name}.md").write_text("\n".join(lines) + "\n")

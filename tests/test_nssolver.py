@@ -384,9 +384,9 @@ def test_detach_and_to_dict_do_not_share_storage():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_sample_does_not_depend_on_grad_mode(dtype):
-    """The inference fast path and the differentiable path give the same bits."""
-
+def test_inference_path_equals_the_differentiable_path(dtype):
+    """With nothing to differentiate the sampler takes its matrix-vector path; it agrees with the
+    term-by-term differentiable path to rounding, and is bitwise the same in either grad mode."""
     m = gaussian_mixture_model(dim=10, components=3, std=0.2, seed=2)
     base = bns.solvers.midpoint(bns.grids.uniform(3))
     g = torch.Generator().manual_seed(1)
@@ -399,6 +399,9 @@ def test_sample_does_not_depend_on_grad_mode(dtype):
     x0 = torch.randn(5, 10, generator=g, dtype=dtype)
     with torch.no_grad():
         fast, ftraj = bns.sample(m, x0, dense, return_trajectory=True)
-    slow, straj = bns.sample(m, x0, dense, return_trajectory=True)
-    assert torch.equal(fast, slow.detach())
-    assert all(torch.equal(a, b.detach()) for a, b in zip(ftraj, straj))
+    assert torch.equal(fast, bns.sample(m, x0, dense))  # grad mode on, nothing requires grad
+    slow, straj = bns.sample(m, x0.clone().requires_grad_(True), dense, return_trajectory=True)
+    assert slow.requires_grad
+    tol = 1e-6 if dtype == torch.float32 else 1e-13
+    for a, b in zip(ftraj, straj):
+        assert torch.allclose(a, b.detach(), rtol=tol, atol=tol)

@@ -316,34 +316,49 @@ def sample(
 
     x_start = x0.to(acc)
     times = solver.times.to(x0.device)
-    us: list[Tensor] = []
-    x = x_start
+    n, shape = solver.nfe, x_start.shape
+    flat0 = x_start.reshape(-1)
     traj = [x_start] if return_trajectory else None
-    if not torch.is_grad_enabled():
-        # Inference: plain-number coefficients, in-place sums and no autograd graph. The
-        # arithmetic (product, then sum, rounded apart) is the same as below, so a sample does
-        # not depend on the grad mode, bit for bit.
-        a_list, b_list = solver.a.tolist(), solver.b.tolist()
-        for i in range(solver.nfe):
-            us.append(velocity(x, times[i]).to(acc))
-            x = torch.mul(x_start, a_list[i])
-            for j in range(i + 1):
-                if b_list[i][j] != 0.0:
-                    x.add_(us[j] * b_list[i][j])
-            if traj is not None:
-                traj.append(x)
-        return (x, traj) if traj is not None else x
     a = solver.a.to(device=x0.device, dtype=acc)
     b = solver.b.to(device=x0.device, dtype=acc)
-    for i in range(solver.nfe):
-        if checkpoint:
-            u = torch.utils.checkpoint.checkpoint(velocity, x, times[i], use_reentrant=False)
-        else:
-            u = velocity(x, times[i])
-        us.append(u.to(acc))
-        x = a[i] * x_start
+    us: list[Tensor] = []
+    grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x0, solver.times, solver.a, solver.b)
+    )
+    if not grad:
+        us.append(velocity(x_start, times[0]).to(acc).reshape(-1))
+        if not us[0].requires_grad:  # nothing to differentiate (not even network weights)
+            return _sample_no_grad(velocity, us[0], flat0, shape, times, a, b, traj)
+    x = x_start
+    for i in range(n):
+        if i >= len(us):
+            if checkpoint:
+                u = torch.utils.checkpoint.checkpoint(velocity, x, times[i], use_reentrant=False)
+            else:
+                u = velocity(x, times[i])
+            us.append(u.to(acc).reshape(-1))
+        x = a[i] * flat0
         for j in range(i + 1):
             x = x + b[i, j] * us[j]
+        x = x.reshape(shape)
         if traj is not None:
             traj.append(x)
+    return (x, traj) if traj is not None else x
+
+
+def _sample_no_grad(velocity, u0, flat0, shape, times, a, b, traj):
+    """The sampler when nothing needs a gradient: the velocities go into one preallocated
+    matrix and each step is one matrix-vector product, ``x_{i+1} = a_i x_0 + U^T b_i``, with no
+    per-term temporaries (what keeps an NS solver as cheap as Euler at the same NFE)."""
+    n = a.numel()
+    with torch.no_grad():
+        buf = torch.empty((n, flat0.numel()), dtype=flat0.dtype, device=flat0.device)
+        buf[0] = u0
+        x = flat0.reshape(shape)
+        for i in range(n):
+            if i > 0:
+                buf[i] = velocity(x, times[i]).reshape(-1)
+            x = torch.addmv(flat0 * a[i], buf[: i + 1].t(), b[i, : i + 1]).reshape(shape)
+            if traj is not None:
+                traj.append(x)
     return (x, traj) if traj is not None else x
