@@ -39,9 +39,6 @@ def machine() -> str:
 
 def run(args: argparse.Namespace) -> dict:
     model = load_model(args.model)
-    device = torch.device(args.device)
-    if hasattr(model.net, "to"):
-        model.net.to(device)
     kw = dict(seed=args.seed, guidance=args.guidance, progress=not args.quiet)
     t0 = time.perf_counter()
     train = make_pairs(model, args.train_pairs, "train", **kw)
@@ -138,7 +135,6 @@ def main() -> None:
         type=lambda v: v if v == "auto" else None if v == "none" else float(v),
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
     p.add_argument("--tag", default="")
     p.add_argument("--save-solvers", action="store_true")
     p.add_argument("--quiet", action="store_true")
