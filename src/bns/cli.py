@@ -241,7 +241,7 @@ def cmd_distill(args) -> int:
 def cmd_eval(args) -> int:
     from .evaluate import DEFAULT_BASELINES, baseline_solvers, best_rows, evaluate
     from .pairs import make_pairs
-    from .report import markdown_table, plot_psnr_vs_nfe, write_results
+    from .report import comparison_grid, markdown_table, plot_psnr_vs_nfe, write_results
     from .solver import NSSolver
 
     model = _model(args)
@@ -280,7 +280,17 @@ def cmd_eval(args) -> int:
     if args.plot:
         plot_psnr_vs_nfe(rows, args.plot, f"{model.name}, guidance {args.guidance:g}")
     if args.samples:
-        _comparison_grid(model, entries, rows, test, args.guidance, args.samples)
+        if len(model.sample_shape) != 3:
+            raise CLIError(f"{model.name} samples are not images: --samples needs an image model")
+        comparison_grid(
+            model,
+            entries,
+            rows,
+            test,
+            args.guidance,
+            args.samples,
+            f"{model.name}, guidance {args.guidance:g}",
+        )
     print(markdown_table(rows))
     best = best_rows(rows)
     for r in rows:
@@ -292,37 +302,6 @@ def cmd_eval(args) -> int:
             )
     print(f"bns eval: {len(rows)} rows -> {args.json}, {table}")
     return 0
-
-
-def _comparison_grid(model, entries, rows, test, guidance, path: Path) -> None:
-    """Ground truth, every BNS solver and the best classical solver at its NFE, same noise."""
-    import torch
-
-    from .evaluate import best_rows
-    from .report import save_sample_grid
-    from .solver import sample
-
-    if len(model.sample_shape) != 3:
-        raise CLIError(f"{model.name} samples are not images: --samples needs an image model")
-    p = test[: min(8, len(test))]
-    best = best_rows(rows)
-    solvers = {(name, nfe): s for name, nfe, s in entries}
-    columns = {"ground truth": p.x1}
-    with torch.no_grad():
-        for r in rows:
-            if r["kind"] != "bns":
-                continue
-            columns[f"{r['solver']} {r['nfe']}"] = sample(
-                model, p.x0, solvers[r["solver"], r["nfe"]], p.y, guidance
-            )
-            b = best.get(r["nfe"])
-            if b is not None:
-                columns[f"{b['solver']} {b['nfe']}"] = sample(
-                    model, p.x0, solvers[b["solver"], b["nfe"]], p.y, guidance
-                )
-    save_sample_grid(
-        columns, path, f"{model.name}, guidance {guidance:g}", reference="ground truth"
-    )
 
 
 def cmd_sample(args) -> int:

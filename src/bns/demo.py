@@ -13,8 +13,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 __all__ = ["run_demo", "DemoSizes", "FULL", "QUICK"]
 
 
@@ -57,8 +55,7 @@ def run_demo(
     and the solver ``bns_nfe{nfe}.json``. Returns the results payload."""
     from .evaluate import baseline_solvers, best_rows, evaluate
     from .pairs import make_pairs
-    from .report import markdown_table, plot_psnr_vs_nfe, save_sample_grid, write_results
-    from .solver import NSSolver, SolverFileError, sample
+    from .report import comparison_grid, markdown_table, plot_psnr_vs_nfe, write_results
     from .specs import load_model
     from .train import distill, initial_solver
 
@@ -89,7 +86,7 @@ def run_demo(
         "batch_size": sz.batch_size,
         "val_every": sz.val_every,
     }
-    solver = _reusable(solver_path, model, guidance, settings, NSSolver, SolverFileError)
+    solver = _reusable(solver_path, model, guidance, settings)
     t0 = time.perf_counter()
     if solver is None:
         solver, _ = distill(
@@ -138,15 +135,7 @@ def run_demo(
     write_results(rows, out / "results.json", {"summary": summary}, out / "results.md", title)
     plot_psnr_vs_nfe(rows, out / "psnr_vs_nfe.png", title)
     if len(model.sample_shape) == 3:
-        k = min(8, len(test))
-        p = test[:k]
-        columns = {"ground truth": p.x1}
-        with torch.no_grad():
-            columns[f"BNS {nfe}"] = sample(model, p.x0, solver, p.y, guidance)
-            if best_same is not None:
-                base = next(s for n, f, s in entries if n == best_same["solver"] and f == nfe)
-                columns[f"{best_same['solver']} {nfe}"] = sample(model, p.x0, base, p.y, guidance)
-        save_sample_grid(columns, out / "samples.png", title, reference="ground truth")
+        comparison_grid(model, entries, rows, test, guidance, out / "samples.png", title)
     say("")
     say(markdown_table(rows, title))
     if best_same is not None:
@@ -168,8 +157,10 @@ def run_demo(
     return {"rows": rows, "summary": summary}
 
 
-def _reusable(path, model, guidance, settings, NSSolver, SolverFileError):
+def _reusable(path, model, guidance, settings):
     """The solver already in ``path`` if it was trained for this model, guidance and settings."""
+    from .solver import NSSolver, SolverFileError
+
     if not path.exists():
         return None
     try:

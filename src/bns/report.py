@@ -11,7 +11,13 @@ from torch import Tensor
 from .evaluate import best_rows
 from .solver import atomic_write_text
 
-__all__ = ["markdown_table", "write_results", "plot_psnr_vs_nfe", "save_sample_grid"]
+__all__ = [
+    "markdown_table",
+    "write_results",
+    "plot_psnr_vs_nfe",
+    "save_sample_grid",
+    "comparison_grid",
+]
 
 
 def markdown_table(rows: list[dict[str, Any]], title: str | None = None) -> str:
@@ -154,3 +160,26 @@ def save_sample_grid(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def comparison_grid(model, entries, rows, test, guidance: float, path: Path, title: str) -> None:
+    """Ground truth, every BNS solver of ``rows`` and the best classical solver at its NFE, on
+    the same test noise (the first 8 pairs), with each one's error against the ground truth."""
+    import torch
+
+    from .solver import sample
+
+    p = test[: min(8, len(test))]
+    best = best_rows(rows)
+    solvers = {(name, nfe): s for name, nfe, s in entries}
+    columns = {"ground truth": p.x1}
+    with torch.no_grad():
+        for r in rows:
+            if r["kind"] != "bns":
+                continue
+            shown = [r] + ([best[r["nfe"]]] if r["nfe"] in best else [])
+            for row in shown:
+                columns[f"{row['solver']} {row['nfe']}"] = sample(
+                    model, p.x0, solvers[row["solver"], row["nfe"]], p.y, guidance
+                )
+    save_sample_grid(columns, path, title, reference="ground truth")
