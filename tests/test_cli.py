@@ -201,7 +201,7 @@ def test_bad_inputs_end_with_one_clear_line(env, capsys):
         capsys,
         ["distill", "--model", m, "--nfe", "4", "--guidance", "3", "--out", str(env / "c.json")],
     )
-    assert "divisible" in _error(
+    assert "multiple of 2" in _error(
         capsys,
         ["distill", "--model", m, "--nfe", "3", "--init", "midpoint", "--out", str(env / "c.json")],
     )

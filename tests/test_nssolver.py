@@ -42,7 +42,7 @@ class Field(nn.Module):
 
 
 def field_model(sample_shape=(3,)) -> Model:
-    return Model(Field(), "velocity", CondOT(), sample_shape=sample_shape)
+    return Model(Field(), "velocity", CondOT(), sample_shape=sample_shape, dtype=F64)
 
 
 def hand_recurrence(u, x0, times, a, b):
@@ -138,7 +138,7 @@ def test_velocity_override_and_labels_pass_through():
         seen.append(float(t))
         return model.velocity(x, t, y, 2.0)
 
-    torch.testing.assert_close(sample(model, x0, solver, velocity=velocity), guided)
+    torch.testing.assert_close(sample(velocity, x0, solver), guided)
     assert seen == solver.times[:-1].tolist()
     assert not torch.allclose(sample(model, x0, solver, y), guided)
 

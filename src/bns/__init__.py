@@ -9,9 +9,11 @@ Only torch is needed to import bns; integrations are imported lazily.
 """
 
 from . import grids, metrics, schedules, solvers, transforms
+from .config import DistillConfig, TrainingError
 from .ground_truth import ground_truth
 from .model import Model, ModelError
-from .solver import NSSolver, SolverFileError, sample
+from .solver import NSSolver, SolverFileError, Velocity, sample
+from .train import distill
 
 __version__ = "0.1.0"
 
@@ -21,7 +23,11 @@ __all__ = [
     "NSSolver",
     "SolverFileError",
     "sample",
+    "Velocity",
     "ground_truth",
+    "distill",
+    "DistillConfig",
+    "TrainingError",
     "grids",
     "metrics",
     "schedules",

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ._io import atomic_write
+
 __all__ = ["main"]
 
 
@@ -37,38 +39,52 @@ def _int_list(text: str) -> list[int]:
     return vals
 
 
-def _precondition(text: str) -> float | str | None:
-    if text in ("auto", "none"):
-        return None if text == "none" else text
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, none or auto, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"sigma0 must be positive, got {text!r}")
-    return value
-
-
 def _name_list(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
-def _add_model(p: argparse.ArgumentParser) -> None:
+def _default(name: str) -> Any:
+    from .config import DistillConfig
+
+    return DistillConfig.__dataclass_fields__[name].default
+
+
+def _add_model(p: argparse.ArgumentParser, config_options: bool = False) -> None:
     p.add_argument(
         "--model",
         required=True,
-        help="gmm | fmnist-cfg | fmnist-vp | file.py:factory | diffusers:PATH",
+        help="gmm | fmnist-cfg | fmnist-vp | fmnist-ddpm | file.py:factory | diffusers:PATH",
     )
     p.add_argument(
         "--prompts", type=Path, help="text prompts, one per line (diffusers text models)"
     )
     p.add_argument(
-        "--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)"
+        "--device",
+        default="auto",
+        help="auto (the network's device if not the CPU, else cuda if available, else cpu),"
+        " cpu, cuda or cuda:K (default: auto)",
     )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="cast the network to this dtype (default: as loaded)",
+    )
+    if not config_options:  # distill takes these from the config
+        p.add_argument(
+            "--guidance",
+            type=float,
+            default=_default("guidance"),
+            help="classifier-free guidance scale, 1 = none (default: %(default)s)",
+        )
+        p.add_argument(
+            "--seed",
+            type=int,
+            default=_default("seed"),
+            help="seed of the pairs (default: %(default)s)",
+        )
     p.add_argument(
         "--cache-dir", type=Path, help="ground-truth cache (default $BNS_CACHE_DIR or ~/.cache/bns)"
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the pairs and the optimization")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -80,38 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("distill", help="learn a BNS solver for a model")
-    _add_model(d)
-    d.add_argument("--nfe", type=int, required=True, help="velocity evaluations of the solver")
-    d.add_argument(
-        "--init",
-        default="auto",
-        help="initial solver: auto (midpoint/euler), euler, midpoint, or a baseline name",
-    )
-    d.add_argument(
-        "--precondition",
-        type=_precondition,
-        default="auto",
-        metavar="SIGMA0",
-        help="run the initial solver on the CondOT(sigma0)-rescheduled ODE: a number, none, or"
-        " auto (1 unless the model is CondOT already)",
-    )
-    d.add_argument("--train-pairs", type=int, default=520)
-    d.add_argument("--val-pairs", type=int, default=1024)
-    d.add_argument("--steps", type=int, default=1000, help="optimization steps (at most)")
-    d.add_argument("--batch-size", type=int, default=40)
-    d.add_argument("--lr", type=float, default=5e-3)
-    d.add_argument("--val-every", type=int, default=25)
-    d.add_argument(
-        "--patience",
-        type=int,
-        default=20,
-        help="validation rounds without improvement before stopping",
-    )
-    d.add_argument(
-        "--grad-checkpoint",
-        action="store_true",
-        help="recompute each step in the backward pass (less memory)",
-    )
+    _add_model(d, config_options=True)
+    from .config import add_config_arguments
+
+    add_config_arguments(d)
     d.add_argument(
         "--resume", action="store_true", help="continue from OUT.ckpt after an interruption"
     )
@@ -167,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--guidance", type=float, default=2.0)
     m.add_argument("--nfe", type=int, default=8)
     m.add_argument("--quick", action="store_true", help="a much smaller run (for tests)")
+    m.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K (default: auto)")
     m.add_argument("--cache-dir", type=Path)
     m.add_argument("--quiet", action="store_true")
     return parser
@@ -183,10 +172,35 @@ def _read_prompts(path: Path | None) -> list[str] | None:
     return prompts
 
 
+def resolve_device(spec: str, model: Any) -> Any:
+    """``--device``: auto is the network's device unless that is the CPU, else CUDA where
+    available, else the CPU."""
+    import torch
+
+    if spec == "auto":
+        if model is not None and model.device is not None and model.device.type != "cpu":
+            return model.device
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device must be auto, cpu, cuda or cuda:K, got {spec!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {spec}: CUDA is not available on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise CLIError(f"--device {spec}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
 def _model(args) -> Any:
+    """The model of ``--model``, cast to ``--dtype`` and moved to ``--device``."""
+    import torch
+
     from .specs import load_model
 
-    return load_model(args.model, prompts=_read_prompts(getattr(args, "prompts", None)))
+    model = load_model(args.model, prompts=_read_prompts(getattr(args, "prompts", None)))
+    dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
+    return model.to(device=resolve_device(getattr(args, "device", "auto"), model), dtype=dtype)
 
 
 def _cache(args) -> Any:
@@ -194,6 +208,7 @@ def _cache(args) -> Any:
 
 
 def cmd_distill(args) -> int:
+    from .config import DistillConfig, config_from_args
     from .solver import NSSolver
     from .train import distill
 
@@ -204,33 +219,22 @@ def cmd_distill(args) -> int:
     model = _model(args)
     t0 = time.perf_counter()
     ckpt = args.out.with_name(args.out.name + ".ckpt")
+    cfg = DistillConfig(**config_from_args(args))
     solver, hist = distill(
         model,
-        args.nfe,
-        guidance=args.guidance,
-        init=args.init,
-        precondition=args.precondition,
-        train_pairs=args.train_pairs,
-        val_pairs=args.val_pairs,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        val_every=args.val_every,
-        patience=args.patience,
-        seed=args.seed,
-        grad_checkpoint=args.grad_checkpoint,
+        config=cfg,
         cache=_cache(args),
         checkpoint_path=ckpt,
         resume=args.resume,
         progress=not args.quiet,
     )
     solver.save(args.out)
-    NSSolver.load(args.out, model=model, guidance=args.guidance)  # what we wrote reads back
+    NSSolver.load(args.out, model=model, guidance=cfg.guidance)  # what we wrote reads back
     if ckpt.exists():
         ckpt.unlink()
     init_psnr = hist["val_psnr"][0]
     print(
-        f"bns distill: {model.name} nfe={args.nfe} guidance={args.guidance:g}: validation PSNR"
+        f"bns distill: {model.name} nfe={cfg.nfe} guidance={cfg.guidance:g}: validation PSNR"
         f" {hist['best_val_psnr']:.2f} dB (init {solver.meta['init']} {init_psnr:.2f} dB,"
         f" {hist['best_val_psnr'] - init_psnr:+.2f} dB), best step {hist['best_step']} of"
         f" {hist['steps_run']}, {time.perf_counter() - t0:.1f} s -> {args.out}"
@@ -239,16 +243,17 @@ def cmd_distill(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import DEFAULT_BASELINES, baseline_solvers, best_rows, evaluate
+    from .evaluate import baseline_solvers, best_rows, evaluate
     from .pairs import make_pairs
     from .report import comparison_grid, markdown_table, plot_psnr_vs_nfe, write_results
     from .solver import NSSolver
+    from .solvers import SOLVER_NAMES
 
     model = _model(args)
     solvers = [
         NSSolver.load(p, model=model, guidance=args.guidance, force=args.force) for p in args.solver
     ]
-    names = args.baselines if args.baselines is not None else list(DEFAULT_BASELINES)
+    names = args.baselines if args.baselines is not None else list(SOLVER_NAMES)
     entries = baseline_solvers(model, args.nfe, names)
     kinds = {}
     seen_nfe: dict[int, int] = {}
@@ -328,12 +333,13 @@ def cmd_sample(args) -> int:
             y = torch.arange(args.n) % model.num_classes
     elif args.labels:
         raise CLIError(f"{model.name} is unconditional: --labels does not apply")
+    device = model.device
     with torch.no_grad():
-        x = sample(model, x0, solver, y, args.guidance)
+        x = sample(
+            model, x0.to(device), solver, None if y is None else y.to(device), args.guidance
+        ).cpu()
     if args.out.suffix == ".pt":
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        torch.save(x, tmp)
-        os.replace(tmp, args.out)
+        atomic_write(args.out, lambda tmp: torch.save(x, tmp))
     elif len(model.sample_shape) == 3:
         save_sample_grid({f"bns nfe={solver.nfe}": x}, args.out)
     else:
@@ -347,6 +353,7 @@ def cmd_demo(args) -> int:
 
     run_demo(
         args.out,
+        device=resolve_device(args.device, None),
         model_spec=args.model,
         guidance=args.guidance,
         nfe=args.nfe,

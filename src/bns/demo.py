@@ -50,20 +50,22 @@ def run_demo(
     cache: Any = True,
     progress: bool = True,
     sizes: DemoSizes | None = None,
+    device: Any = None,
 ) -> dict[str, Any]:
     """Run the demo and write ``out/``: results.json, results.md, psnr_vs_nfe.png, samples.png
     and the solver ``bns_nfe{nfe}.json``. Returns the results payload."""
     from .evaluate import baseline_solvers, best_rows, evaluate
     from .pairs import make_pairs
     from .report import comparison_grid, markdown_table, plot_psnr_vs_nfe, write_results
+    from .solvers import solver_from_label
     from .specs import load_model
-    from .train import distill, initial_solver
+    from .train import distill
 
     sz = sizes or (QUICK if quick else FULL)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    model = load_model(model_spec)
+    model = load_model(model_spec).to(device)
     say = print if progress else (lambda *a, **k: None)
     say(f"bns demo: {model.name} (guidance {guidance:g}), BNS at NFE {nfe}; report in {out}/")
 
@@ -103,8 +105,8 @@ def run_demo(
     t_distill = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    init = initial_solver(model, nfe)
-    entries = [("bns", nfe, solver), (f"init ({init.meta.get('solver', 'init')})", nfe, init)]
+    init = solver_from_label(model, nfe, solver.meta.get("init", "midpoint"))
+    entries = [("bns", nfe, solver), (f"init ({init.meta['init']})", nfe, init)]
     entries += baseline_solvers(model, list(sz.nfes))
     kinds = {"bns": "bns", entries[1][0]: "init"}
     rows = evaluate(model, entries, test, guidance, kinds=kinds, progress=progress)

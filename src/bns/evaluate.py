@@ -5,38 +5,46 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
+from .metrics import psnr
+from .model import Model
 from .pairs import Pairs
-from .solver import NSSolver
-from .train import evaluate_psnr
+from .solver import NSSolver, sample
+from .solvers import SOLVER_NAMES
 
-__all__ = ["DEFAULT_BASELINES", "baseline_solvers", "evaluate", "best_rows"]
+__all__ = ["baseline_solvers", "evaluate", "evaluate_psnr", "best_rows"]
 
-DEFAULT_BASELINES = (
-    "euler",
-    "midpoint",
-    "heun",
-    "rk4",
-    "ab2",
-    "ab3",
-    "ipndm",
-    "ddim",
-    "dpmpp2m",
-    "dpmpp3m",
-    "unipc2",
-    "unipc3",
-)
+
+def evaluate_psnr(
+    model: Model,
+    solver: NSSolver,
+    pairs: Pairs,
+    guidance: float = 1.0,
+    batch_size: int = 256,
+    data_range: float = 2.0,
+) -> Tensor:
+    """Per-sample PSNR of ``solver`` against the pairs' ground truth (no gradients), on the
+    model's device (the pairs are moved batch by batch); a CPU float64 tensor ``[N]``."""
+    device = model.device
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(pairs), batch_size):
+            p = pairs[s : s + batch_size].to(device)
+            x = sample(model, p.x0, solver, p.y, guidance)
+            out.append(psnr(x, p.x1, data_range).double().cpu())
+    return torch.cat(out)
 
 
 def baseline_solvers(
-    model: Any, nfes: list[int], names: tuple[str, ...] | list[str] = DEFAULT_BASELINES
+    model: Model, nfes: list[int], names: tuple[str, ...] | list[str] = SOLVER_NAMES
 ) -> list[tuple[str, int, NSSolver]]:
     """Each classical solver at each NFE it can reach exactly, on its best grid.
 
     An NFE a method cannot reach (midpoint at an odd NFE, RK4 at one not divisible by 4) is
     skipped; an unknown name is an error.
     """
-    from .solvers import SOLVER_NAMES, by_name
+    from .solvers import by_name
 
     unknown = [n for n in names if n not in SOLVER_NAMES]
     if unknown:
@@ -52,7 +60,7 @@ def baseline_solvers(
 
 
 def evaluate(
-    model: Any,
+    model: Model,
     entries: list[tuple[str, int, NSSolver]],
     test: Pairs,
     guidance: float = 1.0,
@@ -64,7 +72,7 @@ def evaluate(
     from tqdm.auto import tqdm
 
     rows = []
-    per = 2 if (model.num_classes is not None and guidance != 1.0) else 1
+    per = model.forwards_per_evaluation(guidance)
     for name, nfe, solver in tqdm(entries, desc="evaluate", disable=not progress, leave=False):
         p = evaluate_psnr(model, solver, test, guidance, data_range=data_range).double()
         q = torch.quantile(p, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64))

@@ -2,21 +2,37 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["ground_truth"]
+if TYPE_CHECKING:
+    from .model import Model
+
+__all__ = ["ground_truth", "default_tolerance"]
+
+# What a network of each dtype can resolve: its velocity carries rounding noise of about its
+# unit roundoff (bf16 2^-8 = 3.9e-3, fp16 2^-11 = 4.9e-4) times the network's depth, and an
+# adaptive solver asked for less error than that shrinks its steps chasing noise. Measured on
+# fmnist-cfg (benchmarks/results/halfprec_fmnist-cfg.md).
+_TOLERANCE = {torch.bfloat16: 1e-3, torch.float16: 1e-4}
+DEFAULT_TOLERANCE = 1e-5
+
+
+def default_tolerance(dtype: torch.dtype) -> float:
+    """The default ``rtol = atol`` of ground truth for a network running in ``dtype``: 1e-5
+    for float32 and wider, 1e-4 for float16, 1e-3 for bfloat16."""
+    return _TOLERANCE.get(dtype, DEFAULT_TOLERANCE)
 
 
 def ground_truth(
-    model: Any,
+    model: Model,
     x0: Tensor,
     y: Tensor | None = None,
     guidance: float = 1.0,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
+    rtol: float | None = None,
+    atol: float | None = None,
     *,
     method: str = "dopri5",
     dtype: torch.dtype = torch.float64,
@@ -26,16 +42,17 @@ def ground_truth(
 
     The whole batch is one adaptive solve whose error norm is the largest per-sample RMS, so
     every sample meets the tolerances (a plain RMS over the batch would let one sample drift).
-    The state is kept in ``dtype`` (float64 by default); the network runs in ``model.dtype``.
+    The state is kept in ``dtype`` (float64 by default) on ``x0``'s device; the network runs in
+    its own dtype (``model.dtype``). ``rtol`` and ``atol`` default to
+    :func:`default_tolerance` of that dtype (``atol`` to ``rtol`` when only that is given).
 
     Returns ``x(t_max)`` with the shape of ``x0``; with ``return_stats`` also
     ``{"nfe": velocity evaluations for the batch, "forwards": network forwards per sample}``.
     """
-    try:
-        from torchdiffeq import odeint
-    except ImportError as e:  # pragma: no cover - torchdiffeq is a dependency
-        raise ImportError("bns.ground_truth needs torchdiffeq: pip install torchdiffeq") from e
+    from torchdiffeq import odeint
 
+    rtol = default_tolerance(model.dtype) if rtol is None else float(rtol)
+    atol = rtol if atol is None else float(atol)
     b = x0.shape[0]
     t_min, t_max = model.t_range
     nfe = 0
@@ -63,6 +80,5 @@ def ground_truth(
     if not torch.all(torch.isfinite(out)):
         raise FloatingPointError("ground truth produced non-finite values; check the model")
     if return_stats:
-        per_sample = 2 if (getattr(model, "num_classes", None) and guidance != 1.0) else 1
-        return out, {"nfe": nfe, "forwards": nfe * per_sample}
+        return out, {"nfe": nfe, "forwards": nfe * model.forwards_per_evaluation(guidance)}
     return out

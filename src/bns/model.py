@@ -8,19 +8,29 @@ batched network call.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import math
-from collections.abc import Callable, Sequence
+import types
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ._hashing import tensor_bytes
+from ._hashing import hash_tensor
 from .schedules import Schedule
 
-__all__ = ["Model", "PREDICTIONS", "prediction_coefficients", "ModelError"]
+__all__ = [
+    "Model",
+    "PREDICTIONS",
+    "prediction_coefficients",
+    "ModelError",
+    "reachable_modules",
+    "frozen",
+]
 
 PREDICTIONS = ("velocity", "eps", "x1", "v")
 
@@ -40,7 +50,7 @@ def prediction_coefficients(
     - v: ``f = alpha eps - sigma x_1``; with ``x = alpha x_1 + sigma eps`` this inverts to
       ``x_1 = (alpha x - sigma v) / n``, ``eps = (sigma x + alpha v) / n``, ``n = alpha^2 + sigma^2``.
     """
-    a, s, da, ds = schedule(t)
+    a, s, da, ds = schedule(t)  # alpha, sigma and their derivatives
     if prediction == "velocity":
         return torch.zeros_like(t), torch.ones_like(t)
     if prediction == "eps":
@@ -51,6 +61,85 @@ def prediction_coefficients(
         n = a * a + s * s
         return (da * a + ds * s) / n, (ds * a - da * s) / n
     raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
+
+
+_LEAVES = (str, bytes, int, float, complex, bool, Tensor, type, types.ModuleType)
+_FUNCTIONS = (types.FunctionType, types.MethodType, types.BuiltinFunctionType)
+
+
+def reachable_modules(obj: Any, depth: int = 4) -> list[nn.Module]:
+    """The ``nn.Module`` objects that a network callable holds, outermost first.
+
+    Found through: the object itself, a bound method's owner, a ``functools.partial``'s function
+    and arguments, a closure's cells, ``__wrapped__``, and the attributes of a callable object,
+    down to ``depth`` levels. A module's own submodules are not listed (they belong to it).
+    """
+    found: dict[int, nn.Module] = {}
+    seen: set[int] = set()
+
+    def visit(o: Any, level: int) -> None:
+        if o is None or level > depth or id(o) in seen:
+            return
+        seen.add(id(o))
+        if isinstance(o, nn.Module):
+            found.setdefault(id(o), o)
+        elif isinstance(o, (list, tuple, set, frozenset)):
+            for v in o:
+                visit(v, level + 1)
+        elif isinstance(o, dict):
+            for v in o.values():
+                visit(v, level + 1)
+        elif isinstance(o, functools.partial):
+            for v in (o.func, o.args, o.keywords):
+                visit(v, level + 1)
+        elif not isinstance(o, _LEAVES):
+            visit(getattr(o, "__self__", None), level + 1)
+            visit(getattr(o, "__wrapped__", None), level + 1)
+            for cell in getattr(o, "__closure__", None) or ():
+                try:
+                    visit(cell.cell_contents, level + 1)
+                except ValueError:  # an empty cell
+                    pass
+            if not isinstance(o, _FUNCTIONS) and isinstance(getattr(o, "__dict__", None), dict):
+                for v in vars(o).values():  # a callable object's attributes
+                    visit(v, level + 1)
+
+    visit(obj, 0)
+    return list(found.values())
+
+
+@contextlib.contextmanager
+def frozen(net: Any) -> Iterator[list[nn.Module]]:
+    """Freeze every module reachable from ``net`` (see :func:`reachable_modules`) for a while.
+
+    Inside, no weight requires grad and every module is in eval mode (dropout off, batch-norm
+    statistics fixed); both are restored exactly on exit, module by module and weight by weight.
+    """
+    modules = reachable_modules(net.net if isinstance(net, Model) else net)
+    params = {id(p): p for m in modules for p in m.parameters()}
+    grads = [(p, p.requires_grad) for p in params.values()]
+    modes = [(sub, sub.training) for m in modules for sub in m.modules()]
+    try:
+        for p, _ in grads:
+            p.requires_grad_(False)
+        for m in modules:
+            m.eval()
+        yield modules
+    finally:
+        for p, flag in grads:
+            p.requires_grad_(flag)
+        for sub, flag in modes:
+            sub.training = flag
+
+
+def _dtype_and_device(modules: list[nn.Module]) -> tuple[torch.dtype | None, torch.device | None]:
+    """The dtype and device of the first floating parameter (else buffer) of ``modules``."""
+    for tensors in ("parameters", "buffers"):
+        for m in modules:
+            for v in getattr(m, tensors)():
+                if v.is_floating_point():
+                    return v.dtype, v.device
+    return None, None
 
 
 class Model:
@@ -67,7 +156,10 @@ class Model:
         num_classes: ``K`` for a class-conditional net; the label ``K`` means "no label" (the
             unconditional branch of classifier-free guidance).
         name: a readable name, recorded in artifacts.
-        dtype: the dtype the network runs in (default: that of the input).
+        dtype: the dtype the network runs in. Default: that of the network's parameters (of an
+            ``nn.Module``, a bound method's owner, or a module a closure holds), else float32.
+            Never the ODE state's dtype: ground truth integrates in float64 and still calls a
+            float32 network in float32.
 
     Example:
         >>> model = Model(net, prediction="eps", schedule=VP(), sample_shape=(1, 28, 28),
@@ -102,7 +194,8 @@ class Model:
         self.t_range = (t_min, t_max)
         self.num_classes = None if num_classes is None else int(num_classes)
         self.name = name
-        self.dtype = dtype
+        self._dtype = dtype
+        self._modules: list[nn.Module] | None = None
         self.forwards = 0  # network forwards (a guided evaluation counts 2 per sample)
         self._fingerprint: str | None = None
         self._fingerprint_key: Any = None
@@ -111,6 +204,42 @@ class Model:
     @property
     def null_label(self) -> int | None:
         return self.num_classes
+
+    @property
+    def modules(self) -> list[nn.Module]:
+        """The ``nn.Module`` objects that hold the network's weights (see reachable_modules)."""
+        if self._modules is None:
+            self._modules = reachable_modules(self.net)
+        return self._modules
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the network runs in: ``dtype=``, else its weights', else float32."""
+        if self._dtype is not None:
+            return self._dtype
+        return _dtype_and_device(self.modules)[0] or torch.float32
+
+    @property
+    def device(self) -> torch.device | None:
+        """Where the network's weights are (None for a network without tensors)."""
+        return _dtype_and_device(self.modules)[1]
+
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> Model:
+        """Move (and cast) the network's modules in place, like ``nn.Module.to``; returns self.
+
+        With ``dtype`` the model also runs the network in that dtype from now on.
+        """
+        for m in self.modules:
+            m.to(device=device, dtype=dtype)
+        if dtype is not None and self._dtype is not None:
+            self._dtype = dtype
+        return self
+
+    def forwards_per_evaluation(self, guidance: float = 1.0) -> int:
+        """Network forwards per sample of one velocity evaluation: 2 with guidance, else 1."""
+        return 2 if self.num_classes is not None and float(guidance) != 1.0 else 1
 
     def _check_inputs(self, x: Tensor, y: Tensor | None, guidance: float) -> Tensor | None:
         """Validate the inputs; return the labels as a long tensor on ``x``'s device (or None)."""
@@ -141,19 +270,30 @@ class Model:
         return y
 
     def _forward(self, x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
-        net_dtype = self.dtype or x.dtype
-        f = (
-            self.net(x.to(net_dtype), t.to(net_dtype), y)
-            if y is not None
-            else (self.net(x.to(net_dtype), t.to(net_dtype)))
-        )
+        net_dtype = self.dtype
+        device = self.device or x.device
+        # t keeps at least float32: in bf16 the times near 1 would round by about 0.004.
+        t_dtype = torch.promote_types(net_dtype, torch.float32)
+        args = [x.to(device=device, dtype=net_dtype), t.to(device=device, dtype=t_dtype)]
+        if y is not None:
+            args.append(y.to(device))
+        try:
+            f = self.net(*args)
+        except RuntimeError as e:
+            if not any(k in str(e) for k in ("dtype", "scalar type", "Double", "Half", "BFloat")):
+                raise
+            raise ModelError(
+                f"{self.name}: the network failed when called in {net_dtype} (inputs x"
+                f" {net_dtype}, t {t_dtype}): {str(e).splitlines()[0]}. Pass dtype= to bns.Model"
+                " to name the dtype it runs in"
+            ) from e
         if not isinstance(f, Tensor) or f.shape != x.shape:
             shape = list(f.shape) if isinstance(f, Tensor) else type(f).__name__
             raise ModelError(
                 f"{self.name}: the network returned {shape} for an input of shape {list(x.shape)}"
             )
         self.forwards += x.shape[0]
-        return f
+        return f.to(x.device)
 
     def velocity(
         self, x: Tensor, t: Tensor | float, y: Tensor | None = None, guidance: float = 1.0
@@ -183,13 +323,17 @@ class Model:
         if self.num_classes is not None and guidance != 1.0:
             null = torch.full_like(y, self.null_label)
             f = self._forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
-            f_c, f_u = f.to(out_dtype).chunk(2)
-            # u is affine in f with the same (beta, gamma) for both branches, so guiding f is
-            # the same as guiding u.
-            f = f_u + guidance * (f_c - f_u)
         else:
-            f = self._forward(x, t, y).to(out_dtype)
-        return beta * x.to(out_dtype) + gamma * f
+            f = self._forward(x, t, y)
+        # The combination runs in out_dtype even under autocast (only the network is autocast).
+        with torch.autocast(x.device.type, enabled=False):
+            f = f.to(out_dtype)
+            if self.num_classes is not None and guidance != 1.0:
+                f_c, f_u = f.chunk(2)
+                # u is affine in f with the same (beta, gamma) for both branches, so guiding f
+                # is the same as guiding u.
+                f = f_u + guidance * (f_c - f_u)
+            return beta * x.to(out_dtype) + gamma * f
 
     __call__ = velocity
 
@@ -205,44 +349,38 @@ class Model:
             "num_classes": self.num_classes,
         }
 
-    def _module(self) -> nn.Module | None:
-        """The ``nn.Module`` holding the weights: the net itself or the owner of a bound method."""
-        if isinstance(self.net, nn.Module):
-            return self.net
-        owner = getattr(self.net, "__self__", None)
-        return owner if isinstance(owner, nn.Module) else None
-
     def fingerprint(self) -> str:
         """A hash of the network's weights and the model's settings (hex, 16 characters).
 
-        Cached, but recomputed whenever a setting or a weight changes (in place, through the
-        tensor's version counter, or by replacing a tensor).
+        Every byte of every weight and buffer counts (sha256, read in place or in 64 MiB chunks
+        from a GPU: seconds for a billion weights). Cached, but recomputed whenever a setting or
+        a weight changes (in place, through the tensor's version counter, or by replacing a
+        tensor). A network without tensors is known by its qualified name.
         """
         settings = json.dumps(self.settings(), sort_keys=True)
-        module = self._module()
-        state = sorted(module.state_dict().items()) if module is not None else []
+        states = [sorted(m.state_dict(keep_vars=True).items()) for m in self.modules]
         # Cheap key: the settings and, per tensor, its storage and in-place version counter.
         key = (
             settings,
             tuple(
                 (k, v.data_ptr(), v._version, tuple(v.shape), v.dtype, str(v.device))
+                for state in states
                 for k, v in state
             ),
         )
         if self._fingerprint is None or self._fingerprint_key != key:
             h = hashlib.sha256()
             h.update(settings.encode())
-            if module is not None:
+            for state in states:
                 for name, value in state:
                     h.update(name.encode())
-                    v = value.detach().cpu().contiguous().reshape(-1)
-                    h.update(str(v.dtype).encode() + str(tuple(v.shape)).encode())
+                    h.update(
+                        str(value.dtype).encode() + str(tuple(value.reshape(-1).shape)).encode()
+                    )
                     if value.dim() == 0:
-                        # Flattened, a 0-d buffer would hash like a [1] one. Only 0-d tensors get
-                        # the marker, so fingerprints recorded before this fix stay valid.
-                        h.update(b"0-d")
-                    h.update(tensor_bytes(v))
-            else:
+                        h.update(b"0-d")  # flattened, a 0-d buffer would hash like a [1] one
+                    hash_tensor(h, value)
+            if not states:
                 h.update(repr(getattr(self.net, "__qualname__", type(self.net).__name__)).encode())
             self._fingerprint = h.hexdigest()[:16]
             self._fingerprint_key = key

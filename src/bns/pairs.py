@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._hashing import tensor_bytes
-from .ground_truth import ground_truth
+from ._hashing import hash_tensor
+from ._io import atomic_write
+from .ground_truth import default_tolerance, ground_truth
+from .model import Model
 
 __all__ = ["Pairs", "make_pairs", "cache_dir", "pair_noise", "SPLITS", "CACHE_VERSION"]
 
@@ -47,6 +48,13 @@ class Pairs:
         y = None if self.y is None else self.y[idx]
         return Pairs(self.x0[idx], self.x1[idx], y, self.nfe_per_sample)
 
+    def to(self, device: torch.device | str | None) -> Pairs:
+        """The pairs on ``device`` (themselves where they are already, or for None)."""
+        if device is None or self.x0.device == torch.device(device):
+            return self
+        y = None if self.y is None else self.y.to(device)
+        return Pairs(self.x0.to(device), self.x1.to(device), y, self.nfe_per_sample)
+
 
 def cache_dir() -> Path:
     """``$BNS_CACHE_DIR`` or ``~/.cache/bns``."""
@@ -59,7 +67,7 @@ def _sample_seed(seed: int, split: str, index: int) -> int:
 
 
 def pair_noise(
-    model: Any, seed: int, split: str, indices: range | list[int]
+    model: Model, seed: int, split: str, indices: range | list[int]
 ) -> tuple[Tensor, Tensor | None]:
     """The noise ``x_0`` (float64) and labels of the pairs at ``indices`` of a split."""
     if split not in SPLITS:
@@ -75,7 +83,7 @@ def pair_noise(
     return x0, y
 
 
-def _key(model: Any, guidance: float, seed: int, split: str, rtol: float, atol: float) -> dict:
+def _key(model: Model, guidance: float, seed: int, split: str, rtol: float, atol: float) -> dict:
     return {
         "version": CACHE_VERSION,
         "model": model.fingerprint(),
@@ -87,6 +95,7 @@ def _key(model: Any, guidance: float, seed: int, split: str, rtol: float, atol: 
         "atol": float(atol),
         "sample_shape": list(model.sample_shape),
         "t_range": list(model.t_range),
+        "net_dtype": str(model.dtype).removeprefix("torch."),
     }
 
 
@@ -95,7 +104,7 @@ def _digest(tensors: dict[str, Tensor]) -> str:
     for name in sorted(tensors):
         v = tensors[name].contiguous()
         h.update(name.encode() + str(v.dtype).encode() + str(tuple(v.shape)).encode())
-        h.update(tensor_bytes(v))
+        hash_tensor(h, v)
     return h.hexdigest()
 
 
@@ -133,41 +142,43 @@ def _read_cache(path: Path, key: dict) -> dict[str, Any] | None:
 def _write_cache(path: Path, key: dict, tensors: dict[str, Tensor], nfe: float) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "key": json.dumps(key, sort_keys=True),
         "digest": _digest(tensors),
         "nfe_per_sample": repr(nfe),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    body = {k: v.contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(body, str(tmp), metadata=meta))
 
 
 def make_pairs(
-    model: Any,
+    model: Model,
     n: int,
     split: str = "train",
     *,
     seed: int = 0,
     guidance: float = 1.0,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
+    rtol: float | None = None,
+    atol: float | None = None,
     batch_size: int = 128,
     cache: bool | str | os.PathLike = True,
     progress: bool = True,
+    device: torch.device | str | None = None,
 ) -> Pairs:
     """``n`` ground-truth pairs of ``split``, from the cache where possible.
 
-    ``cache`` is True (use :func:`cache_dir`), False (no cache) or a folder.
+    ``cache`` is True (use :func:`cache_dir`), False (no cache) or a folder. The noise is drawn
+    per pair index on the CPU (the same on every device); the ground truth is solved on
+    ``device`` (default: the model's) in batches of ``batch_size``; the pairs are returned and
+    cached as CPU float32 tensors. ``rtol``/``atol`` default to
+    :func:`bns.ground_truth.default_tolerance` of the network's dtype.
     """
     if n < 1:
         raise ValueError(f"need at least one pair, got n = {n}")
+    tol = default_tolerance(model.dtype)
+    rtol = tol if rtol is None else float(rtol)
+    atol = rtol if atol is None else float(atol)
+    device = device if device is not None else model.device
     key = _key(model, guidance, seed, split, rtol, atol)
     path = None
     have: dict[str, Tensor] = {}
@@ -183,7 +194,7 @@ def make_pairs(
     start = have["x0"].shape[0] if have else 0
     if start < n:
         new = _generate(
-            model, range(start, n), split, seed, guidance, rtol, atol, batch_size, progress
+            model, range(start, n), split, seed, guidance, rtol, atol, batch_size, progress, device
         )
         nfe_total += new.pop("nfe_sum")
         have = new if not have else {k: torch.cat([have[k], new[k]]) for k in new}
@@ -198,7 +209,7 @@ def make_pairs(
     )
 
 
-def _generate(model, indices, split, seed, guidance, rtol, atol, batch_size, progress):
+def _generate(model, indices, split, seed, guidance, rtol, atol, batch_size, progress, device):
     from tqdm.auto import tqdm
 
     idx = list(indices)
@@ -215,11 +226,13 @@ def _generate(model, indices, split, seed, guidance, rtol, atol, batch_size, pro
         chunk = idx[s : s + batch_size]
         x0, y = pair_noise(model, seed, split, chunk)
         x0 = x0.float().double()  # the stored float32 noise is exactly what was integrated
+        if device is not None:
+            x0, y = x0.to(device), (None if y is None else y.to(device))
         x1, stats = ground_truth(model, x0, y, guidance, rtol=rtol, atol=atol, return_stats=True)
-        x0s.append(x0.float())
-        x1s.append(x1.float())
+        x0s.append(x0.float().cpu())
+        x1s.append(x1.float().cpu())
         if y is not None:
-            ys.append(y)
+            ys.append(y.cpu())
         nfe_sum += stats["nfe"] * len(chunk)
         bar.update(len(chunk))
         bar.set_postfix(nfe=stats["nfe"])

@@ -8,8 +8,8 @@ from typing import Any
 
 from torch import Tensor
 
+from ._io import atomic_write_text
 from .evaluate import best_rows
-from .solver import atomic_write_text
 
 __all__ = [
     "markdown_table",

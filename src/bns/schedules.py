@@ -8,20 +8,21 @@ gradients flow through ``t`` (BNS learns its time grid), and knows its log-SNR
 
 Example:
     >>> s = CondOT()
-    >>> a, sig, da, dsig = s(torch.tensor([0.25], dtype=torch.float64))
+    >>> v = s(torch.tensor([0.25], dtype=torch.float64))   # v.alpha, v.sigma, v.d_alpha, v.d_sigma
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "Schedule",
+    "ScheduleValues",
     "CondOT",
     "VP",
     "Cosine",
@@ -47,34 +48,43 @@ def _positive(owner: str, **values: float) -> None:
             raise ValueError(f"{owner} needs a finite {key} > 0, got {v!r}")
 
 
+class ScheduleValues(NamedTuple):
+    """A scheduler at some times: ``alpha``, ``sigma`` and their flow-time derivatives."""
+
+    alpha: Tensor
+    sigma: Tensor
+    d_alpha: Tensor
+    d_sigma: Tensor
+
+
 class Schedule(ABC):
     """A scheduler (alpha_t, sigma_t) in flow time, with alpha increasing and sigma decreasing."""
 
     name: str = "schedule"
 
     @abstractmethod
-    def __call__(self, t: Tensor | float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Return ``(alpha, sigma, d alpha/dt, d sigma/dt)`` at ``t`` (same shape as ``t``)."""
+    def __call__(self, t: Tensor | float) -> ScheduleValues:
+        """Return ``(alpha, sigma, d_alpha, d_sigma)`` (d/dt in flow time) at ``t`` (same shape as ``t``)."""
 
     @abstractmethod
     def config(self) -> dict[str, Any]:
         """A JSON-able description that :func:`schedule_from_config` turns back into this object."""
 
     def alpha(self, t: Tensor | float) -> Tensor:
-        return self(t)[0]
+        return self(t).alpha
 
     def sigma(self, t: Tensor | float) -> Tensor:
-        return self(t)[1]
+        return self(t).sigma
 
     def log_snr(self, t: Tensor | float) -> Tensor:
         """``log(alpha_t / sigma_t)``; -inf where alpha is 0 and +inf where sigma is 0."""
-        a, s, _, _ = self(t)
-        return torch.log(a) - torch.log(s)
+        v = self(t)
+        return torch.log(v.alpha) - torch.log(v.sigma)
 
     def d_log_snr(self, t: Tensor | float) -> Tensor:
         """Time derivative of the log-SNR."""
-        a, s, da, ds = self(t)
-        return da / a - ds / s
+        v = self(t)
+        return v.d_alpha / v.alpha - v.d_sigma / v.sigma
 
     def t_from_log_snr(self, lam: Tensor | float) -> Tensor:
         """Inverse of :meth:`log_snr` (float64), clamped to [0, 1].
@@ -133,7 +143,7 @@ class CondOT(Schedule):
     def __call__(self, t):
         t = _as_tensor(t)
         one = torch.ones_like(t)
-        return t, self.sigma0 * (1 - t), one, -self.sigma0 * one
+        return ScheduleValues(t, self.sigma0 * (1 - t), one, -self.sigma0 * one)
 
     def log_snr(self, t):
         t = _as_tensor(t)
@@ -157,11 +167,7 @@ class Cosine(Schedule):
         # sigma as sin(h (1 - t)): exactly 0 at t = 1 (cos(pi / 2) rounds to 6e-17) and accurate
         # near it, so the log-SNR is +inf there as for every other scheduler.
         alpha, sigma = torch.sin(h * t), torch.sin(h * (1 - t))
-        return alpha, sigma, h * sigma, -h * alpha
-
-    def log_snr(self, t):
-        a, s, _, _ = self(t)
-        return torch.log(a) - torch.log(s)
+        return ScheduleValues(alpha, sigma, h * sigma, -h * alpha)
 
     def t_from_log_snr(self, lam):
         lam = _as_tensor(lam)
@@ -203,7 +209,7 @@ class VP(Schedule):
         sigma = torch.sqrt(-torch.expm1(-2 * B))
         d_alpha = alpha * dB_ds  # ds/dt = -1
         d_sigma = -alpha * d_alpha / sigma
-        return alpha, sigma, d_alpha, d_sigma
+        return ScheduleValues(alpha, sigma, d_alpha, d_sigma)
 
     def log_snr(self, t):
         B, _ = self._B(1 - _as_tensor(t))
@@ -279,7 +285,7 @@ class DiscreteVP(Schedule):
         alpha = torch.sqrt(torch.sigmoid(2 * lam))
         sigma = torch.sqrt(torch.sigmoid(-2 * lam))
         # d alpha/dlam = alpha sigma^2, d sigma/dlam = -sigma alpha^2 (for alpha^2 + sigma^2 = 1).
-        return alpha, sigma, alpha * sigma**2 * dlam, -sigma * alpha**2 * dlam
+        return ScheduleValues(alpha, sigma, alpha * sigma**2 * dlam, -sigma * alpha**2 * dlam)
 
     def log_snr(self, t):
         return self._lam_and_slope(_as_tensor(t))[0]
@@ -329,7 +335,7 @@ class EDM(Schedule):
         alpha, sigma = r, s * r
         d_alpha = -s * r**3 * ds
         d_sigma = r**3 * ds
-        return alpha, sigma, d_alpha, d_sigma
+        return ScheduleValues(alpha, sigma, d_alpha, d_sigma)
 
     def log_snr(self, t):
         return -torch.log(self.noise_level(t))

@@ -15,16 +15,19 @@ import hashlib
 import json
 import math
 import os
-import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-__all__ = ["NSSolver", "SolverFileError", "sample", "FORMAT_VERSION"]
+from ._io import atomic_write_text
+
+if TYPE_CHECKING:
+    from .model import Model
+
+__all__ = ["NSSolver", "SolverFileError", "Velocity", "sample", "ns_step", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 
@@ -257,40 +260,37 @@ def _checksum(d: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename.
+@runtime_checkable
+class Velocity(Protocol):
+    """What the sampler needs: ``u = velocity(x, t)``, ``x [B, *shape]``, ``t`` a 0-d float tensor.
 
-    Readers see the old file or the new one, never half of one; a failure leaves the old file.
-    The file gets the usual permissions (umask), not the private ones of ``mkstemp``.
+    :class:`bns.Model` adapts a network to it; adapters (k-diffusion, flow_matching) pass plain
+    closures.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable; not possible everywhere (e.g. Windows)
-        dfd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor: ...
+
+
+def ns_step(x0: Tensor, us: Tensor | list[Tensor], a_i: Tensor, b_i: Tensor) -> Tensor:
+    """One NS update, ``x_{i+1} = a_i x_0 + sum_{j<=i} b_ij u_j``, with autocast off.
+
+    ``x0`` and each ``u_j`` are flat ``[D]`` tensors of one float dtype (float32 or wider);
+    ``b_i`` holds the ``i + 1`` weights of the velocities so far. ``us`` is a list (the
+    differentiable path: a sum of terms, no copies of the history) or a ``[i + 1, D]`` matrix
+    (inference: one matrix-vector product, no temporaries). Autocast is off so that the state
+    is summed in its own precision, never in the autocast dtype.
+    """
+    with torch.autocast(x0.device.type, enabled=False):
+        if isinstance(us, Tensor):
+            return torch.addmv(x0 * a_i, us.t(), b_i)
+        x = a_i * x0
+        for j, u in enumerate(us):
+            x = x + b_i[j] * u
+        return x
 
 
 def sample(
-    model: Any,
+    model: Model | Velocity,
     x0: Tensor,
     solver: NSSolver,
     y: Tensor | None = None,
@@ -298,22 +298,30 @@ def sample(
     *,
     return_trajectory: bool = False,
     checkpoint: bool = False,
-    velocity: Callable[..., Tensor] | None = None,
 ) -> Tensor | tuple[Tensor, list[Tensor]]:
     """Run an NS solver from noise ``x0`` (``[B, *sample_shape]``) and return ``x_n``.
 
-    States are accumulated in at least float32 (the network may run in half precision); the
-    result has that dtype. Differentiable with respect to ``x0``, the solver's times and
-    coefficients. With ``return_trajectory`` it also returns ``[x_0, x_1, ..., x_n]``.
-    ``checkpoint`` recomputes each network call in the backward pass (memory of one step).
-    ``velocity(x, t)`` overrides ``model.velocity`` (used by adapters and tests).
+    ``model`` is a :class:`bns.Model` (``y`` and ``guidance`` go to its velocity) or any
+    :class:`Velocity` ``(x, t) -> u``. States are accumulated in at least float32, with autocast
+    off (the network may run in half precision or under autocast); the result has that dtype.
+    Differentiable with respect to ``x0``, the solver's times and coefficients. With
+    ``return_trajectory`` it also returns ``[x_0, x_1, ..., x_n]``. ``checkpoint`` recomputes
+    each network call in the backward pass (memory of one step).
     """
-    acc = torch.promote_types(x0.dtype, torch.float32)
-    if velocity is None:
+    if callable(getattr(model, "velocity", None)):  # a bns.Model, or anything shaped like one
 
         def velocity(x: Tensor, t: Tensor) -> Tensor:
             return model.velocity(x, t, y, guidance)
 
+    elif callable(model):
+        if y is not None or guidance != 1.0:
+            raise TypeError("labels and guidance need a bns.Model, not a plain velocity function")
+        velocity = model
+    else:
+        raise TypeError(
+            f"model must be a bns.Model or a velocity(x, t), got {type(model).__name__}"
+        )
+    acc = torch.promote_types(x0.dtype, torch.float32)
     x_start = x0.to(acc)
     times = solver.times.to(x0.device)
     n, shape = solver.nfe, x_start.shape
@@ -337,10 +345,7 @@ def sample(
             else:
                 u = velocity(x, times[i])
             us.append(u.to(acc).reshape(-1))
-        x = a[i] * flat0
-        for j in range(i + 1):
-            x = x + b[i, j] * us[j]
-        x = x.reshape(shape)
+        x = ns_step(flat0, us, a[i], b[i]).reshape(shape)
         if traj is not None:
             traj.append(x)
     return (x, traj) if traj is not None else x
@@ -348,8 +353,8 @@ def sample(
 
 def _sample_no_grad(velocity, u0, flat0, shape, times, a, b, traj):
     """The sampler when nothing needs a gradient: the velocities go into one preallocated
-    matrix and each step is one matrix-vector product, ``x_{i+1} = a_i x_0 + U^T b_i``, with no
-    per-term temporaries (what keeps an NS solver as cheap as Euler at the same NFE)."""
+    matrix and each step is one matrix-vector product (:func:`ns_step`), with no per-term
+    temporaries (what keeps an NS solver as cheap as Euler at the same NFE)."""
     n = a.numel()
     with torch.no_grad():
         buf = torch.empty((n, flat0.numel()), dtype=flat0.dtype, device=flat0.device)
@@ -358,7 +363,7 @@ def _sample_no_grad(velocity, u0, flat0, shape, times, a, b, traj):
         for i in range(n):
             if i > 0:
                 buf[i] = velocity(x, times[i]).reshape(-1)
-            x = torch.addmv(flat0 * a[i], buf[: i + 1].t(), b[i, : i + 1]).reshape(shape)
+            x = ns_step(flat0, buf[: i + 1], a[i], b[i, : i + 1]).reshape(shape)
             if traj is not None:
                 traj.append(x)
     return (x, traj) if traj is not None else x

@@ -66,15 +66,15 @@ class GaussianMixtureNet(nn.Module):
     def posterior(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(E[x_1 | x_t], E[eps | x_t])`` computed in float64, shapes ``[B, D]``."""
         x1, score = self._posterior(x, t, y)
-        s = self.schedule(t.to(torch.float64).reshape(-1))[1].reshape(-1, 1)
+        s = self.schedule(t.to(torch.float64).reshape(-1)).sigma.reshape(-1, 1)
         return x1, s * score
 
     def _posterior(self, x: Tensor, t: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
         """``E[x_1 | x_t]`` and ``E[(x - alpha mu_k) / var_k]`` (``E[eps | x_t] / sigma``)."""
         xf = x.reshape(x.shape[0], -1).to(torch.float64)
         t = t.to(torch.float64).reshape(-1)
-        a, s, _, _ = self.schedule(t)
-        a, s = a[:, None], s[:, None]  # [B, 1]
+        v = self.schedule(t)
+        a, s = v.alpha[:, None], v.sigma[:, None]  # [B, 1]
         var = a * a * self.stds**2 + s * s  # [B, K]
         diff = xf[:, None, :] - a[:, :, None] * self.means[None]  # [B, K, D]
         d = xf.shape[1]

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .. import grids as _grids
 from ..solver import NSSolver
+from ..transforms import precondition as _precondition
 from .exponential import ddim, dpm_solver_pp, unipc
 from .multistep import adams_bashforth, ipndm
 from .runge_kutta import euler, heun, midpoint, rk4
@@ -33,31 +34,36 @@ __all__ = [
     "dpm_solver_pp",
     "unipc",
     "by_name",
+    "preconditionable",
+    "initial_solver",
+    "init_candidates",
+    "solver_from_label",
     "SOLVER_NAMES",
     "GRID_NAMES",
 ]
 
-# name -> (evaluations per step, builder(grid, schedule), family)
-_SOLVERS: dict[str, tuple[int, Callable[[Tensor, Any], NSSolver], str]] = {
-    "euler": (1, lambda g, s: euler(g), "rk"),
-    "midpoint": (2, lambda g, s: midpoint(g), "rk"),
-    "heun": (2, lambda g, s: heun(g), "rk"),
-    "rk4": (4, lambda g, s: rk4(g), "rk"),
-    "ab2": (1, lambda g, s: adams_bashforth(g, 2), "multistep"),
-    "ab3": (1, lambda g, s: adams_bashforth(g, 3), "multistep"),
-    "ipndm": (1, lambda g, s: ipndm(g), "multistep"),
-    "ddim": (1, lambda g, s: ddim(g, s), "exponential"),
-    "dpmpp2m": (1, lambda g, s: dpm_solver_pp(g, s, 2), "exponential"),
-    "dpmpp3m": (1, lambda g, s: dpm_solver_pp(g, s, 3), "exponential"),
-    "unipc2": (1, lambda g, s: unipc(g, s, 2), "exponential"),
-    "unipc3": (1, lambda g, s: unipc(g, s, 3), "exponential"),
+# name -> (evaluations per step, builder(grid, schedule, transform), family). Exponential
+# integrators take no transform: they are invariant under a change of scheduler.
+_SOLVERS: dict[str, tuple[int, Callable[[Tensor, Any, Any], NSSolver], str]] = {
+    "euler": (1, lambda g, s, tr: euler(g, transform=tr), "rk"),
+    "midpoint": (2, lambda g, s, tr: midpoint(g, transform=tr), "rk"),
+    "heun": (2, lambda g, s, tr: heun(g, transform=tr), "rk"),
+    "rk4": (4, lambda g, s, tr: rk4(g, transform=tr), "rk"),
+    "ab2": (1, lambda g, s, tr: adams_bashforth(g, 2, transform=tr), "multistep"),
+    "ab3": (1, lambda g, s, tr: adams_bashforth(g, 3, transform=tr), "multistep"),
+    "ipndm": (1, lambda g, s, tr: ipndm(g, transform=tr), "multistep"),
+    "ddim": (1, lambda g, s, tr: ddim(g, s), "exponential"),
+    "dpmpp2m": (1, lambda g, s, tr: dpm_solver_pp(g, s, 2), "exponential"),
+    "dpmpp3m": (1, lambda g, s, tr: dpm_solver_pp(g, s, 3), "exponential"),
+    "unipc2": (1, lambda g, s, tr: unipc(g, s, 2), "exponential"),
+    "unipc3": (1, lambda g, s, tr: unipc(g, s, 3), "exponential"),
 }
 
 SOLVER_NAMES: tuple[str, ...] = tuple(_SOLVERS)
 GRID_NAMES: tuple[str, ...] = ("best", "uniform", "logsnr", "edm")
 
 
-def _steps(name: str, nfe: int) -> int:
+def _steps_of(name: str, nfe: int) -> int:
     if isinstance(nfe, bool) or int(nfe) != nfe or nfe < 1:
         raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
     per_step = _SOLVERS[name][0]
@@ -86,7 +92,14 @@ def _best_grid(name: str, schedule: Any, t_range: tuple[float, float]) -> str:
     return "uniform" if getattr(schedule, "name", "") in _FLOW_SCHEDULES else "logsnr"
 
 
-def by_name(name: str, nfe: int, model: Any, grid: str = "best") -> NSSolver:
+def preconditionable(name: str) -> bool:
+    """Whether a change of scheduler changes solver ``name`` (not for exponential integrators)."""
+    return _SOLVERS[name][2] != "exponential"
+
+
+def by_name(
+    name: str, nfe: int, model: Any, grid: str = "best", precondition: float | None = None
+) -> NSSolver:
     """Build the classical solver ``name`` with exactly ``nfe`` velocity evaluations on
     ``model.t_range``.
 
@@ -102,12 +115,10 @@ def by_name(name: str, nfe: int, model: Any, grid: str = "best") -> NSSolver:
             [0, 1]: no log-SNR or EDM grid reaches it); otherwise log-SNR for the exponential
             solvers, and for the time-stepping solvers (Runge-Kutta, Adams-Bashforth, iPNDM)
             uniform time on CondOT and Cosine schedulers and log-SNR on the others (VP-type).
-            Measured on Gaussian-mixture models (64-d, 16 components, std 0.15, 2 seeds x 256
-            samples, PSNR against RK45): on CondOT over [1e-3, 1 - 1e-3] the uniform grid beats
-            log-SNR and EDM for every time-stepping solver (midpoint NFE 16: 57.3 / 40.1 /
-            35.5 dB; ab2: 47.1 / 40.7 / 36.0 dB); on VP with an eps net over [0, 1 - 1e-3]
-            log-SNR is best or close to it (midpoint NFE 16: 33.0 / 41.2 / 37.2 dB; rk4: 34.4 /
-            36.0 / 41.1 dB; dpmpp2m: 40.8 / 52.6 / 45.8 dB; unipc2: 31.3 / 56.0 / 54.4 dB).
+            (measured on Gaussian-mixture models: benchmarks/results/grids_gmm.md).
+        precondition: ``sigma0`` to run a Runge-Kutta or multistep solver on the model's ODE
+            changed to the scheduler ``(r, sigma0 (1 - r))`` (bns-math.md, section 3), on a
+            uniform grid in ``r``; None for none.
 
     Raises:
         ValueError: an unknown name or grid, or an NFE the solver cannot make.
@@ -117,9 +128,20 @@ def by_name(name: str, nfe: int, model: Any, grid: str = "best") -> NSSolver:
         raise ValueError(f"unknown solver {name!r}; known: {', '.join(SOLVER_NAMES)}")
     if grid not in GRID_NAMES:
         raise ValueError(f"unknown grid {grid!r}; known: {', '.join(GRID_NAMES)}")
-    steps = _steps(name, nfe)
+    steps = _steps_of(name, nfe)
     t_range = tuple(model.t_range)
     schedule = model.schedule
+    if precondition is not None:
+        if not preconditionable(name):
+            raise ValueError(f"{name} is invariant under a change of scheduler: no precondition")
+        transform = _precondition(schedule, float(precondition))
+        solver = _SOLVERS[name][1](
+            _grids.uniform(steps, transform.r_range(t_range)), None, transform
+        )
+        solver.meta.update({"solver": name, "grid": "uniform-r", "precondition": precondition})
+        # Pin the ends to the model's range exactly (the transform rounds at the last ulp).
+        solver.times[0], solver.times[-1] = t_range
+        return solver
     kind = _best_grid(name, schedule, t_range) if grid == "best" else grid
     if kind == "uniform":
         g = _grids.uniform(steps, t_range)
@@ -127,7 +149,10 @@ def by_name(name: str, nfe: int, model: Any, grid: str = "best") -> NSSolver:
         g = _grids.logsnr(steps, schedule, t_range)
     else:
         g = _grids.edm(steps, schedule, t_range)
-    solver = _SOLVERS[name][1](g, schedule)
+    solver = _SOLVERS[name][1](g, schedule, None)
     solver.meta.update({"solver": name, "grid": kind})
     assert solver.nfe == nfe
     return solver
+
+
+from .initial import init_candidates, initial_solver, solver_from_label  # noqa: E402 - uses by_name

@@ -74,7 +74,8 @@ def _nodes(grid: Tensor, schedule: Schedule) -> list[_Node]:
             f"the grid [{float(g[0]):.6g}, {float(g[-1]):.6g}] leaves [0, 1], where the scheduler"
             " is defined"
         )
-    a, s, _, _ = schedule(g)
+    v = schedule(g)
+    a, s = v.alpha, v.sigma
     lam = schedule.log_snr(g)
     beta, gamma = prediction_coefficients("x1", schedule, g[:-1])
     n = g.numel() - 1

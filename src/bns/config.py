@@ -1,0 +1,186 @@
+"""`DistillConfig`: every setting of a distillation run and its default, stated once.
+
+:func:`bns.distill` takes a config (or keyword overrides of it), ``bns distill`` derives its
+options and help text from the fields below, and the solver file records the config it was
+trained with. A field's ``metadata`` holds its help text and, where the command line needs
+it, a parser (``parse``) and a metavar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from typing import Any
+
+__all__ = ["DistillConfig", "TrainingError", "parse_precondition", "add_config_arguments"]
+
+
+class TrainingError(RuntimeError):
+    """Distillation could not run (bad settings, a checkpoint that does not fit, ...)."""
+
+
+def parse_precondition(text: str | float | None) -> float | str | None:
+    """``"auto"``, ``"none"``/None or a positive ``sigma0``."""
+    if text is None or text == "none":
+        return None
+    if text == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"precondition must be a number, none or auto, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"precondition sigma0 must be a finite number > 0, got {text!r}")
+    return value
+
+
+def _opt(default: Any, help: str, **meta: Any) -> Any:
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class DistillConfig:
+    """Everything that determines a distillation run (recorded in the artifact)."""
+
+    nfe: int = field(metadata={"help": "velocity evaluations of the solver (NFE)"})
+    guidance: float = _opt(1.0, "classifier-free guidance scale (1 = none)")
+    init: str = _opt(
+        "best",
+        "initial solver: best (every classical solver, measured on validation pairs), or a"
+        " solver name (euler, midpoint, ab3, ipndm, unipc2, ...)",
+    )
+    precondition: float | str | None = _opt(
+        "auto",
+        "run Runge-Kutta and multistep initial solvers on the CondOT(sigma0)-rescheduled ODE: a"
+        " number, none, or auto (with and without sigma0 = 1, whichever measures better)",
+        parse=parse_precondition,
+        metavar="SIGMA0",
+    )
+    family: str = _opt("bns", "solver family: bns (the full non-stationary family)")
+    train_pairs: int = _opt(520, "ground-truth pairs to train on")
+    val_pairs: int = _opt(1024, "ground-truth pairs to validate on (the best step is kept)")
+    init_pairs: int = _opt(256, "validation pairs that rank the candidates of --init best")
+    steps: int = _opt(1000, "optimization steps (at most)")
+    batch_size: int = _opt(40, "pairs per optimization step")
+    micro_batch: int = _opt(
+        0, "pairs per forward/backward pass (gradients accumulated; 0 = the whole batch)"
+    )
+    lr: float = _opt(5e-3, "learning rate (Adam)")
+    lr_final: float = _opt(0.1, "cosine decay to lr x lr_final")
+    warmup: int = _opt(25, "linear warm-up steps")
+    revert_db: float = _opt(
+        1.0, "a validation this many dB below the best returns to the best, lr halved"
+    )
+    coef_lr_scale: float = _opt(
+        8.0, "learning rate of the coefficients a, b relative to lr, times the mean step"
+    )
+    val_every: int = _opt(25, "steps between validations")
+    patience: int = _opt(20, "validation rounds without improvement before stopping")
+    max_skips: int = _opt(20, "non-finite steps tolerated before stopping")
+    seed: int = _opt(0, "seed of the pairs and the optimization")
+    grad_checkpoint: bool = _opt(
+        False, "recompute each step in the backward pass (memory of about one step)"
+    )
+    rtol: float | None = _opt(
+        None,
+        "ground-truth relative tolerance (default: 1e-5, or what a half-precision network can"
+        " resolve: see bns.ground_truth.default_tolerance)",
+    )
+    atol: float | None = _opt(None, "ground-truth absolute tolerance (default: as rtol)")
+    gt_batch_size: int = _opt(128, "pairs per ground-truth solve")
+    eval_batch_size: int = _opt(256, "pairs per validation batch")
+    data_range: float = _opt(2.0, "data range R of the PSNR, 10 log10(R^2 / MSE)")
+
+    def replace(self, **overrides: Any) -> DistillConfig:
+        """A copy with ``overrides``; unknown names raise TrainingError."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TrainingError(f"unknown distillation setting(s): {', '.join(unknown)}")
+        return replace(self, **overrides)
+
+    def check(self) -> None:
+        """Raise TrainingError on settings no run can use."""
+        positive = ("nfe", "train_pairs", "val_pairs", "init_pairs", "batch_size", "val_every")
+        for name in positive:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise TrainingError(f"{name} must be a positive integer, got {v!r}")
+        for name in ("steps", "micro_batch", "warmup", "patience", "max_skips"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise TrainingError(f"{name} must be a non-negative integer, got {v!r}")
+        for name in ("lr", "data_range", "gt_batch_size", "eval_batch_size"):
+            if not getattr(self, name) > 0:
+                raise TrainingError(f"{name} must be positive, got {getattr(self, name)!r}")
+        for name in ("rtol", "atol"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise TrainingError(f"{name} must be a finite number > 0, got {v!r}")
+        if not math.isfinite(self.guidance):
+            raise TrainingError(f"guidance must be finite, got {self.guidance}")
+        try:
+            self.precondition = parse_precondition(self.precondition)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """Add one ``--option`` per field of :class:`DistillConfig`, with its default in the help.
+
+    Options default to None, so the command can tell what was given from what was not; the
+    shown default is the config's.
+    """
+    for f in fields(DistillConfig):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = None if f.default is MISSING else f.default
+        help_text = f.metadata["help"]
+        if f.default is not MISSING:
+            help_text += f" (default: {'none' if default is None else default})"
+        if isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", default=None, help=help_text)
+            continue
+        parse = f.metadata.get("parse") or _type_of(f)
+        parser.add_argument(
+            flag,
+            type=_argparse_type(parse),
+            default=None,
+            required=f.default is MISSING,
+            metavar=f.metadata.get("metavar"),
+            help=help_text,
+        )
+
+
+def _type_of(f: Any) -> Any:
+    text = str(f.type)
+    for name, kind in (("int", int), ("float", float), ("str", str)):
+        if text.startswith(name):
+            return kind
+    raise TypeError(f"no command-line type for DistillConfig.{f.name} ({text})")
+
+
+def _argparse_type(parse: Any) -> Any:
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
+
+
+def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields given on the command line (those left out keep their defaults)."""
+    out = {}
+    for f in fields(DistillConfig):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            out[f.name] = v
+    return out

@@ -1,0 +1,68 @@
+"""The distillation loss: a pure function of a solver family's parameters and a batch.
+
+``loss = mean_k log ||x_n(x_0^k) - x(1; x_0^k)||^2 / D`` (bns-math.md, section 4), end to end
+through every step, the network's inputs and its times. :func:`loss_and_grad` is the only
+thing that micro-batching (and, later, data-parallel workers) wraps: gradients are taken for
+the family's parameters alone with ``torch.autograd.grad``, so no network weight ever gets a
+``.grad`` and no work is spent on weight gradients, however the network is wrapped.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .families import Family
+from .model import Model
+from .pairs import Pairs
+from .solver import sample
+
+__all__ = ["log_mse", "solver_loss", "loss_and_grad"]
+
+
+def log_mse(x: Tensor, ref: Tensor) -> Tensor:
+    """Per-sample ``log MSE(x, ref)``, shape ``[B]``."""
+    d = (x - ref.to(x.dtype)).reshape(x.shape[0], -1)
+    return torch.log((d * d).mean(1))
+
+
+def solver_loss(
+    family: Family, model: Model, batch: Pairs, guidance: float, checkpoint: bool = False
+) -> Tensor:
+    """The summed per-sample log-MSE of the family's solver on ``batch`` (a scalar)."""
+    x = sample(model, batch.x0, family.solver(), batch.y, guidance, checkpoint=checkpoint)
+    return log_mse(x, batch.x1).sum()
+
+
+def loss_and_grad(
+    family: Family,
+    model: Model,
+    batch: Pairs,
+    guidance: float,
+    *,
+    micro_batch: int = 0,
+    checkpoint: bool = False,
+) -> tuple[float, list[Tensor] | None]:
+    """The mean loss over ``batch`` and its gradient for each of ``family.parameters()``.
+
+    With ``micro_batch = k > 0`` the batch is run ``k`` pairs at a time and the gradients are
+    summed: the same result as the whole batch at once, to rounding, in the memory of ``k``.
+    Returns ``(nan, None)`` if the loss or a gradient is not finite.
+    """
+    params = [p for p in family.parameters() if p.requires_grad]
+    n = len(batch)
+    size = micro_batch if micro_batch > 0 else n
+    total = 0.0
+    grads = [torch.zeros_like(p) for p in params]
+    for s in range(0, n, size):
+        loss = solver_loss(family, model, batch[s : s + size], guidance, checkpoint) / n
+        if not torch.isfinite(loss):
+            return math.nan, None
+        for g, gi in zip(grads, torch.autograd.grad(loss, params)):
+            g += gi
+        total += float(loss.detach())
+    if not all(torch.all(torch.isfinite(g)) for g in grads):
+        return math.nan, None
+    return total, grads
