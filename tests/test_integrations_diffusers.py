@@ -257,7 +257,7 @@ PROMPTS = ["a cat", "a red dog", "sky"]
 
 
 def test_sd3_adapter_encodes_prompts_once(sd3):
-    model = model_from_pipeline(sd3, prompts=PROMPTS, guidance_labels="blurry")
+    model = model_from_pipeline(sd3, prompts=PROMPTS, negative_prompt="blurry")
     assert model.prediction == "velocity" and isinstance(model.schedule, CondOT)
     assert model.num_classes == 3 and model.null_label == 3
     with torch.no_grad():
@@ -270,11 +270,22 @@ def test_sd3_adapter_encodes_prompts_once(sd3):
     assert not torch.equal(net.embeds[3], net.embeds[0])
 
 
+def test_guidance_labels_is_the_deprecated_name_of_negative_prompt(sd3):
+    with pytest.warns(DeprecationWarning, match="negative_prompt"):
+        old = model_from_pipeline(sd3, prompts=PROMPTS, guidance_labels="blurry")
+    new = model_from_pipeline(sd3, prompts=PROMPTS, negative_prompt="blurry")
+    assert torch.equal(old.net.embeds, new.net.embeds)
+    assert torch.equal(old.net.pooled, new.net.pooled)
+    assert old.fingerprint() == new.fingerprint()
+    with pytest.warns(DeprecationWarning), pytest.raises(TypeError, match="negative_prompt only"):
+        model_from_pipeline(sd3, prompts=PROMPTS, negative_prompt="a", guidance_labels="b")
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 def test_sd3_pipeline_with_bns_scheduler_equals_bns_sample(sd3, dtype, tol):
     sd3.to(dtype=dtype)
     try:
-        model = model_from_pipeline(sd3, prompts=PROMPTS, guidance_labels="blurry")
+        model = model_from_pipeline(sd3, prompts=PROMPTS, negative_prompt="blurry")
         solver = _bns_like(bns.solvers.midpoint(bns.grids.uniform(2, model.t_range)), seed=1)
         scheduler = BNSScheduler.from_solver(solver, sd3.scheduler)
         assert scheduler.config.prediction_type == "flow"
@@ -489,6 +500,24 @@ def test_step_computes_in_float32_and_casts_back():
     assert sched._x0.dtype == torch.float32 and all(u.dtype == torch.float32 for u in sched._us)
 
 
+def test_step_is_bns_samples_update():
+    """The scheduler's NS update is bns.sample's own (bns.solver.ns_step): equal to the bit."""
+    sched, solver = _flow_scheduler(4)
+    sched.set_timesteps(4)
+
+    def velocity(x, t):
+        return torch.sin(3 * x + t) - x
+
+    x0 = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
+    x = x0
+    for i, timestep in enumerate(sched.timesteps):
+        # A flow pipeline's network returns dx/dsigma = -u.
+        x = sched.step(-velocity(x, solver.times[i]), timestep, x).prev_sample
+    with torch.no_grad():
+        ref = bns.sample(velocity, x0, solver)
+    assert torch.equal(x, ref)
+
+
 def test_step_misuse_is_refused():
     sched, _ = _flow_scheduler(2)
     x = torch.zeros(1, 2)
@@ -549,7 +578,7 @@ def test_model_from_pipeline_bad_inputs(tmp_path, dit, sd3):
     with pytest.raises(DiffusersError, match="takes no text prompts"):
         model_from_pipeline(dit, prompts=["a cat"])
     with pytest.raises(DiffusersError, match="needs a text pipeline"):
-        model_from_pipeline(dit, guidance_labels="blurry")
+        model_from_pipeline(dit, negative_prompt="blurry")
     with pytest.raises(DiffusersError, match="no model_index.json"):
         model_from_pipeline(tmp_path)
 

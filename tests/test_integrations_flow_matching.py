@@ -70,7 +70,8 @@ def _x0(b: int = 5, seed: int = 0) -> torch.Tensor:
 )
 def test_ode_solver_equals_converted_solver(method, convert):
     wrapper = MixtureVelocity()
-    model = model_from_wrapper(wrapper, sample_shape=(6,))
+    # The exact mixture is a float64 oracle: the model runs it in float64.
+    model = model_from_wrapper(wrapper, sample_shape=(6,), dtype=torch.float64)
     grid = torch.tensor([0.0, 0.1, 0.25, 0.5, 0.8, 1.0], dtype=torch.float64)  # uneven
     x0 = _x0()
     ref = ODESolver(wrapper).sample(x0, step_size=None, method=method, time_grid=grid)
@@ -85,7 +86,7 @@ def test_ode_solver_equals_converted_solver(method, convert):
 @needs_flow_matching
 def test_ode_solver_with_step_size_equals_uniform_grid():
     wrapper = MixtureVelocity()
-    model = model_from_wrapper(wrapper, sample_shape=(6,))
+    model = model_from_wrapper(wrapper, sample_shape=(6,), dtype=torch.float64)
     x0 = _x0(seed=1)
     ref = ODESolver(wrapper).sample(
         x0,
@@ -101,6 +102,8 @@ def test_ode_solver_with_step_size_equals_uniform_grid():
 def test_adapter_velocity_is_the_wrappers():
     wrapper = MixtureVelocity(num_classes=2)
     model = model_from_wrapper(wrapper, sample_shape=(6,), num_classes=2)
+    # No dtype=: the wrapper is an nn.Module whose (float64) buffers give it.
+    assert model.dtype == torch.float64
     x = _x0(4, seed=2)
     t = torch.tensor([0.1, 0.4, 0.6, 0.9], dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 1])
@@ -116,7 +119,7 @@ def test_adapter_velocity_is_the_wrappers():
 @needs_flow_matching
 def test_bns_solver_is_a_flow_matching_solver_and_equals_bns_sample():
     wrapper = MixtureVelocity(num_classes=2)
-    model = model_from_wrapper(wrapper, sample_shape=(6,), num_classes=2)
+    model = model_from_wrapper(wrapper, sample_shape=(6,), num_classes=2, dtype=torch.float64)
     base = bns.solvers.midpoint(bns.grids.uniform(3))
     g = torch.Generator().manual_seed(0)
     n = base.nfe
@@ -157,3 +160,62 @@ def test_bad_inputs():
         BNSSolver(MixtureVelocity(), "euler")
     with pytest.raises(TypeError, match="callable"):
         model_from_wrapper(3, sample_shape=(6,))
+
+
+# -- the way users write code: a float32 network in a ModelWrapper, no dtype anywhere ----------
+
+
+class TimeMLP(torch.nn.Module):
+    """A small float32 velocity network ``v(x, t)``; records the dtypes it is called with."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.Sequential(
+            torch.nn.Linear(7, 32), torch.nn.Tanh(), torch.nn.Linear(32, 6)
+        )
+        self.seen: list[tuple[torch.dtype, torch.dtype]] = []
+
+    def forward(self, x, t):
+        self.seen.append((x.dtype, t.dtype))
+        tb = t.reshape(-1, 1).expand(x.shape[0], 1).to(x.dtype)
+        return self.layers(torch.cat([x, tb], dim=1))
+
+
+class Wrapped(ModelWrapper):
+    def forward(self, x, t, **extras):
+        return self.model(x, t)
+
+
+@needs_flow_matching
+def test_a_float32_model_wrapper_works_as_users_write_it():
+    torch.manual_seed(0)
+    net = TimeMLP()
+    wrapped = Wrapped(net)
+    model = model_from_wrapper(wrapped, sample_shape=(6,))
+    assert model.dtype == torch.float32  # from the weights, not from any state
+    x0 = torch.randn(5, 6)
+    # Ground truth integrates in float64 and still calls the network in float32.
+    x1 = bns.ground_truth(model, x0)
+    assert x1.dtype == torch.float64
+    # flow_matching's own fine RK4 in float32 lands on it.
+    grid = torch.linspace(0, 1, 33)
+    with torch.no_grad():
+        ref = ODESolver(wrapped).sample(x0, step_size=None, method="rk4", time_grid=grid)
+    assert (ref.double() - x1).abs().max() < 1e-4 * x1.abs().max()
+    assert (x1 - x0.double()).abs().max() > 0.1
+    # BNSSolver and bns.sample agree on it, in float32.
+    solver = bns.solvers.midpoint(bns.grids.uniform(4))
+    with torch.no_grad():
+        out = BNSSolver(wrapped, solver).sample(x0)
+        ours = bns.sample(model, x0, solver)
+    assert out.dtype == ours.dtype == torch.float32 and torch.equal(out, ours)
+    assert {x for x, _ in net.seen} == {torch.float32}
+    assert {t for _, t in net.seen} <= {torch.float32, torch.float64}
+    # Distillation trains the solver only: the network's weights get no gradient.
+    from bns.train import distill
+
+    net.seen.clear()
+    tiny = {"train_pairs": 8, "val_pairs": 8, "steps": 3, "batch_size": 4}
+    distill(model, 4, **tiny, cache=False, progress=False)
+    assert net.seen and {x for x, _ in net.seen} == {torch.float32}
+    assert all(p.grad is None and p.requires_grad for p in wrapped.parameters())

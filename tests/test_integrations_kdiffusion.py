@@ -20,7 +20,7 @@ import torch
 
 import bns
 from bns.models.gmm import gaussian_mixture_model
-from bns.schedules import EDM, Schedule
+from bns.schedules import EDM, Schedule, ScheduleValues
 from bns.transforms import ScheduleChange
 
 
@@ -76,15 +76,15 @@ class LinearVE(Schedule):
     def __call__(self, r):
         r = torch.as_tensor(r, dtype=torch.float64)
         s = self.s_max + r * (self.s_min - self.s_max)
-        return (
-            torch.ones_like(r),
-            s,
-            torch.zeros_like(r),
-            torch.full_like(r, self.s_min - self.s_max),
+        return ScheduleValues(
+            alpha=torch.ones_like(r),
+            sigma=s,
+            d_alpha=torch.zeros_like(r),
+            d_sigma=torch.full_like(r, self.s_min - self.s_max),
         )
 
     def log_snr(self, r):
-        return -torch.log(self(r)[1])
+        return -torch.log(self(r).sigma)
 
     def t_from_log_snr(self, lam):
         return (torch.exp(-torch.as_tensor(lam, dtype=torch.float64)) - self.s_max) / (
@@ -108,7 +108,10 @@ def _setup(n: int = 6):
 
 def test_adapted_denoiser_has_the_exact_velocity():
     sigmas, schedule, _, _ = _setup()
-    model = model_from_denoiser(denoiser, schedule.sigma_min, schedule.sigma_max, (DIM,))
+    # The oracle is a plain float64 function: name its dtype (a Model's default is float32).
+    model = model_from_denoiser(
+        denoiser, schedule.sigma_min, schedule.sigma_max, (DIM,), dtype=torch.float64
+    )
     exact = gaussian_mixture_model(
         dim=DIM, components=4, std=0.2, seed=0, schedule=schedule, prediction="velocity"
     )
@@ -173,7 +176,10 @@ def _bns_like(solver: bns.NSSolver) -> bns.NSSolver:
 
 def test_sample_bns_is_bns_sample_on_the_adapted_model():
     sigmas, schedule, _, x = _setup()
-    model = model_from_denoiser(denoiser, schedule.sigma_min, schedule.sigma_max, (DIM,))
+    # The oracle is a plain float64 function: name its dtype (a Model's default is float32).
+    model = model_from_denoiser(
+        denoiser, schedule.sigma_min, schedule.sigma_max, (DIM,), dtype=torch.float64
+    )
     solver = _bns_like(bns.solvers.midpoint(bns.grids.uniform(3)))
     solver.meta = {"model_settings": model.settings()}  # as bns.distill records it
     out = sample_bns(denoiser, x, solver=solver, disable=True)  # schedule from the metadata
@@ -230,3 +236,69 @@ def test_bad_inputs():
         sample_bns(denoiser, x, sigmas, solver=flow)
     with pytest.raises(TypeError, match="bns.NSSolver"):
         sample_bns(denoiser, x, sigmas, solver="euler")
+
+
+# -- the way users write code: a float32 nn.Module denoiser, no dtype anywhere -----------------
+
+
+class Net(torch.nn.Module):
+    """A small float32 network ``F(c_in x, c_noise)``; records the dtypes it is called with."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            torch.nn.Linear(DIM + 1, 32), torch.nn.SiLU(), torch.nn.Linear(32, DIM)
+        )
+        self.seen: list[tuple[torch.dtype, torch.dtype]] = []
+
+    def forward(self, x, c_noise):
+        self.seen.append((x.dtype, c_noise.dtype))
+        return self.body(torch.cat([x, c_noise.reshape(-1, 1).to(x.dtype)], dim=1))
+
+
+class KarrasDenoiser(torch.nn.Module):
+    """k-diffusion's ``layers.Denoiser`` preconditioning (EDM's c_skip, c_out, c_in)."""
+
+    def __init__(self, inner_model, sigma_data=1.0):
+        super().__init__()
+        self.inner_model = inner_model
+        self.sigma_data = sigma_data
+
+    def forward(self, input, sigma):
+        s = sigma.reshape(-1, 1)
+        c_skip = self.sigma_data**2 / (s**2 + self.sigma_data**2)
+        c_out = s * self.sigma_data / (s**2 + self.sigma_data**2) ** 0.5
+        c_in = 1 / (s**2 + self.sigma_data**2) ** 0.5
+        return self.inner_model(input * c_in, sigma.log() / 4) * c_out + input * c_skip
+
+
+def test_a_float32_module_denoiser_works_as_users_write_it():
+    torch.manual_seed(0)
+    net = Net()
+    model = model_from_denoiser(KarrasDenoiser(net), 0.002, 80.0, (DIM,))
+    assert model.dtype == torch.float32  # from the weights, not from any state
+    x0 = torch.randn(4, DIM)
+    # Ground truth integrates in float64 and still calls the network in float32.
+    x1 = bns.ground_truth(model, x0)
+    assert x1.dtype == torch.float64 and torch.isfinite(x1).all()
+    # A fine float32 RK4 lands on it (the EDM path is smooth in flow time).
+    with torch.no_grad():
+        fine = bns.sample(model, x0, bns.solvers.rk4(bns.grids.uniform(32)))
+    assert fine.dtype == torch.float32
+    assert (fine.double() - x1).abs().max() < 1e-3 * x1.abs().max()
+    # k-diffusion's sampler convention on the same denoiser is bns.sample on the model.
+    solver = bns.solvers.euler(bns.grids.uniform(4))
+    with torch.no_grad():
+        ours = sample_bns(model.net.denoiser, 80.0 * x0, solver=solver, schedule=model.schedule)
+        ref = bns.sample(model, x0 * (80.0 / math.sqrt(1 + 80.0**2)), solver)
+    assert ours.dtype == torch.float32
+    assert (ours - ref * math.sqrt(1 + 0.002**2)).abs().max() < 1e-5 * ref.abs().max()
+    assert {x for x, _ in net.seen} == {torch.float32}
+    assert {t for _, t in net.seen} <= {torch.float32, torch.float64}
+    # Distillation trains the solver only: the network's weights get no gradient.
+    from bns.train import distill
+
+    tiny = {"train_pairs": 8, "val_pairs": 8, "steps": 3, "batch_size": 4}
+    distill(model, 4, **tiny, cache=False, progress=False)
+    assert all(p.grad is None and p.requires_grad for p in net.parameters())
+    assert {x for x, _ in net.seen} == {torch.float32}

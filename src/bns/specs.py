@@ -1,58 +1,140 @@
-"""Model specs of the command line: a built-in name, ``path/to/file.py:factory`` or
-``diffusers:PATH``."""
+"""Model specs of the command line, resolved through a registry of kinds.
+
+A spec is a built-in name (``gmm``, see :data:`BUILTIN_MODELS`), ``path/to/file.py:factory``
+(``factory()`` returns a :class:`bns.Model`) or ``diffusers:PATH`` (a local pipeline folder).
+Each kind is one registry entry, a prefix or a matcher with its resolver, so a new source of
+models is one :func:`register_spec` call:
+
+    >>> register_spec("hub:", lambda name: my_hub_model(name), usage="hub:NAME")
+    >>> load_model("hub:tiny-dit")
+
+A spec that names no usable model ends with one :class:`SpecError` line.
+"""
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .model import Model
 
-__all__ = ["BUILTIN_MODELS", "load_model", "SpecError"]
+__all__ = ["BUILTIN_MODELS", "load_model", "register_spec", "SpecError"]
 
 BUILTIN_MODELS = {
     "gmm": ("bns.models.gmm", "gmm"),
     "fmnist-cfg": ("bns.models.fmnist", "fmnist_cfg"),
     "fmnist-vp": ("bns.models.fmnist", "fmnist_vp"),
+    "fmnist-ddpm": ("bns.models.fmnist", "fmnist_ddpm"),
 }
+
+Matcher = Callable[[str], bool]
+Resolver = Callable[..., Any]
 
 
 class SpecError(ValueError):
     """A model spec that does not name a usable model."""
 
 
+@dataclass(frozen=True)
+class _Kind:
+    resolve: Resolver
+    usage: Callable[[], str]  # how the unknown-spec message names this kind
+    prompts: bool  # whether it takes text prompts (--prompts)
+
+
+# prefix ("diffusers:") or matcher -> kind, in the order the unknown-spec message lists them.
+_REGISTRY: dict[str | Matcher, _Kind] = {}
+
+
+def register_spec(
+    match: str | Matcher,
+    resolver: Resolver,
+    *,
+    usage: str | Callable[[], str] | None = None,
+    prompts: bool = False,
+) -> None:
+    """Add a kind of model spec (registering the same ``match`` again replaces it).
+
+    Args:
+        match: a prefix such as ``"hub:"`` (specs that start with it; the resolver receives the
+            rest of the spec) or a matcher ``match(spec) -> bool`` (the resolver receives the
+            whole spec). Prefixes are tried before matchers, the longest first.
+        resolver: ``resolver(rest)`` returns a :class:`bns.Model` (``resolver(rest,
+            prompts=...)`` for a kind that takes prompts); it raises :class:`SpecError` with
+            one clear line for a spec it cannot use.
+        usage: how the message for an unknown spec names this kind (default ``PREFIX...``).
+        prompts: whether the kind takes text prompts (the command line's ``--prompts``).
+    """
+    if usage is None and not isinstance(match, str):
+        raise TypeError("a matcher needs usage=... (how an error message names its specs)")
+    label = f"{match}..." if usage is None else usage
+    describe = label if callable(label) else lambda: label
+    _REGISTRY[match] = _Kind(resolver, describe, prompts)
+
+
+def _find(spec: str) -> tuple[_Kind, str] | None:
+    """The kind of ``spec`` and what its resolver receives, or None."""
+    prefixes = sorted((m for m in _REGISTRY if isinstance(m, str)), key=len, reverse=True)
+    for prefix in prefixes:
+        if spec.startswith(prefix):
+            return _REGISTRY[prefix], spec[len(prefix) :]
+    for match, kind in _REGISTRY.items():
+        if not isinstance(match, str) and match(spec):
+            return kind, spec
+    return None
+
+
+def _one_of(kinds: list[_Kind]) -> str:
+    names = [kind.usage() for kind in kinds]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
 def load_model(spec: str, prompts: list[str] | None = None) -> Model:
     """Resolve a model spec to a :class:`bns.Model`.
 
-    - a built-in name: ``gmm``, ``fmnist-cfg``, ``fmnist-vp``;
+    - a built-in name: ``gmm``, ``fmnist-cfg``, ``fmnist-vp``, ``fmnist-ddpm``;
     - ``path/to/file.py:factory`` where ``factory()`` returns a ``bns.Model``;
-    - ``diffusers:PATH``, a local diffusers pipeline folder (``prompts`` for text pipelines).
+    - ``diffusers:PATH``, a local diffusers pipeline folder (``prompts`` for text pipelines);
+    - any kind added with :func:`register_spec`.
     """
-    if prompts is not None and not spec.startswith("diffusers:"):
-        raise SpecError("--prompts applies to diffusers:PATH models only")
-    if spec in BUILTIN_MODELS:
-        module, name = BUILTIN_MODELS[spec]
-        return _checked(getattr(importlib.import_module(module), name)(), spec)
-    if spec.startswith("diffusers:"):
-        path = spec[len("diffusers:") :]
-        if not Path(path).exists():
-            raise SpecError(f"diffusers pipeline folder not found: {path}")
-        try:
-            from .integrations.diffusers import model_from_pipeline
-        except ImportError as e:
-            raise SpecError(
-                f"diffusers:PATH needs the diffusers extra (pip install 'bns[diffusers]'): {e}"
-            ) from None
-        return _checked(model_from_pipeline(path, prompts=prompts), spec)
-    file, sep, factory = spec.rpartition(":")
-    if not sep or not file.endswith(".py"):
-        raise SpecError(
-            f"unknown model {spec!r}: use one of {', '.join(BUILTIN_MODELS)}, path/to/file.py:factory"
-            " or diffusers:PATH"
-        )
+    found = _find(spec)
+    if prompts is not None and (found is None or not found[0].prompts):
+        takes = [kind for kind in _REGISTRY.values() if kind.prompts]
+        raise SpecError(f"--prompts applies to {_one_of(takes)} models only")
+    if found is None:
+        raise SpecError(f"unknown model {spec!r}: use one of {_one_of(list(_REGISTRY.values()))}")
+    kind, rest = found
+    model = kind.resolve(rest, prompts=prompts) if kind.prompts else kind.resolve(rest)
+    if not isinstance(model, Model):
+        raise SpecError(f"{spec} did not give a bns.Model (got {type(model).__name__})")
+    return model
+
+
+# -- the built-in kinds -------------------------------------------------------------------------
+
+
+def _is_builtin(spec: str) -> bool:
+    return spec in BUILTIN_MODELS
+
+
+def _builtin(name: str) -> Any:
+    module, factory = BUILTIN_MODELS[name]
+    return getattr(importlib.import_module(module), factory)()
+
+
+def _is_file_spec(spec: str) -> bool:
+    file, sep, _ = spec.rpartition(":")
+    return bool(sep) and file.endswith(".py")
+
+
+def _from_file(spec: str) -> Any:
+    """``path/to/file.py:factory``: import the file and call ``factory()``."""
+    file, _, factory = spec.rpartition(":")
     path = Path(file)
     if not path.is_file():
         raise SpecError(f"model file not found: {file}")
@@ -70,13 +152,24 @@ def load_model(spec: str, prompts: list[str] | None = None) -> Model:
     if not callable(fn):
         raise SpecError(f"{file} has no callable {factory!r}")
     try:
-        model = fn()
+        return fn()
     except Exception as e:  # noqa: BLE001
         raise SpecError(f"{file}:{factory}() failed: {type(e).__name__}: {e}") from None
-    return _checked(model, spec)
 
 
-def _checked(model: Any, spec: str) -> Model:
-    if not isinstance(model, Model):
-        raise SpecError(f"{spec} did not give a bns.Model (got {type(model).__name__})")
-    return model
+def _from_diffusers(path: str, prompts: list[str] | None = None) -> Any:
+    """``diffusers:PATH``: a local pipeline folder (the diffusers extra, imported lazily)."""
+    if not Path(path).exists():
+        raise SpecError(f"diffusers pipeline folder not found: {path}")
+    try:
+        from .integrations.diffusers import model_from_pipeline
+    except ImportError as e:
+        raise SpecError(
+            f"diffusers:PATH needs the diffusers extra (pip install 'bns[diffusers]'): {e}"
+        ) from None
+    return model_from_pipeline(path, prompts=prompts)
+
+
+register_spec(_is_builtin, _builtin, usage=lambda: ", ".join(BUILTIN_MODELS))
+register_spec(_is_file_spec, _from_file, usage="path/to/file.py:factory")
+register_spec("diffusers:", _from_diffusers, usage="diffusers:PATH", prompts=True)

@@ -63,6 +63,7 @@ def model_from_wrapper(
     label_key: str = "label",
     extras: dict[str, Any] | None = None,
     name: str = "flow_matching",
+    dtype: torch.dtype | None = None,
 ) -> Model:
     """A :class:`bns.Model` of a flow_matching ``ModelWrapper`` (or any ``f(x=, t=, **extras)``).
 
@@ -77,6 +78,9 @@ def model_from_wrapper(
             ``extras[label_key]`` and the label ``K`` must be the wrapper's unconditional input.
         extras: fixed keyword arguments passed on every call.
         name: the model's name in artifacts.
+        dtype: the dtype the wrapper runs in (``x`` reaches it in it, ``t`` in it or float32).
+            Default: that of its weights (a ``ModelWrapper`` is an ``nn.Module``), else float32;
+            pass it for a plain function, e.g. ``torch.float64`` for an exact one.
     """
     if not callable(model_wrapper):
         raise TypeError(f"model_wrapper must be callable, got {type(model_wrapper).__name__}")
@@ -89,6 +93,7 @@ def model_from_wrapper(
         t_range=t_range,
         num_classes=num_classes,
         name=name,
+        dtype=dtype,
     )
 
 
@@ -130,9 +135,7 @@ class BNSSolver(Solver):
             return self.velocity_model(x=x, t=t, **model_extras)
 
         with torch.set_grad_enabled(enable_grad):
-            out = sample(
-                None, x_init, self.solver, velocity=velocity, return_trajectory=return_intermediates
-            )
+            out = sample(velocity, x_init, self.solver, return_trajectory=return_intermediates)
         if return_intermediates:
             return torch.stack(out[1])
         return out

@@ -72,6 +72,7 @@ def model_from_denoiser(
     label_key: str = "class_cond",
     extra_args: dict[str, Any] | None = None,
     name: str = "k_diffusion",
+    dtype: torch.dtype | None = None,
 ) -> Model:
     """A :class:`bns.Model` of a k-diffusion denoiser ``denoiser(x, sigma, **extra_args)``.
 
@@ -87,6 +88,9 @@ def model_from_denoiser(
             ``extra_args[label_key]`` and the label ``K`` must be its unconditional class.
         extra_args: fixed keyword arguments passed on every call.
         name: the model's name in artifacts.
+        dtype: the dtype the denoiser runs in (``x`` and ``sigma`` reach it in it). Default:
+            that of its weights (an ``nn.Module`` denoiser, or one holding modules), else
+            float32; pass it for a plain function, e.g. ``torch.float64`` for an exact one.
     """
     if not callable(denoiser):
         raise TypeError(f"denoiser must be callable, got {type(denoiser).__name__}")
@@ -102,6 +106,7 @@ def model_from_denoiser(
         t_range=(0.0, 1.0),
         num_classes=num_classes,
         name=name,
+        dtype=dtype,
     )
 
 
@@ -191,7 +196,8 @@ def sample_bns(
     calls = [0]
 
     def call(xr: Tensor, t: Tensor) -> Tensor:
-        # t goes through x's dtype, as a Model passes it to its net.
+        # t is rounded to the state's dtype (float32 or wider), as bns.Model rounds it for a
+        # network of that dtype: the same noise levels as sampling through model_from_denoiser.
         t = t.to(acc).to(torch.float64).expand(xr.shape[0])
         d = _denoise(model, sched, xr, t, extra_args)
         if callback is not None:
@@ -211,7 +217,7 @@ def sample_bns(
         return beta.to(acc) * xr.to(acc) + gamma.to(acc) * d.to(acc)
 
     x0 = x.to(acc) / math.sqrt(1 + s_start * s_start)
-    xn = sample(None, x0, solver, velocity=velocity)
+    xn = sample(velocity, x0, solver)
     try:
         if denoise_last:
             t_end = times[-1].reshape(1).to(x.device)

@@ -1,0 +1,80 @@
+"""How a diffusers scheduler's model output and timesteps map onto bns's flow time.
+
+Shared by the scheduler (:mod:`.scheduler`) and the pipeline adapter (:mod:`.pipeline`); the
+conventions themselves are described in the package docstring.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ...schedules import CondOT, DiscreteVP, Schedule
+
+# diffusers' prediction_type -> bns prediction.
+PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x1", "flow": "velocity"}
+
+
+class DiffusersError(ValueError):
+    """A pipeline or scheduler that this integration cannot use, or a misuse of the scheduler."""
+
+
+def is_flow_scheduler(scheduler: Any) -> bool:
+    name = type(scheduler).__name__
+    config = getattr(scheduler, "config", scheduler)
+    return "FlowMatch" in name or (
+        isinstance(config, dict)
+        and ("shift" in config or "use_dynamic_shifting" in config)
+        and "beta_start" not in config
+    )
+
+
+def _alphas_cumprod(scheduler: Any) -> Tensor:
+    ac = getattr(scheduler, "alphas_cumprod", None)
+    if ac is None:
+        # A bare config: let diffusers' own DDPM scheduler build the betas the same way.
+        from diffusers import DDPMScheduler
+
+        config = dict(getattr(scheduler, "config", scheduler))
+        ac = DDPMScheduler.from_config(config).alphas_cumprod
+    return torch.as_tensor(ac, dtype=torch.float64).flatten()
+
+
+def describe_scheduler(scheduler: Any) -> dict[str, Any]:
+    """``prediction_type``, ``num_train_timesteps`` and (DDPM-style) ``alphas_cumprod``."""
+    config = getattr(scheduler, "config", scheduler)
+    n_train = int(config.get("num_train_timesteps", 1000))
+    if is_flow_scheduler(scheduler):
+        return {"prediction_type": "flow", "num_train_timesteps": n_train, "alphas_cumprod": None}
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in ("epsilon", "v_prediction", "sample"):
+        raise DiffusersError(
+            f"{type(scheduler).__name__} has prediction_type {prediction!r}; bns supports"
+            " epsilon, v_prediction, sample and flow matching"
+        )
+    ac = _alphas_cumprod(scheduler)
+    return {
+        "prediction_type": prediction,
+        "num_train_timesteps": ac.numel(),
+        "alphas_cumprod": [float(v) for v in ac],
+    }
+
+
+def bns_schedule(prediction_type: str, alphas_cumprod: Sequence[float] | None) -> Schedule:
+    """The bns scheduler of a pipeline: CondOT for flow matching, else DiscreteVP."""
+    if prediction_type == "flow":
+        return CondOT()
+    if alphas_cumprod is None:
+        raise DiffusersError(f"prediction_type {prediction_type!r} needs alphas_cumprod")
+    return DiscreteVP(torch.tensor(list(alphas_cumprod), dtype=torch.float64))
+
+
+def diffusers_timestep(prediction_type: str, num_train_timesteps: int, t: Tensor) -> Tensor:
+    """The diffusers timestep of flow time ``t`` (float64, fractional)."""
+    t = t.to(torch.float64)
+    if prediction_type == "flow":
+        return (1 - t) * num_train_timesteps
+    return (1 - t) * (num_train_timesteps - 1)
