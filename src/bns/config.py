@@ -132,7 +132,8 @@ class DistillConfig:
 def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     """Add one ``--option`` per field of :class:`DistillConfig`, with its default in the help.
 
-    Options default to None, so the command can tell what was given from what was not; the
+    An option left out is absent from the parsed namespace (``argparse.SUPPRESS``), so the
+    command can tell what was given (even ``--precondition none``) from what was not; the
     shown default is the config's.
     """
     for f in fields(DistillConfig):
@@ -144,13 +145,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
         if f.default is not MISSING:
             help_text += f" (default: {'none' if default is None else default})"
         if isinstance(default, bool):
-            parser.add_argument(flag, action="store_true", default=None, help=help_text)
+            parser.add_argument(
+                flag, action="store_true", default=argparse.SUPPRESS, help=help_text
+            )
             continue
         parse = f.metadata.get("parse") or _type_of(f)
         parser.add_argument(
             flag,
             type=_argparse_type(parse),
-            default=None,
+            default=argparse.SUPPRESS,
             required=f.default is MISSING,
             metavar=f.metadata.get("metavar"),
             help=help_text,
@@ -178,9 +181,4 @@ def _argparse_type(parse: Any) -> Any:
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The config fields given on the command line (those left out keep their defaults)."""
-    out = {}
-    for f in fields(DistillConfig):
-        v = getattr(args, f.name, None)
-        if v is not None:
-            out[f.name] = v
-    return out
+    return {f.name: getattr(args, f.name) for f in fields(DistillConfig) if hasattr(args, f.name)}

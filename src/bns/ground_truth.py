@@ -40,7 +40,8 @@ def ground_truth(
 ) -> Tensor | tuple[Tensor, dict[str, Any]]:
     """Solve ``dx/dt = u_t(x)`` from ``x0`` over the model's ``t_range`` with RK45 (dopri5).
 
-    The whole batch is one adaptive solve whose error norm is the largest per-sample RMS, so
+    The network is frozen and in eval mode meanwhile (:func:`bns.model.frozen`: dropout off),
+    then restored. The whole batch is one adaptive solve whose error norm is the largest per-sample RMS, so
     every sample meets the tolerances (a plain RMS over the batch would let one sample drift).
     The state is kept in ``dtype`` (float64 by default) on ``x0``'s device; the network runs in
     its own dtype (``model.dtype``). ``rtol`` and ``atol`` default to
@@ -50,6 +51,8 @@ def ground_truth(
     ``{"nfe": velocity evaluations for the batch, "forwards": network forwards per sample}``.
     """
     from torchdiffeq import odeint
+
+    from .model import frozen
 
     rtol = default_tolerance(model.dtype) if rtol is None else float(rtol)
     atol = rtol if atol is None else float(atol)
@@ -67,7 +70,7 @@ def ground_truth(
         return v.reshape(b, -1).pow(2).mean(1).sqrt().max()
 
     times = torch.tensor([t_min, t_max], dtype=torch.float64, device=x0.device)
-    with torch.no_grad():
+    with torch.no_grad(), frozen(model):
         out = odeint(
             f,
             x0.to(dtype),

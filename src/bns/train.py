@@ -112,6 +112,24 @@ def distill(
             " (model.to(device))"
         )
     candidates = _candidates(model, cfg)  # bad settings fail before any ground truth
+    with frozen(model):
+        return _distill(
+            model,
+            cfg,
+            candidates,
+            pairs,
+            cache,
+            checkpoint_path,
+            resume,
+            progress,
+            callback,
+            device,
+        )
+
+
+def _distill(
+    model, cfg, candidates, pairs, cache, checkpoint_path, resume, progress, callback, device
+) -> tuple[NSSolver, dict[str, Any]]:
     if pairs is None:
         kw = dict(seed=cfg.seed, guidance=cfg.guidance, rtol=cfg.rtol, atol=cfg.atol, cache=cache)
         kw.update(progress=progress, batch_size=cfg.gt_batch_size, device=device)
@@ -121,26 +139,21 @@ def distill(
         train, val = pairs
         cfg = cfg.replace(train_pairs=len(train), val_pairs=len(val))  # what was used
     train, val = train.to(device), val.to(device)
-    with frozen(model):
-        init, scores, init_forwards = choose_initial_solver(model, cfg, val, candidates)
-        family = make_family(cfg.family, init)
-        ckpt = (
-            Checkpoint(checkpoint_path, _run_id(model, cfg, train, val))
-            if checkpoint_path
-            else None
-        )
-        loop = _Loop(model, cfg, family, init, train, val, callback)
-        if resume:
-            state = ckpt.load() if ckpt is not None else None
-            if state is None and ckpt is not None:
-                warnings.warn(f"bns: no checkpoint at {ckpt.path}; starting anew", stacklevel=2)
-            elif state is not None:
-                loop.load_state_dict(state)
-        loop.run(ckpt, progress)
+    init, scores, init_forwards = choose_initial_solver(model, cfg, val, candidates)
+    family = make_family(cfg.family, init)
+    ckpt = Checkpoint(checkpoint_path, _run_id(model, cfg, train, val)) if checkpoint_path else None
+    loop = _Loop(model, cfg, family, init, train, val, callback)
+    if resume:
+        state = ckpt.load() if ckpt is not None else None
+        if state is None and ckpt is not None:
+            warnings.warn(f"bns: no checkpoint at {ckpt.path}; starting anew", stacklevel=2)
+        elif state is not None:
+            _restore_loop(loop, state)
+    loop.run(ckpt, progress)
     solver = loop.best
     solver.meta = _artifact_meta(model, cfg, loop, train, scores, init_forwards)
     solver.validate(t_range=model.t_range, strict=True)
-    return solver, loop.history_dict()
+    return solver, _history(loop)
 
 
 def _run_id(model: Model, cfg: DistillConfig, train: Pairs, val: Pairs) -> str:
@@ -151,7 +164,7 @@ def _run_id(model: Model, cfg: DistillConfig, train: Pairs, val: Pairs) -> str:
 class _Loop:
     """The optimization: learning-rate schedule, validation, best/revert, checkpoint state."""
 
-    _SCALARS = ("step", "lr_scale", "skipped", "reverts", "bad_rounds", "elapsed", "forwards")
+    SCALARS = ("step", "lr_scale", "skipped", "reverts", "bad_rounds", "elapsed", "forwards")
 
     def __init__(self, model, cfg, family: Family, init, train, val, callback) -> None:
         self.model, self.cfg, self.family, self.init = model, cfg, family, init
@@ -255,44 +268,48 @@ class _Loop:
                 bar.set_postfix(val=f"{self.history['val_psnr'][-1]:.2f}dB")
             self.elapsed += time.perf_counter() - t_start
             if ckpt is not None and at_round:
-                ckpt.save(self.state_dict())
+                ckpt.save(_loop_state(self))
             bar.update(1)
             if self.skipped > cfg.max_skips:
                 warnings.warn("bns: too many non-finite steps; stopping early", stacklevel=3)
                 break
         bar.close()
 
-    def state_dict(self) -> dict[str, Any]:
-        scalars = {k: getattr(self, k) for k in self._SCALARS}
-        best_psnr = self.best_psnr if math.isfinite(self.best_psnr) else None
-        scalars.update(best_psnr=best_psnr, best_step=self.best_step, history=self.history)
-        return {
-            "params": self.family.state_dict(),
-            "opt": self.opt.state_dict(),
-            "gen": self.gen.get_state(),
-            "scalars": json.dumps(scalars),
-            "best": json.dumps(self.best.to_dict()),
-            "best_params": self.best_params,
-        }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.family.load_state_dict(state["params"])
-        self.opt.load_state_dict(state["opt"])
-        self.gen.set_state(state["gen"])
-        s = json.loads(state["scalars"])
-        for k in self._SCALARS:
-            setattr(self, k, s[k])
-        self.best_psnr = -math.inf if s["best_psnr"] is None else s["best_psnr"]
-        self.best_step, self.history = s["best_step"], s["history"]
-        self.best = NSSolver.from_dict(json.loads(state["best"]))
-        self.best_params = state["best_params"]
+def _loop_state(loop: _Loop) -> dict[str, Any]:
+    """Everything a checkpoint needs to continue ``loop`` to the same result."""
+    scalars = {k: getattr(loop, k) for k in loop.SCALARS}
+    best_psnr = loop.best_psnr if math.isfinite(loop.best_psnr) else None
+    scalars.update(best_psnr=best_psnr, best_step=loop.best_step, history=loop.history)
+    return {
+        "params": loop.family.state_dict(),
+        "opt": loop.opt.state_dict(),
+        "gen": loop.gen.get_state(),
+        "scalars": json.dumps(scalars),
+        "best": json.dumps(loop.best.to_dict()),
+        "best_params": loop.best_params,
+    }
 
-    def history_dict(self) -> dict[str, Any]:
-        h = dict(self.history)
-        h.update(best_step=self.best_step, best_val_psnr=self.best_psnr, steps_run=self.step)
-        h.update(skipped=self.skipped, reverts=self.reverts, forwards=self.forwards)
-        h.update(wall_time_s=self.elapsed)
-        return h
+
+def _restore_loop(loop: _Loop, state: dict[str, Any]) -> None:
+    loop.family.load_state_dict(state["params"])
+    loop.opt.load_state_dict(state["opt"])
+    loop.gen.set_state(state["gen"])
+    s = json.loads(state["scalars"])
+    for k in loop.SCALARS:
+        setattr(loop, k, s[k])
+    loop.best_psnr = -math.inf if s["best_psnr"] is None else s["best_psnr"]
+    loop.best_step, loop.history = s["best_step"], s["history"]
+    loop.best = NSSolver.from_dict(json.loads(state["best"]))
+    loop.best_params = state["best_params"]
+
+
+def _history(loop: _Loop) -> dict[str, Any]:
+    h = dict(loop.history)
+    h.update(best_step=loop.best_step, best_val_psnr=loop.best_psnr, steps_run=loop.step)
+    h.update(skipped=loop.skipped, reverts=loop.reverts, forwards=loop.forwards)
+    h.update(wall_time_s=loop.elapsed)
+    return h
 
 
 def _artifact_meta(model, cfg, loop: _Loop, train: Pairs, scores, init_forwards) -> dict:

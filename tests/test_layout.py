@@ -1,0 +1,119 @@
+"""The shape of the package: one source of settings, core modules that depend on nothing above
+them, small classes in the trainer, and artifacts that keep loading."""
+
+from __future__ import annotations
+
+import ast
+import json
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+import bns
+from bns.cli import build_parser
+from bns.config import DistillConfig, config_from_args
+
+SRC = Path(bns.__file__).parent
+ROOT = SRC.parents[1]
+
+CORE = [
+    "schedules",
+    "model",
+    "solver",
+    "solvers",
+    "grids",
+    "transforms",
+    "ground_truth",
+    "_io",
+    "_hashing",
+]
+ABOVE_CORE = {"train", "loss", "families", "checkpoint", "config", "evaluate", "report", "cli"}
+ABOVE_CORE |= {"demo", "specs", "integrations", "pairs"}
+
+
+def _imports(path: Path) -> set[str]:
+    """The top-level bns modules a file imports (``from ..x import``, ``from . import x``,
+    ``import bns.x``), as names like ``"train"``."""
+    package = list(path.relative_to(SRC).parent.parts)  # [] for bns/, ["solvers"] for a subpackage
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                if not (node.module or "").startswith("bns"):
+                    continue
+                parts = node.module.split(".")[1:]
+            else:
+                base = package[: len(package) - (node.level - 1)]
+                parts = base + (node.module.split(".") if node.module else [])
+            if parts:
+                out.add(parts[0])
+            else:
+                out.update(a.name for a in node.names)
+        elif isinstance(node, ast.Import):
+            out.update(a.name.split(".")[1] for a in node.names if a.name.startswith("bns."))
+    return out
+
+
+def _files(name: str) -> list[Path]:
+    p = SRC / name
+    return sorted(p.rglob("*.py")) if p.is_dir() else [SRC / f"{name}.py"]
+
+
+@pytest.mark.parametrize("name", CORE)
+def test_core_modules_import_nothing_above_the_core(name):
+    for path in _files(name):
+        bad = _imports(path) & ABOVE_CORE
+        assert not bad, f"{path.relative_to(SRC)} imports {sorted(bad)}"
+
+
+def test_evaluation_does_not_import_training():
+    assert not _imports(SRC / "evaluate.py") & {"train", "loss", "families", "checkpoint"}
+
+
+@pytest.mark.parametrize("name", ["train", "loss", "families", "checkpoint", "config"])
+def test_trainer_classes_are_small(name):
+    tree = ast.parse((SRC / f"{name}.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef):
+            size = node.end_lineno - node.lineno + 1
+            assert size <= 120, f"{name}.{node.name} has {size} lines"
+
+
+def test_command_line_defaults_are_the_config_defaults():
+    args = build_parser().parse_args(["distill", "--model", "gmm", "--nfe", "6", "--out", "x"])
+    assert DistillConfig(**config_from_args(args)) == DistillConfig(nfe=6)
+    given = build_parser().parse_args(
+        ["distill", "--model", "gmm", "--nfe", "6", "--out", "x", "--micro-batch", "4"]
+        + ["--precondition", "none", "--grad-checkpoint", "--lr", "0.01"]
+    )
+    cfg = DistillConfig(**config_from_args(given))
+    assert (cfg.micro_batch, cfg.precondition, cfg.grad_checkpoint, cfg.lr) == (4, None, True, 0.01)
+
+
+def test_distill_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["distill", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for f in fields(DistillConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in text, flag
+        if f.name != "nfe":
+            shown = "none" if f.default is None else str(f.default)
+            assert f"(default: {shown})" in text, f.name
+
+
+def test_unknown_settings_are_refused():
+    with pytest.raises(bns.TrainingError, match="unknown distillation setting"):
+        DistillConfig(nfe=4).replace(stepz=3)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "benchmarks/results/solvers").glob("*.json")))
+def test_shipped_benchmark_solvers_load_for_their_models(path):
+    from bns.specs import load_model
+
+    meta = json.loads(path.read_text())["meta"]
+    model = load_model(meta["model_name"])
+    # the fingerprint (and so the hashing of the weights) is what it was when they were made
+    solver = bns.NSSolver.load(path, model=model, guidance=meta["guidance"])
+    assert solver.meta["model_fingerprint"] == model.fingerprint()

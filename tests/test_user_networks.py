@@ -1,0 +1,265 @@
+"""Networks written the way users write them: a float32 nn.Module with no dtype=, a closure, a
+bound method, a bf16 module, autocast around the call, an explicit device. Each one goes through
+ground truth, distillation and sampling with the Python API and the command line."""
+
+from __future__ import annotations
+
+import math
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import bns
+from bns.cli import main
+from bns.families import make_family
+from bns.loss import loss_and_grad
+from bns.pairs import Pairs, make_pairs
+from bns.solvers import initial_solver
+
+DIM = 6
+TINY = dict(train_pairs=8, val_pairs=8, init_pairs=8, steps=3, val_every=3, batch_size=4)
+
+
+class UserNet(nn.Module):
+    """A velocity MLP as a user writes it: float32 weights, sinusoidal time features computed
+    from t and cast to the weights' dtype, and a record of what it was called with."""
+
+    def __init__(self, dim: int = DIM) -> None:
+        super().__init__()
+        self.register_buffer("freqs", torch.arange(1, 5, dtype=torch.float32) * math.pi)
+        self.mlp = nn.Sequential(nn.Linear(dim + 8, 32), nn.SiLU(), nn.Linear(32, dim))
+        self.dropout = nn.Dropout(0.5)  # would make samples random if eval() were forgotten
+        self.seen: list[tuple[torch.dtype, torch.dtype, bool]] = []
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.seen.append((x.dtype, t.dtype, self.training))
+        arg = t[:, None] * self.freqs.to(t.dtype)
+        temb = torch.cat([arg.sin(), arg.cos()], 1).to(x.dtype)
+        return self.dropout(self.mlp(torch.cat([x, temb], 1)))
+
+
+class Predictor:
+    """Not a module: a user's object that holds one and exposes a method."""
+
+    def __init__(self, net: nn.Module) -> None:
+        self.net = net
+
+    def predict(self, x, t):
+        return self.net(x, t)
+
+
+def _net(dtype=torch.float32) -> UserNet:
+    torch.manual_seed(0)
+    return UserNet().to(dtype)
+
+
+def _wrap(kind: str, net: UserNet):
+    if kind == "module":
+        return net
+    if kind == "closure":
+        return lambda x, t: net(x, t)
+    if kind == "bound-method":
+        return Predictor(net).predict
+    raise AssertionError(kind)
+
+
+def _model(fn) -> bns.Model:
+    return bns.Model(fn, "velocity", bns.schedules.CondOT(), (DIM,), name="user")
+
+
+@pytest.mark.parametrize("kind", ["module", "closure", "bound-method"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_user_network_distills_and_samples(kind, dtype):
+    net = _net(dtype)
+    net.train()  # as a user leaves it after training
+    model = _model(_wrap(kind, net))
+    assert model.dtype == dtype and model.device == torch.device("cpu")
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+
+    x0 = torch.randn(4, DIM, dtype=torch.float64)
+    x1, stats = bns.ground_truth(model, x0, return_stats=True)  # float64 state, net's own dtype
+    assert x1.dtype == torch.float64 and torch.all(torch.isfinite(x1))
+    # in eval mode: with its dropout on, the adaptive solver would chase noise for ever
+    assert stats["nfe"] < 500 and net.training
+
+    solver, hist = bns.distill(model, 4, cache=False, progress=False, **TINY)
+    assert hist["steps_run"] == 3
+    # Frozen: no weight got a gradient or changed; eval mode inside, training mode restored.
+    assert all(p.grad is None and p.requires_grad for p in net.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert net.training and net.dropout.training
+    assert {training for _, _, training in net.seen[-20:]} == {False}
+    # What the network saw: x in its own dtype, t in float32 or wider.
+    for x_dtype, t_dtype, _ in net.seen:
+        assert x_dtype == dtype
+        assert t_dtype in (torch.float32, torch.float64)
+
+    net.eval()
+    x = bns.sample(model, torch.randn(3, DIM), solver)
+    assert x.dtype == torch.float32 and torch.all(torch.isfinite(x))
+
+
+def test_a_plain_function_defaults_to_float32_and_says_to_pass_dtype():
+    w = torch.randn(DIM, DIM, dtype=torch.float64)  # a tensor, not a module: nothing to read
+
+    def velocity(x, t):
+        return x @ w
+
+    model = _model(velocity)
+    assert model.dtype == torch.float32
+    with pytest.raises(bns.ModelError, match="Pass dtype="):
+        model.velocity(torch.randn(2, DIM), 0.5)
+    ok = bns.Model(velocity, "velocity", bns.schedules.CondOT(), (DIM,), dtype=torch.float64)
+    assert ok.velocity(torch.randn(2, DIM), 0.5).dtype == torch.float32
+
+
+def test_closure_fingerprint_follows_the_weights_it_holds():
+    net = _net()
+    model = _model(_wrap("closure", net))
+    fp = model.fingerprint()
+    with torch.no_grad():
+        net.mlp[0].weight[0, 0] += 1e-3
+    assert model.fingerprint() != fp
+
+
+def test_sample_state_is_float32_under_cpu_autocast():
+    net = _net()
+    net.eval()
+    model = _model(net)
+    solver = bns.solvers.midpoint(bns.grids.uniform(4))
+    x0 = torch.randn(5, DIM)
+    ref = bns.sample(model, x0, solver)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = bns.sample(model, x0, solver)
+        u = model.velocity(x0, 0.3)
+    assert x.dtype == torch.float32 and u.dtype == torch.float32
+    # the network ran in bf16 under autocast; the sums did not: the error is the network's
+    assert (x - ref).abs().max() < 0.05
+    assert not torch.equal(x, ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run where a GPU is lent)")
+def test_sample_state_is_float32_under_cuda_autocast():
+    net = _net().cuda().eval()
+    model = _model(net)
+    solver = bns.solvers.midpoint(bns.grids.uniform(4))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        x = bns.sample(model, torch.randn(5, DIM, device="cuda"), solver)
+    assert x.dtype == torch.float32 and x.device.type == "cuda"
+
+
+def _devices():
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out.append("cuda")
+    return out
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_the_whole_path_runs_on_an_explicit_device(device, tmp_path):
+    net = _net().to(device)
+    model = _model(net)
+    solver, _ = bns.distill(model, 4, cache=tmp_path, progress=False, device=device, **TINY)
+    assert all(p.grad is None for p in net.parameters())
+    x = bns.sample(model, torch.randn(3, DIM, device=device), solver)
+    assert x.device.type == device
+    # Caches hold CPU tensors and the pairs do not depend on the device.
+    pairs = make_pairs(model, 8, "train", cache=tmp_path, progress=False)
+    assert pairs.x0.device.type == "cpu"
+    cpu = make_pairs(_model(_net()), 8, "train", cache=False, progress=False)
+    torch.testing.assert_close(pairs.x0, cpu.x0, rtol=0, atol=0)
+    torch.testing.assert_close(pairs.x1, cpu.x1, rtol=1e-4, atol=1e-4)
+
+
+def test_a_network_elsewhere_than_the_device_asked_for_is_refused():
+    with pytest.raises(bns.TrainingError, match="move it there first"):
+        bns.distill(_model(_net()), 4, device="meta", cache=False, progress=False, **TINY)
+
+
+def test_micro_batches_give_the_full_batch_gradient():
+    net = _net().eval()
+    model = _model(net)
+    x0 = torch.randn(10, DIM)
+    with torch.no_grad():
+        x1 = bns.sample(model, x0, bns.solvers.rk4(bns.grids.uniform(10)))
+    batch = Pairs(x0, x1, None)
+    family = make_family("bns", initial_solver(model, 4, "midpoint"))
+    full_loss, full = loss_and_grad(family, model, batch, 1.0)
+    for k in (1, 3, 4):
+        loss, grads = loss_and_grad(family, model, batch, 1.0, micro_batch=k)
+        assert loss == pytest.approx(full_loss, rel=1e-6)
+        for g, f in zip(grads, full):  # to 1e-6 of the gradient's size (float32 network)
+            torch.testing.assert_close(g, f, rtol=1e-6, atol=1e-6 * float(f.abs().max()))
+    kw = dict(pairs=(batch, batch), steps=4, val_every=2, batch_size=8, progress=False)
+    s1, _ = bns.distill(model, 4, init="midpoint", **kw)
+    s2, _ = bns.distill(model, 4, init="midpoint", micro_batch=3, **kw)
+    for name in ("times", "a", "b"):
+        torch.testing.assert_close(getattr(s1, name), getattr(s2, name), rtol=1e-6, atol=1e-6)
+
+
+_FACTORY = """
+import math, torch
+from torch import nn
+import bns
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear({dim} + 2, 32), nn.SiLU(), nn.Linear(32, {dim}))
+
+    def forward(self, x, t):
+        temb = torch.stack([torch.sin(math.pi * t), torch.cos(math.pi * t)], 1).to(x.dtype)
+        return self.mlp(torch.cat([x, temb], 1))
+
+def module():
+    torch.manual_seed(0)
+    return bns.Model(Net(), "velocity", bns.schedules.CondOT(), ({dim},), name="user-module")
+
+def closure():
+    torch.manual_seed(0)
+    net = Net()
+    return bns.Model(lambda x, t: net(x, t), "velocity", bns.schedules.CondOT(), ({dim},),
+                     name="user-closure")
+
+def bf16():
+    torch.manual_seed(0)
+    return bns.Model(Net().to(torch.bfloat16), "velocity", bns.schedules.CondOT(), ({dim},),
+                     name="user-bf16")
+"""
+
+
+@pytest.mark.parametrize("factory", ["module", "closure", "bf16"])
+def test_user_network_through_the_command_line(factory, tmp_path, capsys):
+    src = tmp_path / "user_model.py"
+    src.write_text(textwrap.dedent(_FACTORY.format(dim=DIM)))
+    spec = f"{src}:{factory}"
+    out = tmp_path / "s.json"
+    common = ["--model", spec, "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+    args = ["distill", *common, "--nfe", "4", "--out", str(out), "--device", "cpu"]
+    args += ["--train-pairs", "8", "--val-pairs", "8", "--steps", "3", "--batch-size", "4"]
+    assert main(args) == 0, capsys.readouterr().err
+    assert bns.NSSolver.load(out).meta["model_name"] == f"user-{factory}"
+    pt = tmp_path / "x.pt"
+    assert main(["sample", *common, "--solver", str(out), "--n", "3", "--out", str(pt)]) == 0
+    x = torch.load(pt)
+    assert x.shape == (3, DIM) and x.dtype == torch.float32 and torch.all(torch.isfinite(x))
+
+
+def test_cli_dtype_casts_a_builtin_model(tmp_path, capsys):
+    out = tmp_path / "s.json"
+    common = ["--model", "fmnist-cfg", "--cache-dir", str(tmp_path), "--quiet"]
+    args = ["distill", *common, "--dtype", "bfloat16", "--nfe", "2", "--out", str(out)]
+    args += ["--train-pairs", "2", "--val-pairs", "2", "--steps", "1", "--batch-size", "2"]
+    args += ["--init", "euler"]
+    assert main(args) == 0, capsys.readouterr().err
+    meta = bns.NSSolver.load(out).meta
+    assert meta["config"]["rtol"] is None  # resolved from the network's dtype, recorded in the cache
+    from bns.specs import load_model
+
+    bf = load_model("fmnist-cfg").to(dtype=torch.bfloat16)
+    assert meta["model_fingerprint"] == bf.fingerprint() != load_model("fmnist-cfg").fingerprint()
+    from bns.ground_truth import default_tolerance
+
+    assert default_tolerance(torch.bfloat16) > 1e-5
