@@ -1,0 +1,67 @@
+"""Every Python block of the README runs, as written, on a small network defined here (the
+distillation sizes shrunk so that it takes seconds)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import bns
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+SMALL = dict(train_pairs=6, val_pairs=6, init_pairs=6, steps=2, val_every=2, batch_size=4)
+
+
+class ConditionalEps(nn.Module):
+    """An epsilon network on 3 x 32 x 32 images with 1000 classes (+ the null label), float32,
+    written the way a user writes one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.label = nn.Embedding(1001, 8)
+        self.time = nn.Linear(1, 8)
+        self.conv_in = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv_out = nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, x, t, y=None):
+        h = self.conv_in(x)
+        emb = self.time(t[:, None].to(x.dtype))
+        if y is not None:
+            emb = emb + self.label(y)
+        return 0.1 * self.conv_out(torch.tanh(h + emb[:, :, None, None]))
+
+
+def test_the_readme_has_python_blocks():
+    assert len(BLOCKS) >= 2
+
+
+def test_readme_python_blocks_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BNS_CACHE_DIR", str(tmp_path / "cache"))
+    real = bns.distill
+
+    def small(model, nfe=None, **kw):
+        return real(model, nfe, **{**kw, **SMALL, "progress": False})
+
+    monkeypatch.setattr(bns, "distill", small)
+    torch.manual_seed(0)
+    namespace = {"net": ConditionalEps()}
+    for block in BLOCKS:
+        exec(compile(block, str(README), "exec"), namespace)
+    x = namespace["x"]
+    assert x.dtype == torch.float32 and torch.all(torch.isfinite(x))
+    assert (tmp_path / "bns_nfe8.json").exists()
+    solver = namespace["solver"]
+    assert solver.nfe == 8 and solver.meta["guidance"] == 2.0
+    net = namespace["net"]
+    assert all(p.grad is None for p in net.parameters())
+
+
+@pytest.mark.parametrize("name", ["distill", "DistillConfig", "sample", "NSSolver", "Model"])
+def test_names_the_readme_uses_are_public(name):
+    assert name in bns.__all__ and hasattr(bns, name)
