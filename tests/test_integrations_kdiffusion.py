@@ -289,7 +289,7 @@ def test_a_float32_module_denoiser_works_as_users_write_it():
     # k-diffusion's sampler convention on the same denoiser is bns.sample on the model.
     solver = bns.solvers.euler(bns.grids.uniform(4))
     with torch.no_grad():
-        ours = sample_bns(model.net.denoiser, 80.0 * x0, solver=solver, schedule=model.schedule)
+        ours = sample_bns(model.net.fn, 80.0 * x0, solver=solver, schedule=model.schedule)
         ref = bns.sample(model, x0 * (80.0 / math.sqrt(1 + 80.0**2)), solver)
     assert ours.dtype == torch.float32
     assert (ours - ref * math.sqrt(1 + 0.002**2)).abs().max() < 1e-5 * ref.abs().max()

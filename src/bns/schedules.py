@@ -48,6 +48,15 @@ def _positive(owner: str, **values: float) -> None:
             raise ValueError(f"{owner} needs a finite {key} > 0, got {v!r}")
 
 
+def _increasing(owner: str, **values: float) -> tuple[float, float]:
+    """Two finite positive settings, the first below the second, as floats."""
+    _positive(owner, **values)
+    (k0, v0), (k1, v1) = values.items()
+    if not v0 < v1:
+        raise ValueError(f"{owner} needs 0 < {k0} < {k1}, got {v0}, {v1}")
+    return float(v0), float(v1)
+
+
 class ScheduleValues(NamedTuple):
     """A scheduler at some times: ``alpha``, ``sigma`` and their flow-time derivatives."""
 
@@ -191,11 +200,7 @@ class VP(Schedule):
     name = "vp"
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0) -> None:
-        _positive("VP", beta_min=beta_min, beta_max=beta_max)
-        if not beta_min < beta_max:
-            raise ValueError(f"VP needs 0 < beta_min < beta_max, got {beta_min}, {beta_max}")
-        self.beta_min = float(beta_min)
-        self.beta_max = float(beta_max)
+        self.beta_min, self.beta_max = _increasing("VP", beta_min=beta_min, beta_max=beta_max)
 
     def _B(self, s: Tensor) -> tuple[Tensor, Tensor]:
         d = self.beta_max - self.beta_min
@@ -315,11 +320,9 @@ class EDM(Schedule):
     name = "edm"
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0) -> None:
-        _positive("EDM", sigma_min=sigma_min, sigma_max=sigma_max)
-        if not sigma_min < sigma_max:
-            raise ValueError(f"EDM needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-        self.sigma_min = float(sigma_min)
-        self.sigma_max = float(sigma_max)
+        self.sigma_min, self.sigma_max = _increasing(
+            "EDM", sigma_min=sigma_min, sigma_max=sigma_max
+        )
         self._lmax = math.log(sigma_max)
         self._lmin = math.log(sigma_min)
 

@@ -22,11 +22,12 @@ from typing import Any
 
 import torch
 from flow_matching.solver.solver import Solver
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..model import Model
 from ..schedules import CondOT, Schedule
 from ..solver import NSSolver, sample
+from ._extras import ExtrasNet
 
 __all__ = ["BNSSolver", "model_from_wrapper"]
 
@@ -38,18 +39,9 @@ def _time_like_ode_solver(t: Tensor) -> Tensor:
     return t
 
 
-class _WrapperNet(nn.Module):
-    def __init__(self, wrapper: Callable[..., Tensor], label_key: str | None, extras: dict):
-        super().__init__()
-        self.wrapper = wrapper
-        self.label_key = label_key
-        self.extras = dict(extras)
-
+class _WrapperNet(ExtrasNet):
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        extras = dict(self.extras)
-        if y is not None:
-            extras[self.label_key] = y
-        return self.wrapper(x=x, t=_time_like_ode_solver(t), **extras)
+        return self.fn(x=x, t=_time_like_ode_solver(t), **self.extras_for(y))
 
 
 def model_from_wrapper(

@@ -25,11 +25,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..model import Model, prediction_coefficients
 from ..schedules import EDM, schedule_from_config
 from ..solver import NSSolver, sample
+from ._extras import ExtrasNet
 
 __all__ = ["sample_bns", "model_from_denoiser", "KDiffusionError"]
 
@@ -47,19 +48,13 @@ def _denoise(
     return denoiser(x * scale, s.to(x.dtype), **extra_args)
 
 
-class _DenoiserNet(nn.Module):
+class _DenoiserNet(ExtrasNet):
     def __init__(self, denoiser, schedule: EDM, label_key: str | None, extra_args: dict):
-        super().__init__()
-        self.denoiser = denoiser
+        super().__init__(denoiser, label_key, extra_args)
         self.schedule = schedule
-        self.label_key = label_key
-        self.extra_args = dict(extra_args)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        extra = dict(self.extra_args)
-        if y is not None:
-            extra[self.label_key] = y
-        return _denoise(self.denoiser, self.schedule, x, t, extra)
+        return _denoise(self.fn, self.schedule, x, t, self.extras_for(y))
 
 
 def model_from_denoiser(

@@ -276,17 +276,15 @@ def dpm_solver_pp(
         lower_order_final: lower the final steps' orders for short grids, as diffusers does.
         transform: run on a scheduler-changed ODE and export in the original coordinates.
     """
-    if order not in (1, 2, 3):
-        raise ValueError(f"DPM-Solver++ order must be 1, 2 or 3, got {order!r}")
-    schedule = _resolve_schedule(schedule, transform)
-    return trace(
+    return _export_multistep(
         dpm_solver_pp_method,
+        "DPM-Solver++",
+        f"dpmpp{order}m",
         grid,
-        transform=transform,
-        meta={"solver": f"dpmpp{order}m", "lower_order_final": bool(lower_order_final)},
-        schedule=schedule,
-        order=order,
-        lower_order_final=bool(lower_order_final),
+        schedule,
+        order,
+        lower_order_final,
+        transform,
     )
 
 
@@ -393,15 +391,21 @@ def unipc(
         lower_order_final: lower the final steps' orders, as diffusers does.
         transform: run on a scheduler-changed ODE and export in the original coordinates.
     """
+    return _export_multistep(
+        unipc_method, "UniPC", f"unipc{order}", grid, schedule, order, lower_order_final, transform
+    )
+
+
+def _export_multistep(method, title, name, grid, schedule, order, lower_order_final, transform):
+    """Trace a multistep exponential integrator of ``order`` (1-3) into an NSSolver."""
     if order not in (1, 2, 3):
-        raise ValueError(f"UniPC order must be 1, 2 or 3, got {order!r}")
-    schedule = _resolve_schedule(schedule, transform)
+        raise ValueError(f"{title} order must be 1, 2 or 3, got {order!r}")
     return trace(
-        unipc_method,
+        method,
         grid,
         transform=transform,
-        meta={"solver": f"unipc{order}", "lower_order_final": bool(lower_order_final)},
-        schedule=schedule,
+        meta={"solver": name, "lower_order_final": bool(lower_order_final)},
+        schedule=_resolve_schedule(schedule, transform),
         order=order,
         lower_order_final=bool(lower_order_final),
     )
