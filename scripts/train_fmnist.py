@@ -3,6 +3,10 @@
     python scripts/train_fmnist.py --model fmnist-cfg --steps 20000 --threads 1 \
         --out src/bns/models/weights --figures docs/models
 
+--model is one of bns.models.fmnist.RECIPES: fmnist-cfg, fmnist-vp or fmnist-ddpm (the recipe
+fixes the net, schedule, prediction and time range; docs/models/models.md has the commands
+that made the shipped weights).
+
 With --measure it trains nothing: it loads the shipped (or --weights) model and prints the
 forward time per sample (1 and 2 threads) and the PSNR of 8-NFE classical solvers against
 dopri5 ground truth (how curved the trajectories are).

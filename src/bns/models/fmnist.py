@@ -1,11 +1,16 @@
 """The reference image models: small U-Nets trained on Fashion-MNIST, shipped as safetensors.
 
-Two models, each a :class:`bns.Model` factory:
+Three models, each a :class:`bns.Model` factory:
 
 - :func:`fmnist_cfg`: class-conditional (10 classes, label 10 = no label), CondOT path,
   velocity prediction, trained with label dropout so classifier-free guidance works. It is the
   default model of ``bns demo``.
-- :func:`fmnist_vp`: unconditional, VP path (beta 0.1..20), epsilon prediction.
+- :func:`fmnist_vp`: unconditional, VP path (beta 0.1..20), epsilon prediction; its net embeds
+  ``100 t``, which makes the velocity smoother in ``t`` than published models.
+- :func:`fmnist_ddpm`: unconditional, epsilon prediction, built like published DDPM models:
+  the discrete schedule of diffusers' ``DDPMScheduler`` (1000 steps, linear beta 1e-4..0.02)
+  and a net that embeds the DDPM timestep ``k = (1 - t) 999``; its range ends at timestep 0
+  (sigma = 0.01), not at sigma = 0.
 
 Images are ``(1, 28, 28)`` scaled to [-1, 1]. The weights were made by
 ``scripts/train_fmnist.py`` (recipe and metrics in ``weights/<name>.json``; see docs/models).
@@ -28,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..model import Model
-from ..schedules import VP, CondOT, Schedule
+from ..schedules import VP, CondOT, DiscreteVP, Schedule
 from .unet import TinyUNet, UNetConfig
 
 __all__ = [
@@ -39,6 +44,8 @@ __all__ = [
     "WeightsError",
     "fmnist_cfg",
     "fmnist_vp",
+    "fmnist_ddpm",
+    "ddpm_schedule",
     "load_fashion_mnist",
     "build_model",
     "load_net",
@@ -83,7 +90,19 @@ class Recipe:
         return self.net.num_classes
 
 
-# Both nets fold 28x28 into 14x14x4 and work at 14x14 and 7x7: about 9 M multiply-adds, a
+def ddpm_schedule(
+    num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
+) -> DiscreteVP:
+    """The schedule of diffusers' default ``DDPMScheduler`` (linear betas, as in Ho et al. 2020).
+
+    Computed as diffusers does (float32 ``linspace`` of the betas, float32 cumulative product),
+    so that ``alphas_cumprod`` equals ``DDPMScheduler().alphas_cumprod`` bit for bit.
+    """
+    betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+    return DiscreteVP(torch.cumprod(1.0 - betas, dim=0))
+
+
+# The nets fold 28x28 into 14x14x4 and work at 14x14 and 7x7: about 9 M multiply-adds, a
 # third of a millisecond per sample on one CPU core, which is what the CPU demo can afford.
 _NET = dict(in_channels=1, channels=(32, 48), blocks=1, emb_dim=128, patch=2)
 
@@ -102,6 +121,17 @@ RECIPES: dict[str, Recipe] = {
         schedule=VP,
         prediction="eps",
         t_range=(0.0, 1.0 - 1e-3),
+    ),
+    # Like a published DDPM model: the net sees the DDPM timestep k = (1 - t) 999 (time_scale
+    # 1 on k, the highest frequency one radian per timestep), and the range is the full
+    # discrete schedule, timestep 999 (t = 0, alpha = 0.0064) to timestep 0 (t = 1,
+    # sigma = sqrt(1e-4) = 0.01). Trained on continuous t, i.e. fractional timesteps.
+    "fmnist-ddpm": Recipe(
+        name="fmnist-ddpm",
+        net=UNetConfig(num_classes=None, time_scale=1.0, timesteps=1000, **_NET),
+        schedule=ddpm_schedule,
+        prediction="eps",
+        t_range=(0.0, 1.0),
     ),
 }
 
@@ -233,6 +263,12 @@ def fmnist_cfg(weights: str | Path | None = None) -> Model:
 def fmnist_vp(weights: str | Path | None = None) -> Model:
     """Unconditional Fashion-MNIST model: VP (beta 0.1..20), epsilon prediction."""
     return build_model("fmnist-vp", load_net("fmnist-vp", weights))
+
+
+def fmnist_ddpm(weights: str | Path | None = None) -> Model:
+    """Unconditional Fashion-MNIST model like published DDPMs: discrete linear-beta schedule
+    (1000 steps, 1e-4..0.02), epsilon prediction, net embedding the timestep ``(1 - t) 999``."""
+    return build_model("fmnist-ddpm", load_net("fmnist-ddpm", weights))
 
 
 # -- training ------------------------------------------------------------------------------

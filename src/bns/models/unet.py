@@ -3,8 +3,9 @@
 The net follows the `bns.Model` contract ``net(x, t, y=None)``: ``x`` is ``[B, C, H, W]``, ``t``
 a float tensor ``[B]`` in flow time and ``y`` a long tensor ``[B]`` of labels (``num_classes``
 is the "no label" class of classifier-free guidance). Time enters through sinusoidal features
-of ``t`` itself (never a rounded timestep), so the output is differentiable in ``t``: BNS learns
-its time grid by gradient.
+of ``time_scale * t`` or, with ``timesteps`` set, of the fractional DDPM timestep
+``k = (1 - t)(timesteps - 1)`` as published DDPM networks embed it; never a rounded timestep,
+so the output is differentiable in ``t``: BNS learns its time grid by gradient.
 
 Layout (for 28x28): a stem at full resolution, then residual blocks at 14x14 and 7x7 and back,
 with skip connections. Each block adds a projection of the time (+ class) embedding.
@@ -37,6 +38,11 @@ class UNetConfig:
             frequency is ``time_scale`` radians per unit of flow time). 100 rather than the usual
             1000: with 1000 the trained velocity wiggles in ``t`` at a period of 0.006, and the
             adaptive ground-truth solver needed ~280 evaluations instead of ~90 for the same loss.
+            With ``timesteps`` set it multiplies the timestep instead (1.0 there, as in DDPM).
+        timesteps: None, or the number ``N`` of training timesteps of a discrete DDPM schedule:
+            then the net embeds ``time_scale * k`` with ``k = (1 - t)(N - 1)`` (0 at the data
+            end, ``N - 1`` at noise), the diffusers timestep of flow time ``t``
+            (:meth:`bns.schedules.DiscreteVP.timestep`), as published DDPM networks do.
         patch: space-to-depth factor of the input (2 folds 28x28x1 into 14x14x4, which makes
             the net about four times cheaper than working at full resolution).
     """
@@ -48,6 +54,7 @@ class UNetConfig:
     num_classes: int | None = None
     time_scale: float = 100.0
     patch: int = 1
+    timesteps: int | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -111,6 +118,8 @@ class TinyUNet(nn.Module):
         ch, e = config.channels, config.emb_dim
         if len(ch) < 2:
             raise ValueError("TinyUNet needs at least two resolutions")
+        if config.timesteps is not None and config.timesteps < 2:
+            raise ValueError(f"timesteps must be None or at least 2, got {config.timesteps}")
         self.time_mlp = nn.Sequential(nn.Linear(e, e), nn.SiLU(), nn.Linear(e, e))
         self.label_emb = (
             nn.Embedding(config.num_classes + 1, e) if config.num_classes is not None else None
@@ -141,9 +150,14 @@ class TinyUNet(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
+    def time_input(self, t: Tensor) -> Tensor:
+        """What the sinusoidal features see before ``time_scale``: ``t``, or the DDPM timestep."""
+        n = self.config.timesteps
+        return t if n is None else (1 - t) * (n - 1)
+
     def embed(self, t: Tensor, y: Tensor | None) -> Tensor:
         c = self.config
-        emb = self.time_mlp(time_features(t, c.emb_dim, c.time_scale))
+        emb = self.time_mlp(time_features(self.time_input(t), c.emb_dim, c.time_scale))
         if self.label_emb is not None:
             if y is None:
                 y = torch.full(t.shape, c.num_classes, dtype=torch.long, device=t.device)
