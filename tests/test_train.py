@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 import bns
+from bns.evaluate import evaluate_psnr
 from bns.models.gmm import gaussian_mixture_model
 from bns.pairs import make_pairs
-from bns.evaluate import evaluate_psnr
 from bns.solvers import init_candidates, initial_solver
 from bns.train import TrainingError, distill
 
