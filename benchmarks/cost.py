@@ -4,7 +4,7 @@
 
 Writes ``benchmarks/results/cost_<model>.json`` and ``.md``:
 - ground truth: wall time and NFE per sample of the adaptive dopri5 solve;
-- distillation: wall time and network forwards for ``--steps`` steps at NFE 8;
+- distillation: wall time and network forwards for ``--steps`` steps at NFE 8 (from midpoint);
 - sampling: an NS solver with dense coefficients through ``bns.sample`` vs a plain Euler loop
   at the same NFE on the same model, timed interleaved in one run (median of repeats);
 - memory: peak resident memory added by distillation steps at NFE 4, 8, 16 with and without
@@ -49,23 +49,57 @@ def euler_loop(model, x0, nfe, y, guidance):
     return x
 
 
-def time_sampling(model, guidance, nfe, batch, repeats):
-    g = torch.Generator().manual_seed(0)
-    x0 = torch.randn((batch, *model.sample_shape), generator=g)
-    y = torch.arange(batch) % model.num_classes if model.num_classes else None
-    ns = _dense_solver(model, nfe)
-    times = {"ns": [], "euler": []}
+def md_head(title: str, *notes: str) -> list[str]:
+    """A markdown heading, then ``notes`` as one paragraph (the machine, the command, ...)."""
+    return [f"### {title}", "", *notes, ""]
+
+
+def md_table(header: list[str], rows: list[list]) -> list[str]:
+    """The lines of a markdown table: the header, the separator and one line per row, and an
+    empty line after it (none at all without rows)."""
+    if not rows:
+        return []
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows] + [""]
+
+
+def time_interleaved(fns: dict, repeats: int, sync=None) -> dict[str, list[float]]:
+    """Wall times of each function in ``fns``, interleaved repeat by repeat so that drifts (clock,
+    other load) hit all alike, after one warm-up call each; ``sync()`` (e.g.
+    ``torch.cuda.synchronize``) runs before each clock reading."""
+    sync = sync or (lambda: None)
+    times: dict[str, list[float]] = {name: [] for name in fns}
     with torch.no_grad():
-        bns.sample(model, x0, ns, y, guidance)
-        euler_loop(model, x0, nfe, y, guidance)  # warm-up
+        for fn in fns.values():
+            fn()
         for _ in range(repeats):
-            for name in ("ns", "euler"):  # interleaved, so drifts hit both alike
+            for name, fn in fns.items():
+                sync()
                 t = time.perf_counter()
-                if name == "ns":
-                    bns.sample(model, x0, ns, y, guidance)
-                else:
-                    euler_loop(model, x0, nfe, y, guidance)
+                fn()
+                sync()
                 times[name].append(time.perf_counter() - t)
+    return times
+
+
+def sampling_inputs(model, batch: int, device=None):
+    """Fixed noise and labels (every class in turn) for timing a sampler."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn((batch, *model.sample_shape), generator=g).to(device)
+    y = torch.arange(batch, device=device) % model.num_classes if model.num_classes else None
+    return x0, y
+
+
+def time_sampling(model, guidance, nfe, batch, repeats):
+    x0, y = sampling_inputs(model, batch)
+    ns = _dense_solver(model, nfe)
+    times = time_interleaved(
+        {
+            "ns": lambda: bns.sample(model, x0, ns, y, guidance),
+            "euler": lambda: euler_loop(model, x0, nfe, y, guidance),
+        },
+        repeats,
+    )
     ns_med, eu_med = statistics.median(times["ns"]), statistics.median(times["euler"])
     # The solver's own work, isolated: the same loops with a velocity that costs nothing.
     u = torch.randn_like(x0)
@@ -77,7 +111,7 @@ def time_sampling(model, guidance, nfe, batch, repeats):
     with torch.no_grad():
         for _ in range(20):
             t = time.perf_counter()
-            bns.sample(model, x0, ns, velocity=stub)
+            bns.sample(stub, x0, ns)
             upd["ns"].append(time.perf_counter() - t)
             t = time.perf_counter()
             x = x0
@@ -100,8 +134,10 @@ def time_sampling(model, guidance, nfe, batch, repeats):
 _MEM_CHILD = r"""
 import json, sys, torch
 from bns.specs import load_model
-from bns.train import _Params, initial_solver, _log_mse_loss
+from bns.families import make_family
+from bns.loss import log_mse
 from bns.solver import sample
+from bns.solvers import initial_solver
 spec, guidance, nfe, ckpt, batch, threads = sys.argv[1:7]
 torch.set_num_threads(int(threads))
 
@@ -117,7 +153,7 @@ g = torch.Generator().manual_seed(0)
 x0 = torch.randn((batch, *model.sample_shape), generator=g)
 y = torch.arange(batch) % model.num_classes if model.num_classes else None
 x1 = torch.randn_like(x0)
-params = _Params(initial_solver(model, nfe))
+params = make_family("bns", initial_solver(model, nfe, "midpoint"))
 saved = [0]
 
 def pack(t):
@@ -127,7 +163,7 @@ base = status("VmRSS")  # no warm-up: its peak would hide the training step's
 with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
     x = sample(model, x0, params.solver(), y, guidance, checkpoint=ckpt == "1")
 saved_mb = saved[0] / 2**20
-_log_mse_loss(x, x1).backward()
+log_mse(x, x1).sum().backward()
 peak = status("VmHWM")
 print(json.dumps({"base_mb": base, "peak_mb": peak, "added_mb": peak - base,
                   "saved_for_backward_mb": saved_mb}))
@@ -164,6 +200,7 @@ def main() -> None:
     p.add_argument("--sample-batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--mem-batch", type=int, default=64)
+    p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -198,6 +235,7 @@ def main() -> None:
         8,
         guidance=args.guidance,
         pairs=(pairs, pairs[:16]),
+        init="midpoint",  # the steps' cost, not the search for the best initial solver
         steps=args.steps,
         batch_size=args.batch_size,
         val_every=args.steps,
@@ -266,9 +304,9 @@ def main() -> None:
             + f" | {saved[16, ck] / saved[4, ck]:.2f} |"
         )
     lines.append(f"\nMemory: batch {args.mem_batch}, one training step in a fresh process each.")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"cost_{model.name}.json").write_text(json.dumps(res, indent=1) + "\n")
-    (RESULTS / f"cost_{model.name}.md").write_text("\n".join(lines) + "\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"cost_{model.name}.json").write_text(json.dumps(res, indent=1) + "\n")
+    (args.out / f"cost_{model.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

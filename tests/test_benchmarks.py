@@ -1,0 +1,71 @@
+"""benchmarks/gpu.py runs end to end at toy sizes on the CPU and writes every section."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _numbers(obj):
+    if isinstance(obj, bool):
+        return
+    if isinstance(obj, (int, float)):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _numbers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _numbers(v)
+
+
+def test_gpu_benchmark_tiny_on_cpu(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    env["BNS_CACHE_DIR"] = str(tmp_path / "cache")  # nothing should be cached, but never ~
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--tiny", "--device", "cpu"]
+    cmd += ["--out", str(tmp_path / "out"), "--protocol", "--protocol-models", "fmnist-cfg:2"]
+    cmd += ["--nfe", "4"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (path,) = (tmp_path / "out").glob("gpu_*.json")
+    res = json.loads(path.read_text())
+    assert res["device"] == {"type": "cpu", "name": "cpu", "threads": 1}
+    assert res["torch"] and "benchmarks/gpu.py --tiny" in res["command"]
+    assert all(math.isfinite(v) for v in _numbers(res))
+    assert [r["batch"] for r in res["ground_truth"]] == [2]
+    assert (
+        res["ground_truth"][0]["pairs_per_s"] > 0 and res["ground_truth"][0]["forwards_per_s"] > 0
+    )
+    steps = res["distill_step"]
+    assert {
+        (r["model"].split("-")[0], r["nfe"], r["micro_batch"] > 0, r["checkpoint"]) for r in steps
+    } == {
+        (m, n, micro, ck)
+        for m in ("fmnist", "unet")
+        for n in (8, 16)
+        for micro in (0, 1)
+        for ck in (0, 1)
+    }
+    assert all(r["seconds"] > 0 and r["peak_gb"] is None for r in steps)  # no CUDA memory on a CPU
+    assert {(r["model"].split("-")[0], r["nfe"]) for r in res["sampling"]} == {
+        (m, n) for m in ("fmnist", "unet") for n in (8, 16)
+    }
+    assert all(r["bns_s"] > 0 and r["euler_s"] > 0 for r in res["sampling"])
+    (row,) = res["protocol"]
+    assert row["model"] == "fmnist-cfg" and row["nfe"] == 4 and row["pairs"] == [2, 2, 2]
+    assert row["best_classical"]["solver"] and row["best_classical_2nfe"]["solver"]
+    assert row["wall_s"] >= row["ground_truth_s"] + row["distill_s"]
+    assert set(res["targets"]) == {
+        "protocol_nfe8_fmnist_cfg_under_60s",
+        "unet_nfe16_batch32_checkpoint_under_8gb",
+        "bns_sampling_within_1pct_of_euler",
+    }
+    assert all(t["pass"] is None for t in res["targets"].values())  # targets are for GPUs
+    md = path.with_suffix(".md").read_text()
+    assert "cpu" in md and "torch" in md and "| protocol |" in md
