@@ -3,8 +3,9 @@
     python benchmarks/quality.py --model gmm --guidance 1 --nfe 4,6,8,10,12,16 \
         --train-pairs 520 --val-pairs 1024 --test-pairs 1024 --steps 1500
 
-For each NFE it distills a BNS solver (initialized from midpoint for even NFE, euler for odd),
-evaluates it, its initialization and every classical solver on the test pairs, and writes
+For each NFE it distills a BNS solver (from ``--init``, default the classical solver that does
+best on validation pairs), evaluates it, its initialization (``solver.meta["init"]``) and every
+classical solver on the test pairs, and writes
 ``benchmarks/results/quality_<model>_g<guidance>.json`` and ``.md`` (and a PNG plot).
 """
 
@@ -23,8 +24,9 @@ import bns
 from bns.evaluate import baseline_solvers, best_rows, evaluate
 from bns.pairs import make_pairs
 from bns.report import markdown_table, plot_psnr_vs_nfe, write_results
+from bns.solvers import solver_from_label
 from bns.specs import load_model
-from bns.train import distill, initial_solver
+from bns.train import distill
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -52,6 +54,7 @@ def run(args: argparse.Namespace) -> dict:
             model,
             nfe,
             guidance=args.guidance,
+            init=args.init,
             pairs=(train, val),
             steps=args.steps,
             lr=args.lr,
@@ -62,6 +65,7 @@ def run(args: argparse.Namespace) -> dict:
             progress=not args.quiet,
         )
         distill_info[nfe] = {
+            "init": solver.meta["init"],
             "seconds": round(time.perf_counter() - t1, 1),
             "val_psnr": hist["best_val_psnr"],
             "best_step": hist["best_step"],
@@ -69,12 +73,13 @@ def run(args: argparse.Namespace) -> dict:
             "forwards": hist["forwards"],
         }
         if args.save_solvers:
-            solver.save(RESULTS / "solvers" / f"{model.name}_g{args.guidance:g}_nfe{nfe}.json")
-        init = initial_solver(model, nfe, precondition=args.precondition)
+            solver.save(args.out / "solvers" / f"{model.name}_g{args.guidance:g}_nfe{nfe}.json")
+        init = solver_from_label(model, nfe, solver.meta["init"])
         entries += [("bns", nfe, solver), ("bns init", nfe, init)]
         if not args.quiet:
             print(
-                f"nfe {nfe}: val {hist['best_val_psnr']:.2f} dB (init {hist['val_psnr'][0]:.2f}),"
+                f"nfe {nfe}: val {hist['best_val_psnr']:.2f} dB (init {solver.meta['init']}"
+                f" {hist['val_psnr'][0]:.2f}),"
                 f" {distill_info[nfe]['seconds']} s",
                 file=sys.stderr,
             )
@@ -107,6 +112,7 @@ def run(args: argparse.Namespace) -> dict:
             "steps": args.steps,
             "lr": args.lr,
             "batch_size": args.batch_size,
+            "init": args.init,
             "precondition": args.precondition,
             "seed": args.seed,
         },
@@ -127,6 +133,7 @@ def main() -> None:
     p.add_argument("--test-pairs", type=int, default=1024)
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--init", default="best", help="initial solver: best or a solver name")
     p.add_argument("--batch-size", type=int, default=40)
     p.add_argument("--val-every", type=int, default=25)
     p.add_argument(
@@ -137,6 +144,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="")
     p.add_argument("--save-solvers", action="store_true")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
     res = run(args)
@@ -150,10 +158,10 @@ def main() -> None:
         f"Protocol: {json.dumps(res['protocol'])}.\n"
     )
     write_results(
-        res["rows"], RESULTS / f"{stem}.json", {k: v for k, v in res.items() if k != "rows"}
+        res["rows"], args.out / f"{stem}.json", {k: v for k, v in res.items() if k != "rows"}
     )
-    (RESULTS / f"{stem}.md").write_text(markdown_table(res["rows"], title) + note)
-    plot_psnr_vs_nfe(res["rows"], RESULTS / f"{stem}.png", title)
+    (args.out / f"{stem}.md").write_text(markdown_table(res["rows"], title) + note)
+    plot_psnr_vs_nfe(res["rows"], args.out / f"{stem}.png", title)
     print(markdown_table(res["rows"], title) + note)
 
 
