@@ -271,22 +271,27 @@ class Velocity(Protocol):
     def __call__(self, x: Tensor, t: Tensor) -> Tensor: ...
 
 
-def ns_step(x0: Tensor, us: Tensor | list[Tensor], a_i: Tensor, b_i: Tensor) -> Tensor:
+def ns_step(x0: Tensor, us: Tensor | list[Tensor], a_i: Tensor | float, b_i: Tensor) -> Tensor:
     """One NS update, ``x_{i+1} = a_i x_0 + sum_{j<=i} b_ij u_j``, with autocast off.
 
     ``x0`` and each ``u_j`` are flat ``[D]`` tensors of one float dtype (float32 or wider);
     ``b_i`` holds the ``i + 1`` weights of the velocities so far. ``us`` is a list (the
     differentiable path: a sum of terms, no copies of the history) or a ``[i + 1, D]`` matrix
-    (inference: one matrix-vector product, no temporaries). Autocast is off so that the state
-    is summed in its own precision, never in the autocast dtype.
+    with ``a_i`` a Python float (inference: one fused matrix-vector product, one kernel).
+    Autocast is off so that the state is summed in its own precision, never in the autocast
+    dtype.
     """
-    with torch.autocast(x0.device.type, enabled=False):
-        if isinstance(us, Tensor):
+    if torch.is_autocast_enabled(x0.device.type):
+        with torch.autocast(x0.device.type, enabled=False):
+            return ns_step(x0, us, a_i, b_i)
+    if isinstance(us, Tensor):
+        if isinstance(a_i, Tensor):
             return torch.addmv(x0 * a_i, us.t(), b_i)
-        x = a_i * x0
-        for j, u in enumerate(us):
-            x = x + b_i[j] * u
-        return x
+        return torch.addmv(x0, us.t(), b_i, beta=a_i)
+    x = a_i * x0
+    for j, u in enumerate(us):
+        x = x + b_i[j] * u
+    return x
 
 
 def sample(
@@ -336,7 +341,8 @@ def sample(
     if not grad:
         us.append(velocity(x_start, times[0]).to(acc).reshape(-1))
         if not us[0].requires_grad:  # nothing to differentiate (not even network weights)
-            return _sample_no_grad(velocity, us[0], flat0, shape, times, a, b, traj)
+            a_floats = solver.a.tolist()  # from the CPU copy: no device sync
+            return _sample_no_grad(velocity, us[0], flat0, shape, times, a_floats, b, traj)
     x = x_start
     for i in range(n):
         if i >= len(us):
@@ -355,7 +361,7 @@ def _sample_no_grad(velocity, u0, flat0, shape, times, a, b, traj):
     """The sampler when nothing needs a gradient: the velocities go into one preallocated
     matrix and each step is one matrix-vector product (:func:`ns_step`), with no per-term
     temporaries (what keeps an NS solver as cheap as Euler at the same NFE)."""
-    n = a.numel()
+    n = len(a)
     with torch.no_grad():
         buf = torch.empty((n, flat0.numel()), dtype=flat0.dtype, device=flat0.device)
         buf[0] = u0
