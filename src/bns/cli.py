@@ -133,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="image grid (PNG): ground truth, each BNS solver and the best classical solver at"
         " its NFE, on the same test noise (image models)",
     )
+    e.add_argument(
+        "--fid",
+        type=int,
+        metavar="N",
+        help="also FID on the first N test pairs, against the data's statistics and against the"
+        " ground truth (image models; pip install 'bns[fid]')",
+    )
 
     s = sub.add_parser("sample", help="sample with a solver and save a grid image")
     _add_model(s)
@@ -250,6 +257,10 @@ def cmd_eval(args) -> int:
     from .solvers import SOLVER_NAMES
 
     model = _model(args)
+    if args.fid is not None:  # before any ground truth: a missing extra fails now
+        from .fid import check_fid
+
+        check_fid(model, args.fid, args.test_pairs)
     solvers = [
         NSSolver.load(p, model=model, guidance=args.guidance, force=args.force) for p in args.solver
     ]
@@ -274,11 +285,23 @@ def cmd_eval(args) -> int:
         progress=not args.quiet,
     )
     rows = evaluate(model, entries, test, args.guidance, kinds=kinds, progress=not args.quiet)
+    fid_info: dict[str, Any] = {}
+    if args.fid is not None:
+        from .fid import add_fid
+
+        fid_info = add_fid(
+            model, entries, rows, test, args.fid, args.guidance, progress=not args.quiet
+        )
     table = args.table or args.json.with_suffix(".md")
     write_results(
         rows,
         args.json,
-        {"model": model.name, "guidance": args.guidance, "model_fingerprint": model.fingerprint()},
+        {
+            "model": model.name,
+            "guidance": args.guidance,
+            "model_fingerprint": model.fingerprint(),
+            **fid_info,
+        },
         table,
         f"{model.name}, guidance {args.guidance:g}, {len(test)} test pairs",
     )
@@ -297,6 +320,10 @@ def cmd_eval(args) -> int:
             f"{model.name}, guidance {args.guidance:g}",
         )
     print(markdown_table(rows))
+    if fid_info:
+        from .fid import fid_table
+
+        print(fid_table(rows, fid_info))
     best = best_rows(rows)
     for r in rows:
         if r["kind"] == "bns" and r["nfe"] in best:

@@ -57,7 +57,12 @@ class DistillConfig:
         parse=parse_precondition,
         metavar="SIGMA0",
     )
-    family: str = _opt("bns", "solver family: bns (the full non-stationary family)")
+    family: str = _opt(
+        "bns",
+        "solver family: bns (the full non-stationary family), time (the time grid of a"
+        " classical solver), scale-time (a scale-time transformation of euler or midpoint, as"
+        " BES), multistep (multistep coefficients over the history on a learned grid, a_i = 1)",
+    )
     train_pairs: int = _opt(520, "ground-truth pairs to train on")
     val_pairs: int = _opt(1024, "ground-truth pairs to validate on (the best step is kept)")
     init_pairs: int = _opt(256, "validation pairs that rank the candidates of --init best")

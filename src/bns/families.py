@@ -1,21 +1,60 @@
 """Solver families: parameterizations that map free parameters to an :class:`NSSolver`.
 
 The trainer optimizes a family's parameters and never looks inside: it calls ``solver()`` to
-build a differentiable NSSolver and ``param_groups()`` for the optimizer. A new family (a
-time-only grid, a scale-time transformation, linear multistep coefficients) is one class
-registered in :data:`FAMILIES`.
+build a differentiable NSSolver and ``param_groups()`` for the optimizer, and
+:func:`usable_inits` keeps the initial solvers a family can start from. Each family is one
+class registered in :data:`FAMILIES`; the restricted ones are the learned solvers BNS is
+compared with, trained on the same pairs, loss and validation:
+
+- ``bns``: the full non-stationary family (bns-math.md, section 2).
+- ``time``: the time grid of a fixed classical solver (Euler, midpoint, Adams-Bashforth,
+  iPNDM, each also preconditioned), its coefficients the classical formula on the learned
+  grid (as LD3, GITS, DMN learn grids).
+- ``scale-time``: a scale-time transformation of Euler or midpoint, with ``t_r``, ``t_r'``,
+  ``s_r`` and ``s_r'/s_r`` free at every evaluation (the Bespoke solvers, BES, arXiv
+  2310.19075; bns-math.md, section 3).
+- ``multistep``: ``x_{i+1} = x_i + sum_{j<=i} c_ij u_j`` with free ``c`` and grid: linear
+  multistep coefficients over the whole history, with no ``x_0`` term after the first step
+  (as S4S and GAS's generalized solver learn them).
+
+The restricted families build their coefficients with a differentiable run of the classical
+method (:class:`_Run`): the same arithmetic as the symbolic tracer of :mod:`bns.solvers`, on
+torch scalars that carry gradients to the grid and the scale-time values.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from .schedules import schedule_from_config
 from .solver import NSSolver
+from .solvers.multistep import ab_weights
+from .transforms import ScheduleChange
 
-__all__ = ["Family", "BNSFamily", "FAMILIES", "make_family"]
+__all__ = [
+    "Family",
+    "BNSFamily",
+    "TimeFamily",
+    "ScaleTimeFamily",
+    "MultistepFamily",
+    "FAMILIES",
+    "make_family",
+    "usable_inits",
+]
+
+F64 = torch.float64
+
+
+def _increasing(logits: Tensor, ends: Tensor) -> Tensor:
+    """Strictly increasing points from ``ends[0]`` to ``ends[1]``: a softmax of ``logits`` as
+    increments; both ends exact, not rounded sums."""
+    t0, t1 = ends
+    inner = t0 + torch.cumsum(torch.softmax(logits, 0) * (t1 - t0), 0)[:-1]
+    return torch.cat([t0[None], inner, t1[None]])
 
 
 class Family(nn.Module):
@@ -23,14 +62,20 @@ class Family(nn.Module):
 
     Subclasses set ``name``, build their parameters from ``init`` and implement
     :meth:`solver`. With the parameters at their initial values, ``solver()`` must equal
-    ``init`` (to rounding): zero training steps return the initial solver.
+    ``init`` (to rounding): zero training steps return the initial solver. A family that
+    cannot start from every solver overrides :meth:`check_init`.
     """
 
     name = "family"
 
     def __init__(self, init: NSSolver) -> None:
         super().__init__()
+        type(self).check_init(init)
         self.register_buffer("t_ends", init.times[[0, -1]].clone())
+
+    @classmethod
+    def check_init(cls, init: NSSolver) -> None:
+        """Raise ValueError unless the family can start from ``init``."""
 
     def solver(self) -> NSSolver:
         raise NotImplementedError
@@ -39,12 +84,14 @@ class Family(nn.Module):
         """Adam parameter groups: ``lr_mult`` scales the schedule's learning rate per group."""
         raise NotImplementedError
 
-    def _times(self, logits: torch.Tensor) -> torch.Tensor:
+    def _times(self, logits: Tensor) -> Tensor:
         """Strictly increasing times with fixed ends: a softmax of ``logits`` as increments."""
-        t0, t1 = self.t_ends
-        dt = torch.softmax(logits, 0) * (t1 - t0)
-        times = torch.cat([t0[None], t0 + torch.cumsum(dt, 0)])
-        return torch.cat([times[:-1], t1[None]])  # the end exactly, not a rounded sum
+        return _increasing(logits, self.t_ends)
+
+
+def _log_increments(points: Tensor) -> Tensor:
+    """The logits of :func:`_increasing` that give ``points`` back (to rounding)."""
+    return torch.log(points[1:] - points[:-1])
 
 
 class BNSFamily(Family):
@@ -55,11 +102,11 @@ class BNSFamily(Family):
 
     def __init__(self, init: NSSolver) -> None:
         super().__init__(init)
-        n, t = init.nfe, init.times
-        self.logits = nn.Parameter(torch.log(t[1:] - t[:-1]))
+        n = init.nfe
+        self.logits = nn.Parameter(_log_increments(init.times))
         self.a = nn.Parameter(init.a.clone())
         self.b = nn.Parameter(init.b.clone())
-        self.register_buffer("mask", torch.tril(torch.ones(n, n, dtype=torch.float64)))
+        self.register_buffer("mask", torch.tril(torch.ones(n, n, dtype=F64)))
 
     def solver(self) -> NSSolver:
         return NSSolver(self._times(self.logits), self.a, self.b * self.mask)
@@ -72,11 +119,293 @@ class BNSFamily(Family):
         ]
 
 
-FAMILIES: dict[str, type[Family]] = {"bns": BNSFamily}
+class MultistepFamily(Family):
+    """Linear multistep over the whole history on a learned grid:
+    ``x_{i+1} = x_i + sum_{j<=i} c_ij u_j``, so ``a_i = 1`` and ``b`` holds the cumulative
+    sums of the rows of ``c``. ``n`` time increments and ``n(n+1)/2`` coefficients ``c``.
+    Starts from any solver with ``a_i = 1`` (Euler, midpoint, Adams-Bashforth, iPNDM)."""
+
+    name = "multistep"
+
+    def __init__(self, init: NSSolver) -> None:
+        super().__init__(init)
+        n = init.nfe
+        self.logits = nn.Parameter(_log_increments(init.times))
+        self.c = nn.Parameter(torch.diff(init.b, dim=0, prepend=torch.zeros(1, n, dtype=F64)))
+        self.register_buffer("mask", torch.tril(torch.ones(n, n, dtype=F64)))
+
+    @classmethod
+    def check_init(cls, init: NSSolver) -> None:
+        if not torch.all(init.a == 1):
+            raise ValueError(
+                f"family multistep starts from a solver with a_i = 1 (x_(i+1) = x_i + ...):"
+                f" euler, midpoint, ab2, ab3 or ipndm, not preconditioned; not"
+                f" {init.meta.get('init', 'this solver')}"
+            )
+
+    def solver(self) -> NSSolver:
+        b = torch.cumsum(self.c * self.mask, 0)
+        a = torch.ones(b.shape[0], dtype=F64, device=b.device)
+        return NSSolver(self._times(self.logits), a, b)
+
+    def param_groups(self, lr: float, coef_lr: float) -> list[dict[str, Any]]:
+        return [
+            {"params": [self.logits], "lr_mult": 1.0},
+            {"params": [self.c], "lr_mult": coef_lr},
+        ]
+
+
+# -- differentiable runs of classical methods ----------------------------------------------------
+class _Run:
+    """A symbolic run of a classical method whose coefficients are torch scalars.
+
+    Every vector is a row of coefficients over ``(x_0, u_0, ..., u_{n-1})``; ``velocity(x, t)``
+    records the point and its time and returns the next basis row. Gradients flow from the
+    NS coefficients to whatever the method's steps and times were computed from.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.basis = torch.eye(n + 1, dtype=F64)
+        self.x0 = self.basis[0]
+        self.times: list[Tensor] = []
+        self.points: list[Tensor] = []
+
+    def velocity(self, x: Tensor, t: Tensor) -> Tensor:
+        self.times.append(t)
+        self.points.append(x)
+        return self.basis[len(self.times)]
+
+    def solver(self, out: Tensor, t_end: Tensor) -> NSSolver:
+        rows = torch.stack(self.points[1:] + [out])
+        times = torch.stack([*self.times, t_end])
+        return NSSolver(times, rows[:, 0], torch.tril(rows[:, 1:]))
+
+
+Method = Callable[[Callable[[Tensor, Tensor], Tensor], Tensor, Tensor], Tensor]
+
+
+def _euler(f, x, grid):
+    for i in range(len(grid) - 1):
+        x = x + (grid[i + 1] - grid[i]) * f(x, grid[i])
+    return x
+
+
+def _midpoint(f, x, grid):
+    for i in range(len(grid) - 1):
+        t, h = grid[i], grid[i + 1] - grid[i]
+        k1 = f(x, t)
+        x = x + h * f(x + (0.5 * h) * k1, t + 0.5 * h)
+    return x
+
+
+def _adams(order: int, constant_step: bool) -> Method:
+    """Adams-Bashforth of ``order`` (lower while the history is short): variable-step weights,
+    or iPNDM's constant-step ones scaled by the step."""
+
+    def method(f, x, grid):
+        past: list[tuple[Tensor, Tensor]] = []  # (time, velocity), newest first
+        for i in range(len(grid) - 1):
+            t0, t1 = grid[i], grid[i + 1]
+            past = [(t0, f(x, t0)), *past][:order]
+            if constant_step:
+                unit = ab_weights([-float(k) for k in range(len(past))], 0.0, 1.0)
+                w = [(t1 - t0) * c for c in unit]
+            else:
+                w = ab_weights([t for t, _ in past], t0, t1)
+            for wk, (_, uk) in zip(w, past):
+                x = x + wk * uk
+        return x
+
+    return method
+
+
+# solver name -> (velocity evaluations per step, the method on a tensor grid)
+_METHODS: dict[str, tuple[int, Method]] = {
+    "euler": (1, _euler),
+    "midpoint": (2, _midpoint),
+    "ab2": (1, _adams(2, False)),
+    "ab3": (1, _adams(3, False)),
+    "ipndm": (1, _adams(4, True)),
+}
+
+
+def _transform_of(init: NSSolver) -> ScheduleChange | None:
+    cfg = init.meta.get("transform")
+    if cfg is None:
+        return None
+    return ScheduleChange(schedule_from_config(cfg["source"]), schedule_from_config(cfg["target"]))
+
+
+def _check_method(family: str, init: NSSolver, names: tuple[str, ...]) -> None:
+    name = init.meta.get("solver")
+    if name not in names:
+        raise ValueError(
+            f"family {family} starts from {', '.join(names)} (each also preconditioned), not"
+            f" {init.meta.get('init', name or 'a solver without a classical method')}"
+        )
+    if init.nfe % _METHODS[name][0]:
+        raise ValueError(f"{name} cannot make nfe = {init.nfe}")
+    try:
+        _transform_of(init)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"family {family}: unreadable transform of {name}: {e}") from None
+
+
+class TimeFamily(Family):
+    """The time grid of a fixed classical solver: ``m`` increments of its step grid (``m``
+    steps) are free, and its coefficients are the classical formula on the learned grid.
+
+    A preconditioned solver keeps its change of scheduler and learns its grid in the new time
+    ``r``: the scale-time values follow the transform at the learned points.
+    """
+
+    name = "time"
+    METHODS = tuple(_METHODS)
+
+    def __init__(self, init: NSSolver) -> None:
+        super().__init__(init)
+        self.method = init.meta["solver"]
+        per_step, self._method = _METHODS[self.method]
+        self.transform = _transform_of(init)
+        grid = init.times[::per_step]
+        if self.transform is not None:
+            grid = self.transform.r_of_t(grid)
+        self.register_buffer("grid_ends", grid[[0, -1]].clone())
+        self.logits = nn.Parameter(_log_increments(grid))
+
+    @classmethod
+    def check_init(cls, init: NSSolver) -> None:
+        _check_method(cls.name, init, cls.METHODS)
+
+    def grid(self) -> Tensor:
+        """The learned step grid of the classical solver (in ``r`` if it is preconditioned)."""
+        return _increasing(self.logits, self.grid_ends)
+
+    def solver(self) -> NSSolver:
+        grid = self.grid()
+        run = _Run(self.logits.numel() * _METHODS[self.method][0])
+        tr = self.transform
+        if tr is None:
+            out = self._method(run.velocity, run.x0, grid)
+        else:
+
+            def f(xbar: Tensor, r: Tensor) -> Tensor:
+                t, dt, s, dlog_s = tr(r)
+                return dlog_s * xbar + (dt * s) * run.velocity(xbar / s, t)
+
+            out = self._method(f, run.x0 * tr(grid[0])[2], grid) / tr(grid[-1])[2]
+        solver = run.solver(out, self.t_ends[1])
+        # The ends exactly on the model's range (a transform rounds them at the last ulp).
+        times = torch.cat([self.t_ends[:1], solver.times[1:-1], self.t_ends[1:]])
+        return NSSolver(times, solver.a, solver.b)
+
+    def param_groups(self, lr: float, coef_lr: float) -> list[dict[str, Any]]:
+        return [{"params": [self.logits], "lr_mult": 1.0}]
+
+
+class ScaleTimeFamily(Family):
+    """A scale-time transformation of Euler or midpoint (BES): the method runs in ``r`` on a
+    uniform grid of ``[0, 1]`` on ``ubar_r(x) = (s_r'/s_r) x + t_r' s_r u_{t_r}(x / s_r)``, with
+    ``t_r`` (increasing), ``t_r' > 0``, ``s_r > 0`` and ``s_r'/s_r`` free at each of the ``n``
+    evaluations, and ``s`` at the end; the sample is ``xbar(1) / s_1``. ``s`` at the start is 1
+    (a common factor of all scales changes nothing): ``4n`` free numbers.
+
+    It starts from plain Euler or midpoint (``t_r`` the grid, ``s = 1``) or from their
+    preconditioned versions (the values of the change of scheduler at the evaluations).
+    """
+
+    name = "scale-time"
+    METHODS = ("euler", "midpoint")
+
+    def __init__(self, init: NSSolver) -> None:
+        super().__init__(init)
+        self.method = init.meta["solver"]
+        per_step, self._method = _METHODS[self.method]
+        steps = init.nfe // per_step
+        self.register_buffer("r_grid", torch.linspace(0, 1, steps + 1, dtype=F64))
+        t, dt, s, dlog_s = self._initial_values(init, per_step, steps)
+        self.logits = nn.Parameter(_log_increments(t))
+        self.log_dt = nn.Parameter(torch.log(dt))
+        self.log_s = nn.Parameter(torch.log(s[1:] / s[0]))
+        self.dlog_s = nn.Parameter(dlog_s.clone())
+
+    @staticmethod
+    def _initial_values(init: NSSolver, per_step: int, steps: int):
+        """``t`` at the evaluations and the end, ``t'`` and ``s'/s`` (per unit of the ``r`` of
+        [0, 1]) at the evaluations, and ``s`` at the evaluations and the end."""
+        tr = _transform_of(init)
+        t = init.times
+        if tr is None:
+            step = torch.diff(t[::per_step]).repeat_interleave(per_step)
+            n = init.nfe
+            return t, step * steps, torch.ones(n + 1, dtype=F64), torch.zeros(n, dtype=F64)
+        r = tr.r_of_t(t)
+        r_span = r[-1] - r[0]
+        _, dt, s, dlog_s = tr(r)
+        return t, dt[:-1] * r_span, s, dlog_s[:-1] * r_span
+
+    @classmethod
+    def check_init(cls, init: NSSolver) -> None:
+        _check_method(cls.name, init, cls.METHODS)
+
+    def values(self) -> dict[str, Tensor]:
+        """The scale-time values: ``t`` ``[n + 1]`` (evaluations and end), ``dt`` and ``dlog_s``
+        ``[n]`` (at the evaluations, per unit of ``r``), ``s`` ``[n + 1]``; ``r_grid``."""
+        s = torch.cat([torch.ones_like(self.log_s[:1]), torch.exp(self.log_s)])
+        t = self._times(self.logits)
+        return {
+            "t": t,
+            "dt": torch.exp(self.log_dt),
+            "s": s,
+            "dlog_s": self.dlog_s,
+            "r_grid": self.r_grid,
+        }
+
+    def solver(self) -> NSSolver:
+        v = self.values()
+        run = _Run(self.log_dt.numel())
+
+        def f(xbar: Tensor, r: Tensor) -> Tensor:
+            j = len(run.times)  # the j-th evaluation has its own values, whatever r is
+            u = run.velocity(xbar / v["s"][j], v["t"][j])
+            return v["dlog_s"][j] * xbar + (v["dt"][j] * v["s"][j]) * u
+
+        out = self._method(f, run.x0, self.r_grid) / v["s"][-1]
+        return run.solver(out, v["t"][-1])
+
+    def param_groups(self, lr: float, coef_lr: float) -> list[dict[str, Any]]:
+        # All relative or per unit of r: of the size of the time logits.
+        params = [self.logits, self.log_dt, self.log_s, self.dlog_s]
+        return [{"params": params, "lr_mult": 1.0}]
+
+
+FAMILIES: dict[str, type[Family]] = {
+    f.name: f for f in (BNSFamily, TimeFamily, ScaleTimeFamily, MultistepFamily)
+}
+
+
+def _family_class(name: str) -> type[Family]:
+    if name not in FAMILIES:
+        raise ValueError(f"unknown solver family {name!r}; known: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
 
 
 def make_family(name: str, init: NSSolver) -> Family:
     """The family ``name`` initialized at the solver ``init`` (strictly increasing times)."""
-    if name not in FAMILIES:
-        raise ValueError(f"unknown solver family {name!r}; known: {', '.join(FAMILIES)}")
-    return FAMILIES[name](init)
+    return _family_class(name)(init)
+
+
+def usable_inits(name: str, candidates: list[NSSolver]) -> list[NSSolver]:
+    """The initial solvers of ``candidates`` that family ``name`` can start from; ValueError
+    (saying what the family starts from) if none."""
+    cls = _family_class(name)
+    out, errors = [], []
+    for c in candidates:
+        try:
+            cls.check_init(c)
+            out.append(c)
+        except ValueError as e:
+            errors.append(str(e))
+    if not out:
+        raise ValueError(errors[0] if len(errors) == 1 else f"{errors[0]} (nor any other)")
+    return out

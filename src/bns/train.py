@@ -28,7 +28,7 @@ import torch
 from .checkpoint import Checkpoint
 from .config import DistillConfig, TrainingError
 from .evaluate import evaluate_psnr
-from .families import Family, make_family
+from .families import Family, make_family, usable_inits
 from .loss import loss_and_grad
 from .model import Model, frozen
 from .pairs import Pairs, make_pairs
@@ -40,7 +40,8 @@ __all__ = ["distill", "DistillConfig", "TrainingError", "choose_initial_solver"]
 
 def _candidates(model: Model, cfg: DistillConfig) -> list[NSSolver]:
     try:
-        return init_candidates(model, cfg.nfe, cfg.init, cfg.precondition)
+        candidates = init_candidates(model, cfg.nfe, cfg.init, cfg.precondition)
+        return usable_inits(cfg.family, candidates)  # those the family can start from
     except ValueError as e:
         raise TrainingError(str(e)) from None
 

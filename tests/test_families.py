@@ -1,0 +1,229 @@
+"""Solver families (bns, time, scale-time, multistep): each starts exactly at its initial
+solver, keeps its restriction while it learns (checked against the classical solvers of
+bns.solvers and a numerical scale-time run), distills, and its file loads and samples."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import bns
+from bns.families import FAMILIES, ScaleTimeFamily, TimeFamily, make_family, usable_inits
+from bns.loss import loss_and_grad
+from bns.models.fmnist import ddpm_schedule
+from bns.models.gmm import gaussian_mixture_model
+from bns.pairs import make_pairs
+from bns.solvers import initial_solver
+from bns.solvers._trace import run
+from bns.solvers.runge_kutta import euler_method, midpoint_method
+from bns.train import TrainingError, distill
+from bns.transforms import ScheduleChange, precondition
+
+# (family, init, sigma0 of the preconditioning or None), at NFE 4
+CASES = [
+    ("bns", "dpmpp2m", None),
+    ("time", "euler", None),
+    ("time", "midpoint", 1.0),
+    ("time", "ab3", None),
+    ("time", "ipndm", 2.0),
+    ("scale-time", "euler", None),
+    ("scale-time", "midpoint", None),
+    ("scale-time", "midpoint", 1.0),
+    ("multistep", "ipndm", None),
+    ("multistep", "midpoint", None),
+]
+
+
+@pytest.fixture(scope="module")
+def vp():
+    """An epsilon mixture on the discrete DDPM schedule of fmnist-ddpm: preconditioning changes
+    its ODE (so every case differs), and its log-SNR is interpolated, not analytic."""
+    mixture = dict(dim=8, components=3, std=0.2, seed=3)
+    return gaussian_mixture_model(schedule=ddpm_schedule(), prediction="eps", **mixture)
+
+
+@pytest.fixture(scope="module")
+def data(vp):
+    kw = dict(cache=False, progress=False)
+    return make_pairs(vp, 48, "train", **kw), make_pairs(vp, 24, "val", **kw)
+
+
+def _close(s1, s2, tol=1e-12):
+    for name in ("times", "a", "b"):
+        torch.testing.assert_close(getattr(s1, name), getattr(s2, name), rtol=0, atol=tol)
+
+
+def _perturbed(family):
+    """The family with every parameter moved at random, as training moves it."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in family.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return family
+
+
+@pytest.mark.parametrize("family,init,pc", CASES)
+def test_each_family_starts_at_its_initial_solver(vp, data, family, init, pc):
+    start = initial_solver(vp, 4, init, pc)
+    _close(make_family(family, start).solver().detach(), start, tol=1e-13)
+    solver, hist = distill(
+        vp, 4, family=family, init=init, precondition=pc, steps=0, pairs=data, progress=False
+    )
+    assert torch.equal(solver.times, start.times) and torch.equal(solver.b, start.b)
+    assert solver.meta["family"] == family and hist["steps_run"] == 0
+
+
+@pytest.mark.parametrize("init", ["euler", "midpoint", "ab2", "ab3", "ipndm"])
+@pytest.mark.parametrize("pc", [None, 1.0])
+def test_time_keeps_the_classical_formula_on_its_learned_grid(vp, init, pc):
+    """The coefficients of a moved grid are those bns.solvers' tracer gives on that grid."""
+    fam = _perturbed(make_family("time", initial_solver(vp, 4, init, pc)))
+    got = fam.solver().detach()
+    grid = fam.grid().detach()
+    tr = None if pc is None else precondition(vp.schedule, pc)
+    builders = {
+        "euler": lambda g: bns.solvers.euler(g, transform=tr),
+        "midpoint": lambda g: bns.solvers.midpoint(g, transform=tr),
+        "ab2": lambda g: bns.solvers.adams_bashforth(g, 2, transform=tr),
+        "ab3": lambda g: bns.solvers.adams_bashforth(g, 3, transform=tr),
+        "ipndm": lambda g: bns.solvers.ipndm(g, transform=tr),
+    }
+    want = builders[init](grid)
+    assert not torch.allclose(got.times, initial_solver(vp, 4, init, pc).times)
+    want.times[0], want.times[-1] = vp.t_range
+    _close(got, want, tol=1e-12)
+
+
+def test_a_trained_time_solver_is_the_classical_solver_on_its_grid(vp, data):
+    solver, hist = distill(
+        vp, 4, family="time", init="midpoint", precondition=None, steps=10, val_every=5,
+        pairs=data, progress=False,
+    )  # fmt: skip
+    assert hist["best_step"] > 0 and solver.meta["init"] == "midpoint"
+    _close(solver, bns.solvers.midpoint(solver.times[::2]), tol=1e-14)
+
+
+class _Tabulated(ScheduleChange):
+    """A scale-time transformation known only by its values at given ``r``: what a
+    ScaleTimeFamily learns, to be run by the classical method through transforms.py's
+    ``ubar_r(x) = (s'/s) x + t' s u_t(x / s)``."""
+
+    def __init__(self, r, t, dt, s, dlog_s):
+        self.table = [(float(ri), (t[j], dt[j], s[j], dlog_s[j])) for j, ri in enumerate(r)]
+
+    def __call__(self, r):
+        (_, values) = min(self.table, key=lambda e: abs(e[0] - float(r)))
+        return tuple(torch.as_tensor(v, dtype=torch.float64) for v in values)
+
+    def t_of_r(self, r):
+        return self(r)[0]
+
+
+@pytest.mark.parametrize("init,pc", [("euler", None), ("midpoint", None), ("midpoint", 1.0)])
+def test_scale_time_is_the_transformed_base_method(vp, init, pc):
+    """The exported NS solver samples as the base method run numerically on the learned
+    scale-time transformation of the ODE."""
+    fam = _perturbed(make_family("scale-time", initial_solver(vp, 4, init, pc)))
+    v = {k: x.detach() for k, x in fam.values().items()}
+    grid = v["r_grid"]
+    h = float(grid[1] - grid[0])
+    r = grid[:-1] if init == "euler" else torch.stack([grid[:-1], grid[:-1] + h / 2], 1).flatten()
+    r = torch.cat([r, grid[-1:]])
+    dt = torch.cat([v["dt"], torch.ones(1, dtype=torch.float64)])
+    dlog_s = torch.cat([v["dlog_s"], torch.zeros(1, dtype=torch.float64)])
+    transform = _Tabulated(r, v["t"], dt, v["s"], dlog_s)
+
+    def velocity(x, t):  # a nonlinear field, in float64
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return torch.sin(3 * x) * (1 + t) - x * t
+
+    x0 = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    method = {"euler": euler_method, "midpoint": midpoint_method}[init]
+    want = run(method, velocity, x0, grid, transform=transform)
+    got = bns.sample(velocity, x0, fam.solver().detach())
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert torch.all(v["dt"] > 0) and torch.all(v["s"] > 0) and v["s"][0] == 1
+
+
+def test_multistep_keeps_its_structure_while_it_learns(vp, data):
+    solver, hist = distill(
+        vp, 4, family="multistep", init="ipndm", steps=10, val_every=5, pairs=data, progress=False
+    )
+    assert hist["best_step"] > 0
+    assert torch.all(solver.a == 1)
+    assert torch.all(torch.triu(solver.b, 1) == 0)
+    fam = _perturbed(make_family("multistep", initial_solver(vp, 4, "ipndm")))
+    s = fam.solver().detach()
+    assert torch.all(s.a == 1)
+    torch.testing.assert_close(torch.diff(s.b, dim=0), (fam.c * fam.mask).detach()[1:])
+    assert torch.all(s.times[1:] > s.times[:-1])
+
+
+@pytest.mark.parametrize("family,init,pc", CASES[::2])
+def test_every_parameter_gets_a_finite_gradient(vp, data, family, init, pc):
+    fam = make_family(family, initial_solver(vp, 4, init, pc))
+    loss, grads = loss_and_grad(fam, vp, data[0][:8], 1.0)
+    assert grads is not None
+    names = [name for name, _ in fam.named_parameters()]
+    for name, g in zip(names, grads):
+        assert torch.all(torch.isfinite(g)) and g.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_each_family_distills_and_its_file_loads_and_samples(vp, data, family, tmp_path):
+    """A few steps on the small mixture gain over the initial solver on validation, and the
+    solver file reads back and samples through the shared path."""
+    solver, hist = distill(
+        vp, 4, family=family, steps=30, val_every=10, lr=1e-2, pairs=data, progress=False
+    )
+    assert hist["best_val_psnr"] > hist["val_psnr"][0] + 0.5, hist["val_psnr"]
+    path = solver.save(tmp_path / f"{family}.json")
+    loaded = bns.NSSolver.load(path, model=vp)
+    assert loaded.meta["family"] == family
+    x0 = data[1].x0[:6]
+    torch.testing.assert_close(bns.sample(vp, x0, loaded), bns.sample(vp, x0, solver))
+    assert json.loads(path.read_text())["meta"]["init"] == solver.meta["init"]
+
+
+def test_families_keep_the_initial_solvers_they_can_start_from(vp):
+    cands = bns.solvers.init_candidates(vp, 4)
+    labels = {f: {c.meta["init"] for c in usable_inits(f, cands)} for f in FAMILIES}
+    assert labels["bns"] == {c.meta["init"] for c in cands}
+    assert labels["time"] == {f"{n}{pc}" for n in TimeFamily.METHODS for pc in ("", "+pc1")}
+    assert labels["scale-time"] == {
+        f"{n}{pc}" for n in ScaleTimeFamily.METHODS for pc in ("", "+pc1")
+    }
+    assert labels["multistep"] == {"euler", "midpoint", "ab2", "ab3", "ipndm"}
+    with pytest.raises(ValueError, match="family time starts from euler, midpoint"):
+        make_family("time", initial_solver(vp, 4, "dpmpp2m"))
+
+
+def test_a_family_that_cannot_start_from_the_init_fails_before_ground_truth(vp):
+    kw = dict(steps=0, cache=False, train_pairs=2, val_pairs=2, progress=False)
+    with pytest.raises(TrainingError, match="family scale-time starts from euler, midpoint"):
+        distill(vp, 4, family="scale-time", init="ab3", **kw)
+    with pytest.raises(TrainingError, match="family multistep starts from a solver with a_i = 1"):
+        distill(vp, 4, family="multistep", init="euler", precondition=1.0, **kw)
+    with pytest.raises(TrainingError, match="unknown solver family 'nope'"):
+        distill(vp, 4, family="nope", **kw)
+
+
+def test_a_family_resumes_from_its_state(vp):
+    fam = _perturbed(make_family("scale-time", initial_solver(vp, 4, "midpoint", 1.0)))
+    fresh = make_family("scale-time", initial_solver(vp, 4, "midpoint", 1.0))
+    fresh.load_state_dict(fam.state_dict())
+    _close(fresh.solver().detach(), fam.solver().detach(), tol=0)
+
+
+def test_the_command_line_distills_a_family(tmp_path, monkeypatch):
+    from bns.cli import main
+
+    monkeypatch.setenv("BNS_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "time.json"
+    args = ["distill", "--model", "gmm", "--nfe", "4", "--family", "time", "--init", "midpoint"]
+    args += ["--train-pairs", "8", "--val-pairs", "8", "--steps", "2", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    solver = bns.NSSolver.load(out)
+    assert solver.meta["family"] == "time" and solver.meta["init"] == "midpoint"
