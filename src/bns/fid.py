@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -43,7 +44,8 @@ __all__ = [
     "feature_stats",
     "fid",
     "reference_path",
-    "fashion_mnist_reference",
+    "Reference",
+    "fashion_mnist",
     "data_reference",
     "check_fid",
     "add_fid",
@@ -211,44 +213,78 @@ def reference_path(name: str) -> Path:
     return cache_dir() / "fid" / f"{name}.safetensors"
 
 
-def fashion_mnist_reference(
-    split: str = "test",
-    *,
-    data_dir: str | os.PathLike | None = None,
-    path: str | os.PathLike | None = None,
-    recompute: bool = False,
-    progress: bool = False,
-    **kwargs: Any,
-) -> FeatureStats:
-    """FID statistics of the Fashion-MNIST ``split`` (all its images), read from ``path``
-    (default :func:`reference_path`) or computed and written there (about an hour on one CPU
-    core for the 10000 test images; seconds on a GPU). ``kwargs`` go to
-    :func:`inception_features`."""
+@dataclass(frozen=True)
+class Reference:
+    """The reference statistics of a data set: read from their cache file, or computed from
+    the data's images (and cached) where the file is missing."""
+
+    name: str  # the cache file's name (reference_path)
+    data: str  # what the statistics describe, recorded in them
+    files: tuple[Path, ...]  # what computing them reads
+    images: Callable[[], Tensor]  # all the images, [N, C, H, W] in [-1, 1]
+    hint: str  # how to get the files
+
+    def check(self, path: str | os.PathLike | None = None) -> None:
+        """Raise FIDError unless the statistics can be read or computed."""
+        path = Path(path) if path is not None else reference_path(self.name)
+        missing = [f for f in self.files if not f.is_file()]
+        if not path.is_file() and missing:
+            raise FIDError(
+                f"no FID statistics of {self.data} at {path}, and no {missing[0]} to compute"
+                f" them from: {self.hint}"
+            )
+
+    def stats(
+        self,
+        path: str | os.PathLike | None = None,
+        *,
+        recompute: bool = False,
+        progress: bool = False,
+        **kwargs: Any,
+    ) -> FeatureStats:
+        """The statistics, from ``path`` (default :func:`reference_path`) or computed and
+        written there; ``kwargs`` go to :func:`inception_features`."""
+        path = Path(path) if path is not None else reference_path(self.name)
+        if path.is_file() and not recompute:
+            return FeatureStats.load(path)
+        self.check(path)
+        if not recompute:
+            warnings.warn(
+                f"bns: computing the FID statistics of {self.data} once (cached at {path});"
+                " about an hour on one CPU core for 10000 images",
+                stacklevel=2,
+            )
+        images = self.images()
+        meta = {"data": self.data, "images": len(images)}
+        stats = feature_stats(images, meta=meta, progress=progress, **kwargs)
+        stats.save(path)
+        return stats
+
+
+def fashion_mnist(split: str = "test", data_dir: str | os.PathLike | None = None) -> Reference:
+    """The reference of the Fashion-MNIST ``split`` (all its images: 10000 for ``test``)."""
     from .models.fmnist import DATA_DIR, load_fashion_mnist
 
-    path = Path(path) if path is not None else reference_path(f"fashion-mnist-{split}")
-    if path.is_file() and not recompute:
-        return FeatureStats.load(path)
-    images, _ = load_fashion_mnist(data_dir or DATA_DIR, split)
-    stats = feature_stats(
-        images,
-        meta={"data": f"fashion-mnist {split}", "images": len(images)},
-        progress=progress,
-        **kwargs,
+    root = Path(data_dir) if data_dir is not None else DATA_DIR
+    prefix = {"train": "train", "test": "t10k"}[split]
+    return Reference(
+        name=f"fashion-mnist-{split}",
+        data=f"fashion-mnist {split}",
+        files=(root / f"{prefix}-images-idx3-ubyte.gz",),
+        images=lambda: load_fashion_mnist(root, split)[0],
+        hint="install Debian's dataset-fashion-mnist, or run scripts/fid_reference.py --data DIR",
     )
-    stats.save(path)
-    return stats
 
 
-# Model-name prefixes whose data set has reference statistics: prefix -> a loader of them.
-DATA_REFERENCES: dict[str, Callable[..., FeatureStats]] = {"fmnist-": fashion_mnist_reference}
+# Model-name prefixes whose training data has a reference: prefix -> the reference.
+DATA_REFERENCES: dict[str, Callable[[], Reference]] = {"fmnist-": fashion_mnist}
 
 
-def data_reference(model: Model, **kwargs: Any) -> FeatureStats | None:
-    """The reference statistics of the data ``model`` was trained on, or None if unknown."""
-    for prefix, load in DATA_REFERENCES.items():
+def data_reference(model: Model) -> Reference | None:
+    """The reference of the data ``model`` was trained on, or None if unknown."""
+    for prefix, reference in DATA_REFERENCES.items():
         if model.name.startswith(prefix):
-            return load(**kwargs)
+            return reference()
     return None
 
 
@@ -263,6 +299,9 @@ def check_fid(model: Model, n: int, available: int, extractor: bool = True) -> N
         raise FIDError(f"FID of {n} samples needs 2 to {available} (the test pairs) samples")
     if extractor:
         _helper(str(model.device or torch.device("cpu")))
+        reference = data_reference(model)
+        if reference is not None:
+            reference.check()
 
 
 def add_fid(
@@ -293,7 +332,8 @@ def add_fid(
     if features is None:
         kw.update(device=device, progress=progress)
     if reference is None and features is None:
-        reference = data_reference(model, progress=progress, device=device)
+        data = data_reference(model)
+        reference = data.stats(progress=progress, device=device) if data is not None else None
     test = test[:n]
     gt = feature_stats(test.x1, **kw)
     info: dict[str, Any] = {"fid_samples": n, "fid_extractor": gt.meta["extractor"]}
