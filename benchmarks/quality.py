@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 import bns
+from bns.config import DistillConfig
 from bns.evaluate import baseline_solvers, best_rows, evaluate
 from bns.pairs import make_pairs
 from bns.report import markdown_table, plot_psnr_vs_nfe, write_results
@@ -132,7 +133,7 @@ def main() -> None:
     p.add_argument("--val-pairs", type=int, default=1024)
     p.add_argument("--test-pairs", type=int, default=1024)
     p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--lr", type=float, default=DistillConfig(nfe=1).lr)
     p.add_argument("--init", default="best", help="initial solver: best or a solver name")
     p.add_argument("--batch-size", type=int, default=40)
     p.add_argument("--val-every", type=int, default=25)

@@ -71,7 +71,7 @@ class DistillConfig:
     micro_batch: int = _opt(
         0, "pairs per forward/backward pass (gradients accumulated; 0 = the whole batch)"
     )
-    lr: float = _opt(5e-3, "learning rate (Adam)")
+    lr: float = _opt(1e-2, "learning rate (Adam)")
     lr_final: float = _opt(0.1, "cosine decay to lr x lr_final")
     warmup: int = _opt(25, "linear warm-up steps")
     revert_db: float = _opt(
