@@ -111,3 +111,77 @@ def test_bad_arguments(model):
         make_pairs(model, 0, cache=False)
     with pytest.raises(ValueError, match="split"):
         make_pairs(model, 2, "holdout", cache=False)
+
+
+def _shards(folder):
+    return sorted(folder.glob("shards/*/*.safetensors"))
+
+
+def test_a_crash_keeps_the_finished_batches_and_a_rerun_computes_only_the_rest(
+    model, tmp_path, monkeypatch
+):
+    fresh = make_pairs(model, 20, "train", batch_size=4, cache=tmp_path / "fresh", progress=False)
+    real, calls = pairs_mod.ground_truth, []
+
+    def crashing(m, x0, *a, **k):
+        calls.append(x0.shape[0])
+        if calls == [4, 4, 4]:  # the third batch of the first run
+            raise RuntimeError("out of memory")
+        return real(m, x0, *a, **k)
+
+    monkeypatch.setattr(pairs_mod, "ground_truth", crashing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        make_pairs(model, 20, "train", batch_size=4, cache=tmp_path, progress=False)
+    assert [p.name for p in _shards(tmp_path)] == [
+        "000000000-000000004.safetensors",
+        "000000004-000000008.safetensors",
+    ]
+    assert not list(tmp_path.glob("pairs-*")) and not list(tmp_path.rglob(".*"))
+    calls[:] = [0]
+    again = make_pairs(model, 20, "train", batch_size=4, cache=tmp_path, progress=False)
+    assert calls == [0, 4, 4, 4]  # batches 2 to 4; the first two are read from their shards
+    for k in ("x0", "x1", "y"):  # the same batches, so the same bits as an uninterrupted run
+        assert torch.equal(getattr(again, k), getattr(fresh, k))
+    assert again.nfe_per_sample == fresh.nfe_per_sample
+    assert not _shards(tmp_path) and not (tmp_path / "shards").exists()
+
+
+def test_a_corrupt_shard_is_recomputed_not_used(model, tmp_path, monkeypatch):
+    fresh = make_pairs(model, 8, "val", batch_size=4, cache=tmp_path / "fresh", progress=False)
+    real = pairs_mod.ground_truth
+
+    def crashing(m, x0, *a, **k):
+        if len(_shards(tmp_path)) == 1:
+            raise RuntimeError("killed")
+        return real(m, x0, *a, **k)
+
+    monkeypatch.setattr(pairs_mod, "ground_truth", crashing)
+    with pytest.raises(RuntimeError):
+        make_pairs(model, 8, "val", batch_size=4, cache=tmp_path, progress=False)
+    (shard,) = _shards(tmp_path)
+    shard.write_bytes(shard.read_bytes()[:-8] + b"\xff" * 8)  # a flipped value
+    monkeypatch.setattr(pairs_mod, "ground_truth", real)
+    with pytest.warns(UserWarning, match="stale or corrupt"):
+        again = make_pairs(model, 8, "val", batch_size=4, cache=tmp_path, progress=False)
+    assert torch.equal(again.x1, fresh.x1)
+
+
+def test_a_cache_file_never_shrinks(model, tmp_path, monkeypatch):
+    """A job that finishes fewer pairs after another wrote more leaves the longer file."""
+    real, done = pairs_mod.ground_truth, []
+
+    def with_a_second_job(m, x0, *a, **k):
+        if not done:  # another job writes 12 pairs while this one computes its 5
+            done.append(1)
+            monkeypatch.setattr(pairs_mod, "ground_truth", real)
+            make_pairs(model, 12, "test", cache=tmp_path, progress=False)
+        return real(m, x0, *a, **k)
+
+    monkeypatch.setattr(pairs_mod, "ground_truth", with_a_second_job)
+    five = make_pairs(model, 5, "test", cache=tmp_path, progress=False)
+    longer = make_pairs(model, 12, "test", cache=False, progress=False)
+    cached = pairs_mod._read_cache(
+        _only_file(tmp_path), pairs_mod._key(model, 1.0, 0, "test", 1e-5, 1e-5)
+    )
+    assert cached["tensors"]["x0"].shape[0] == 12
+    assert torch.equal(cached["tensors"]["x0"], longer.x0) and torch.equal(five.x0, longer.x0[:5])

@@ -184,6 +184,10 @@ def resolve_device(spec: str, model: Any) -> Any:
     available, else the CPU."""
     import torch
 
+    from .distributed import local_cuda_device
+
+    if spec in ("auto", "cuda") and local_cuda_device() is not None:
+        return local_cuda_device()  # under torchrun: the GPU of this worker's local rank
     if spec == "auto":
         if model is not None and model.device is not None and model.device.type != "cpu":
             return model.device
@@ -216,6 +220,7 @@ def _cache(args) -> Any:
 
 def cmd_distill(args) -> int:
     from .config import DistillConfig, config_from_args
+    from .distributed import on_rank0, world
     from .solver import NSSolver
     from .train import distill
 
@@ -235,10 +240,16 @@ def cmd_distill(args) -> int:
         resume=args.resume,
         progress=not args.quiet,
     )
-    solver.save(args.out)
-    NSSolver.load(args.out, model=model, guidance=cfg.guidance)  # what we wrote reads back
-    if ckpt.exists():
-        ckpt.unlink()
+
+    def write() -> None:
+        solver.save(args.out)
+        NSSolver.load(args.out, model=model, guidance=cfg.guidance)  # what we wrote reads back
+        if ckpt.exists():
+            ckpt.unlink()
+
+    on_rank0(write)  # rank 0 alone writes; under torchrun the others wait for the file
+    if not world(model.device).main:
+        return 0  # rank 0 alone speaks
     init_psnr = hist["val_psnr"][0]
     print(
         f"bns distill: {model.name} nfe={cfg.nfe} guidance={cfg.guidance:g}: validation PSNR"
@@ -250,6 +261,7 @@ def cmd_distill(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from .distributed import world
     from .evaluate import baseline_solvers, best_rows, evaluate
     from .pairs import make_pairs
     from .report import comparison_grid, markdown_table, plot_psnr_vs_nfe, write_results
@@ -285,6 +297,8 @@ def cmd_eval(args) -> int:
         progress=not args.quiet,
     )
     rows = evaluate(model, entries, test, args.guidance, kinds=kinds, progress=not args.quiet)
+    if not world(model.device).main:
+        return 0  # rank 0 alone writes the results and speaks
     fid_info: dict[str, Any] = {}
     if args.fid is not None:
         from .fid import add_fid

@@ -1,4 +1,8 @@
-"""Evaluation: PSNR against ground truth on held-out test pairs, for BNS and classical solvers."""
+"""Evaluation: PSNR against ground truth on held-out test pairs, for BNS and classical solvers.
+
+Under ``torchrun`` the pairs are shared out among the workers and the values gathered: every
+worker gets the rows one worker would.
+"""
 
 from __future__ import annotations
 
@@ -25,15 +29,28 @@ def evaluate_psnr(
     data_range: float = 2.0,
 ) -> Tensor:
     """Per-sample PSNR of ``solver`` against the pairs' ground truth (no gradients), on the
-    model's device (the pairs are moved batch by batch); a CPU float64 tensor ``[N]``."""
+    model's device (the pairs are moved batch by batch); a CPU float64 tensor ``[N]``.
+
+    Under ``torchrun`` each worker measures its contiguous share of the pairs and every worker
+    gets all ``N`` values, in order; ``model.forwards`` then counts the forwards of all.
+    """
+    from .distributed import all_gather_rows, all_sum, guard, world
+
+    w = world(model.device)
     device = model.device
-    out = []
-    with torch.no_grad():
-        for s in range(0, len(pairs), batch_size):
-            p = pairs[s : s + batch_size].to(device)
+    mine = pairs[w.share(len(pairs))] if w.size > 1 else pairs
+    f0 = model.forwards
+    out = [torch.zeros(0, dtype=torch.float64)]
+    with guard("evaluation"), torch.no_grad():
+        for s in range(0, len(mine), batch_size):
+            p = mine[s : s + batch_size].to(device)
             x = sample(model, p.x0, solver, p.y, guidance)
             out.append(psnr(x, p.x1, data_range).double().cpu())
-    return torch.cat(out)
+    local = torch.cat(out)
+    if w.size == 1:
+        return local
+    model.forwards = f0 + int(all_sum(float(model.forwards - f0)))
+    return all_gather_rows(local, w.counts(len(pairs)))
 
 
 def baseline_solvers(
@@ -71,9 +88,12 @@ def evaluate(
     """One row per ``(name, nfe, solver)``: PSNR mean, std, median and 5/95% quantiles."""
     from tqdm.auto import tqdm
 
+    from .distributed import world
+
     rows = []
     per = model.forwards_per_evaluation(guidance)
-    for name, nfe, solver in tqdm(entries, desc="evaluate", disable=not progress, leave=False):
+    quiet = not progress or not world(model.device).main  # rank 0 alone shows progress
+    for name, nfe, solver in tqdm(entries, desc="evaluate", disable=quiet, leave=False):
         p = evaluate_psnr(model, solver, test, guidance, data_range=data_range).double()
         q = torch.quantile(p, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64))
         rows.append(

@@ -6,12 +6,23 @@ and the train / val / test splits never share a noise. Pairs are cached on disk 
 tolerances, seed, split). A file is written atomically, carries a checksum of its tensors and
 the full key, and is verified when read: a stale or corrupt file is regenerated, never used.
 Asking for more pairs than a file holds computes only the missing ones.
+
+The ground truth is solved in batches of ``batch_size`` pairs, each one adaptive solve (its step
+sizes follow the batch's worst sample). Every finished batch is kept as a verified shard file
+until the cache file holds it, so a rerun after a crash computes only the missing batches. Under
+``torchrun`` the batches are shared out round-robin over the workers, each batch computed once
+with the boundaries one worker would use, then sent to every worker: K workers return, and
+cache, bit for bit the pairs of one. Two jobs on one cache folder never corrupt it: every file
+is written atomically and verified when read, and a cache file is never replaced by a shorter
+one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -171,35 +182,42 @@ def make_pairs(
     per pair index on the CPU (the same on every device); the ground truth is solved on
     ``device`` (default: the model's) in batches of ``batch_size``; the pairs are returned and
     cached as CPU float32 tensors. ``rtol``/``atol`` default to
-    :func:`bns.ground_truth.default_tolerance` of the network's dtype.
+    :func:`bns.ground_truth.default_tolerance` of the network's dtype. Under ``torchrun`` every
+    worker computes its share of the batches and returns all ``n`` pairs.
     """
+    from .distributed import all_min, world  # import bns starts no distributed machinery
+
     if n < 1:
         raise ValueError(f"need at least one pair, got n = {n}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     tol = default_tolerance(model.dtype)
     rtol = tol if rtol is None else float(rtol)
     atol = rtol if atol is None else float(atol)
     device = device if device is not None else model.device
+    w = world(device)
     key = _key(model, guidance, seed, split, rtol, atol)
-    path = None
-    have: dict[str, Tensor] = {}
-    nfe_total = 0.0
-    if cache:
-        folder = cache_dir() if cache is True else Path(cache)
-        name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-        path = folder / f"pairs-{model.name}-{split}-{name}.safetensors"
-        found = _read_cache(path, key)
-        if found is not None:
-            have = found["tensors"]
-            nfe_total = found["nfe"] * have["x0"].shape[0]
-    start = have["x0"].shape[0] if have else 0
+    folder = None if not cache else cache_dir() if cache is True else Path(cache)
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    stem = f"pairs-{model.name}-{split}-{name}"
+    path = None if folder is None else folder / f"{stem}.safetensors"
+    found = _read_cache(path, key) if path is not None else None
+    have: dict[str, Tensor] = found["tensors"] if found is not None else {}
+    # Every worker extends the same prefix, so that all draw the same batches.
+    start = all_min(have["x0"].shape[0] if have else 0)
+    have = {k: v[:start] for k, v in have.items()} if start else {}
+    nfe_total = found["nfe"] * start if start else 0.0
     if start < n:
-        new = _generate(
-            model, range(start, n), split, seed, guidance, rtol, atol, batch_size, progress, device
-        )
-        nfe_total += new.pop("nfe_sum")
-        have = new if not have else {k: torch.cat([have[k], new[k]]) for k in new}
-        if path is not None:
-            _write_cache(path, key, have, nfe_total / have["x0"].shape[0])
+        shards = None if folder is None else _Shards(folder / "shards" / stem, key)
+        run = dict(seed=seed, guidance=guidance, rtol=rtol, atol=atol, device=device)
+        batches = [(lo, min(lo + batch_size, n)) for lo in range(start, n, batch_size)]
+        new = _solve_batches(model, split, batches, shards, w, progress and w.main, run)
+        nfe_total += sum(float(t["nfe"]) * (hi - lo) for t, (lo, hi) in zip(new, batches))
+        parts = ([have] if have else []) + new
+        have = {k: torch.cat([t[k] for t in parts]) for k in parts[-1] if k != "nfe"}
+        if path is not None and w.local_rank == 0:  # one writer per host (the same bytes)
+            _write_if_longer(path, key, have, nfe_total / have["x0"].shape[0])
+            shards.remove(batches)
     m = have["x0"].shape[0]
     return Pairs(
         have["x0"][:n].clone(),
@@ -209,35 +227,137 @@ def make_pairs(
     )
 
 
-def _generate(model, indices, split, seed, guidance, rtol, atol, batch_size, progress, device):
+def _write_if_longer(path: Path, key: dict, tensors: dict[str, Tensor], nfe: float) -> None:
+    """Write the cache file unless it holds as many pairs already (another job may have just
+    written more: a cache file never shrinks)."""
+    current = _read_cache(path, key)
+    if current is None or current["tensors"]["x0"].shape[0] < tensors["x0"].shape[0]:
+        _write_cache(path, key, tensors, nfe)
+
+
+class _Shards:
+    """The finished batches of one cache file: one verified file per batch of pairs
+    ``[lo, hi)``, kept until the cache file holds them."""
+
+    def __init__(self, folder: Path, key: dict) -> None:
+        self.folder, self.key = folder, key
+
+    def _path(self, lo: int, hi: int) -> Path:
+        return self.folder / f"{lo:09d}-{hi:09d}.safetensors"
+
+    def read(self, lo: int, hi: int) -> dict[str, Tensor] | None:
+        found = _read_cache(self._path(lo, hi), {**self.key, "rows": [lo, hi]})
+        if found is None or found["tensors"]["x0"].shape[0] != hi - lo:
+            return None
+        return {**found["tensors"], "nfe": torch.tensor([found["nfe"]], dtype=torch.float64)}
+
+    def write(self, lo: int, hi: int, batch: dict[str, Tensor]) -> None:
+        tensors = {k: v for k, v in batch.items() if k != "nfe"}
+        for attempt in range(3):  # another job may remove the emptied folder meanwhile
+            try:
+                key = {**self.key, "rows": [lo, hi]}
+                _write_cache(self._path(lo, hi), key, tensors, float(batch["nfe"]))
+                return
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+
+    def remove(self, batches: list[tuple[int, int]]) -> None:
+        for lo, hi in batches:
+            self._path(lo, hi).unlink(missing_ok=True)
+        for folder in (self.folder, self.folder.parent):
+            with contextlib.suppress(OSError):  # not empty: another job's shards are there
+                folder.rmdir()
+
+
+def _owners(held: list[list[bool]]) -> list[int]:
+    """Which worker provides each batch: the first that holds it already, else the missing
+    batches round-robin (batch i of a fresh run goes to rank i mod K)."""
+    owners, k = [], 0
+    for i in range(len(held[0])):
+        holders = [r for r, h in enumerate(held) if h[i]]
+        owners.append(holders[0] if holders else k % len(held))
+        k += not holders
+    return owners
+
+
+def _solve_batches(model, split, batches, shards, w, progress, run) -> list[dict[str, Tensor]]:
+    """The ground truth of each batch ``[lo, hi)``: read from a shard, or solved by its owner
+    (and kept as a shard), then sent to every worker that lacks it."""
     from tqdm.auto import tqdm
 
-    idx = list(indices)
-    x0s, x1s, ys = [], [], []
-    nfe_sum = 0.0
+    from .distributed import broadcast_, gather_flags, guard, wait_all, watch
+
+    done = {}
+    for b in batches if shards is not None else []:
+        t = shards.read(*b)
+        if t is not None:
+            done[b] = t
+    held = gather_flags([b in done for b in batches])
+    owners = _owners(held)
+    mine = [b for b, o in zip(batches, owners) if o == w.rank and b not in done]
+    watch(model)
     bar = tqdm(
-        total=len(idx),
-        desc=f"ground truth ({split})",
+        total=sum(hi - lo for lo, hi in mine),
+        desc=f"ground truth ({split})" + (f", rank 0 of {w.size}" if w.size > 1 else ""),
         unit="pair",
         disable=not progress,
         leave=False,
     )
-    for s in range(0, len(idx), batch_size):
-        chunk = idx[s : s + batch_size]
-        x0, y = pair_noise(model, seed, split, chunk)
-        x0 = x0.float().double()  # the stored float32 noise is exactly what was integrated
-        if device is not None:
-            x0, y = x0.to(device), (None if y is None else y.to(device))
-        x1, stats = ground_truth(model, x0, y, guidance, rtol=rtol, atol=atol, return_stats=True)
-        x0s.append(x0.float().cpu())
-        x1s.append(x1.float().cpu())
-        if y is not None:
-            ys.append(y.cpu())
-        nfe_sum += stats["nfe"] * len(chunk)
-        bar.update(len(chunk))
-        bar.set_postfix(nfe=stats["nfe"])
+    with guard(f"ground truth ({split})"):
+        for lo, hi in mine:
+            done[lo, hi] = _solve(model, split, lo, hi, **run)
+            if shards is not None:
+                shards.write(lo, hi, done[lo, hi])
+            bar.update(hi - lo)
+            bar.set_postfix(nfe=int(done[lo, hi]["nfe"]))
     bar.close()
-    out = {"x0": torch.cat(x0s), "x1": torch.cat(x1s), "nfe_sum": nfe_sum}
-    if ys:
-        out["y"] = torch.cat(ys)
+    wait_all(f"ground truth ({split})")
+    labels = model.num_classes is not None
+    for i, (b, owner) in enumerate(zip(batches, owners)):
+        if w.size > 1 and not all(h[i] for h in held):  # a worker lacks it: its owner sends it
+            buf = _pack(done[b]) if b in done else _empty(model, b[1] - b[0], labels)
+            done[b] = _unpack(broadcast_(buf, owner), model, b[1] - b[0], labels)
+    return [done[b] for b in batches]
+
+
+def _solve(model, split, lo, hi, *, seed, guidance, rtol, atol, device) -> dict[str, Tensor]:
+    x0, y = pair_noise(model, seed, split, range(lo, hi))
+    x0 = x0.float().double()  # the stored float32 noise is exactly what was integrated
+    if device is not None:
+        x0, y = x0.to(device), (None if y is None else y.to(device))
+    x1, stats = ground_truth(model, x0, y, guidance, rtol=rtol, atol=atol, return_stats=True)
+    out = {"x0": x0.float().cpu(), "x1": x1.float().cpu()}
+    if y is not None:
+        out["y"] = y.cpu()
+    out["nfe"] = torch.tensor([float(stats["nfe"])], dtype=torch.float64)
+    return out
+
+
+# A batch travels between workers as one byte tensor: x0, x1 (float32), y (int64), nfe (float64).
+def _layout(model: Model, m: int, labels: bool) -> list[tuple[str, torch.dtype, tuple]]:
+    shape = (m, *model.sample_shape)
+    fields = [("x0", torch.float32, shape), ("x1", torch.float32, shape)]
+    return fields + ([("y", torch.long, (m,))] if labels else []) + [("nfe", torch.float64, (1,))]
+
+
+def _pack(batch: dict[str, Tensor]) -> Tensor:
+    names = [k for k in ("x0", "x1", "y", "nfe") if k in batch]
+    return torch.cat([batch[k].contiguous().reshape(-1).view(torch.uint8) for k in names])
+
+
+def _empty(model: Model, m: int, labels: bool) -> Tensor:
+    size = sum(
+        math.prod(s) * torch.empty((), dtype=d).element_size()
+        for _, d, s in _layout(model, m, labels)
+    )
+    return torch.empty(size, dtype=torch.uint8)
+
+
+def _unpack(buf: Tensor, model: Model, m: int, labels: bool) -> dict[str, Tensor]:
+    out, s = {}, 0
+    for name, dtype, shape in _layout(model, m, labels):
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        out[name] = buf[s : s + size].view(dtype).reshape(shape).clone()
+        s += size
     return out

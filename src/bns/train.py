@@ -131,6 +131,10 @@ def distill(
 def _distill(
     model, cfg, candidates, pairs, cache, checkpoint_path, resume, progress, callback, device
 ) -> tuple[NSSolver, dict[str, Any]]:
+    from .distributed import on_rank0, world  # under torchrun: bns starts the process group
+
+    main = world(device).main
+    progress = progress and main  # rank 0 alone shows progress and writes checkpoints
     if pairs is None:
         kw = dict(seed=cfg.seed, guidance=cfg.guidance, rtol=cfg.rtol, atol=cfg.atol, cache=cache)
         kw.update(progress=progress, batch_size=cfg.gt_batch_size, device=device)
@@ -142,10 +146,11 @@ def _distill(
     train, val = train.to(device), val.to(device)
     init, scores, init_forwards = choose_initial_solver(model, cfg, val, candidates)
     family = make_family(cfg.family, init)
-    ckpt = Checkpoint(checkpoint_path, _run_id(model, cfg, train, val)) if checkpoint_path else None
+    run_id = _run_id(model, cfg, train, val)
+    ckpt = Checkpoint(checkpoint_path, run_id) if checkpoint_path and main else None
     loop = _Loop(model, cfg, family, init, train, val, callback)
-    if resume:
-        state = ckpt.load() if ckpt is not None else None
+    if resume:  # rank 0 reads the checkpoint and sends it to every worker
+        state = on_rank0(lambda: ckpt.load() if ckpt is not None else None)
         if state is None and ckpt is not None:
             warnings.warn(f"bns: no checkpoint at {ckpt.path}; starting anew", stacklevel=2)
         elif state is not None:
@@ -220,25 +225,26 @@ class _Loop:
             self.callback(self.step, {"val_psnr": v, "train_loss": loss, "best": self.best_psnr})
 
     def _train_step(self) -> float:
+        from .distributed import data_parallel
+
         cfg = self.cfg
         for group in self.opt.param_groups:
             group["lr"] = self._lr(self.step) * group["lr_mult"]
         idx = torch.randint(len(self.train), (cfg.batch_size,), generator=self.gen)
-        f0 = self.model.forwards
-        loss, grads = loss_and_grad(
-            self.family,
-            self.model,
-            self.train[idx.to(self.train.x0.device)],
-            cfg.guidance,
-            micro_batch=cfg.micro_batch,
-            checkpoint=cfg.grad_checkpoint,
-        )
-        self.forwards += self.model.forwards - f0
+        params = [p for p in self.family.parameters() if p.requires_grad]
+
+        def step(part: torch.Tensor) -> tuple[float, list[torch.Tensor] | None]:
+            kw = dict(micro_batch=cfg.micro_batch, checkpoint=cfg.grad_checkpoint)
+            batch = self.train[part.to(self.train.x0.device)]
+            return loss_and_grad(self.family, self.model, batch, cfg.guidance, **kw)
+
+        # Each worker takes its share of the global batch; the gradients are summed over them.
+        loss, grads, forwards = data_parallel(step, idx, params, self.model)
+        self.forwards += forwards
         if grads is None:
             self.skipped += 1
             self.lr_scale *= 0.5
             return math.nan
-        params = [p for p in self.family.parameters() if p.requires_grad]
         for p, g in zip(params, grads):
             p.grad = g
         self.opt.step()

@@ -1,0 +1,380 @@
+"""Two workers under ``torchrun`` (gloo, CPU) give one worker's results, and faults end the job.
+
+On the analytic model through the command line, and on a small network written as a user would
+through the Python API: the ground-truth cache equals the single worker's bit for bit, the
+distilled solver and eval's rows equal it to 1e-6. A killed worker ends the job with one line
+naming it, and a rerun completes from the finished shards; a hung worker ends the job after the
+timeout, and ``--resume`` continues to the uninterrupted solver.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import bns
+from bns.cli import main
+from bns.distributed import World
+from bns.models.gmm import gaussian_mixture_model
+from bns.pairs import _owners, make_pairs
+
+SRC = Path(bns.__file__).parents[1]
+
+# A user's file: a small velocity network, a factory, and the Python API run the test compares.
+# The factory can record its worker's pid (to kill it), slow the network down (to kill it in
+# the middle) and count the ground-truth solves (to see which batches a rerun computes).
+USER_FILE = r"""
+import json, os, sys, time
+from pathlib import Path
+import torch
+from torch import nn
+import bns
+
+
+class Net(nn.Module):
+    def __init__(self, dim=8):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.l1, self.l2 = nn.Linear(dim + 1, 32), nn.Linear(32, dim)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+
+    def forward(self, x, t, y=None):
+        if os.environ.get("NET_SLEEP"):
+            time.sleep(float(os.environ["NET_SLEEP"]))
+        return self.l2(torch.tanh(self.l1(torch.cat([x, t[:, None].to(x.dtype)], 1))))
+
+
+def net():
+    if os.environ.get("PIDS"):
+        Path(os.environ["PIDS"], os.environ["RANK"]).write_text(str(os.getpid()))
+    if os.environ.get("GT_LOG"):
+        from bns import pairs
+        real = pairs.ground_truth
+        def counted(model, x0, *args, **kwargs):
+            with open(Path(os.environ["GT_LOG"], str(os.getpid())), "a") as f:
+                f.write(f"{x0.shape[0]}\n")
+            return real(model, x0, *args, **kwargs)
+        pairs.ground_truth = counted
+    return bns.Model(Net(), "velocity", bns.schedules.CondOT(), (8,), name="mlp")
+
+
+def run(cache):
+    from bns.evaluate import baseline_solvers, evaluate
+    from bns.pairs import make_pairs
+    model = net()
+    solver, hist = bns.distill(model, 4, init="euler", train_pairs=48, val_pairs=24,
+                               steps=10, val_every=5, batch_size=8, gt_batch_size=8,
+                               cache=cache, progress=False)
+    test = make_pairs(model, 20, "test", batch_size=8, cache=cache, progress=False)
+    entries = baseline_solvers(model, [4], ["euler", "midpoint"]) + [("bns", 4, solver)]
+    return {"solver": solver.to_dict(), "rows": evaluate(model, entries, test),
+            "val_psnr": hist["val_psnr"], "forwards": hist["forwards"]}
+
+
+if __name__ == "__main__":  # under torchrun: command lines, then the API run
+    from bns.cli import main
+    commands, folder, result = json.loads(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+    for argv in commands:
+        assert main([a.format(out=folder) for a in argv]) == 0
+    out = run(folder / "api")
+    if os.environ["RANK"] == "0":
+        Path(result).write_text(json.dumps(out))
+"""
+
+DISTILL = ["distill", "--nfe", "4", "--init", "midpoint", "--quiet", "--batch-size", "8"]
+DISTILL += ["--train-pairs", "40", "--val-pairs", "24", "--init-pairs", "24", "--steps", "10"]
+DISTILL += ["--val-every", "5", "--gt-batch-size", "8"]
+EVAL = ["eval", "--baselines", "euler,midpoint", "--nfe", "4,8", "--test-pairs", "20", "--quiet"]
+
+
+@pytest.fixture()
+def one_thread():
+    """Single-worker references with the threads of a torchrun worker here (one each)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture()
+def user_file(tmp_path):
+    path = tmp_path / "user.py"
+    path.write_text(USER_FILE)
+    return path
+
+
+def _env(cache: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(SRC), BNS_CACHE_DIR=str(cache))
+    env.update({"BNS_DIST_TIMEOUT": "30", **extra})
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NET_SLEEP", "PIDS", "GT_LOG"):
+        if name not in extra:
+            env.pop(name, None)
+    return env
+
+
+def _torchrun(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """``torchrun --nproc-per-node 2 ARGS`` with stdout and stderr into ``log``.out/.err."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    out, err = open(f"{log}.out", "w"), open(f"{log}.err", "w")  # noqa: SIM115
+    return subprocess.Popen(cmd + args, env=env, stdout=out, stderr=err)
+
+
+def _finish(proc: subprocess.Popen, log: Path, timeout: float = 120) -> tuple[str, str]:
+    assert proc.wait(timeout=timeout) == 0, Path(f"{log}.err").read_text()[-3000:]
+    return Path(f"{log}.out").read_text(), Path(f"{log}.err").read_text()
+
+
+def _one_worker(commands: list[list[str]], cache: Path) -> None:
+    """The command lines run here, as one worker, with the ground-truth cache ``cache``."""
+    os.environ["BNS_CACHE_DIR"] = str(cache)
+    try:
+        for argv in commands:
+            assert main(argv) == 0
+    finally:
+        del os.environ["BNS_CACHE_DIR"]
+
+
+def _caches(folder: Path) -> dict[str, tuple[dict, dict]]:
+    """Every cache file: its tensors and its metadata, by name."""
+    out = {}
+    for path in sorted(folder.glob("pairs-*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            out[path.name] = ({k: f.get_tensor(k) for k in f.keys()}, f.metadata())
+    return out
+
+
+def _assert_same_caches(a: Path, b: Path) -> None:
+    ca, cb = _caches(a), _caches(b)
+    assert ca and set(ca) == set(cb)
+    for name, (tensors, meta) in ca.items():
+        other, other_meta = cb[name]
+        assert meta == other_meta, name  # the key, the checksum and the NFE per sample
+        assert set(tensors) == set(other)
+        for k, v in tensors.items():  # bit for bit: same dtype, same bytes
+            assert v.dtype == other[k].dtype and torch.equal(v, other[k]), (name, k)
+
+
+def _assert_same_solver(a: dict, b: dict, tol: float = 1e-6) -> None:
+    for key in ("times", "a", "b"):
+        x = torch.tensor([v for row in a[key] for v in (row if isinstance(row, list) else [row])])
+        y = torch.tensor([v for row in b[key] for v in (row if isinstance(row, list) else [row])])
+        assert x.shape == y.shape and torch.allclose(x, y, rtol=0, atol=tol), key
+
+
+def _assert_same_rows(a: list[dict], b: list[dict]) -> None:
+    assert [(r["solver"], r["nfe"]) for r in a] == [(r["solver"], r["nfe"]) for r in b]
+    for ra, rb in zip(a, b):
+        for k in ("psnr_mean", "psnr_std", "psnr_median", "psnr_p05", "psnr_p95"):
+            assert abs(ra[k] - rb[k]) <= 1e-6, (ra["solver"], k)
+        assert ra["test_pairs"] == rb["test_pairs"] and ra["forwards"] == rb["forwards"]
+
+
+def test_import_bns_starts_no_distributed_machinery():
+    code = (
+        "import sys, torch\n"
+        "before = set(sys.modules)\n"
+        "import bns, bns.cli\n"
+        "new = sorted(m for m in set(sys.modules) - before if 'distributed' in m)\n"
+        "import torch.distributed as dist\n"
+        "from bns.distributed import world\n"
+        "from bns.distributed import World\n"
+        "print(new, dist.is_initialized(), world() == World(), dist.is_initialized())\n"
+    )
+    env = _env(Path("unused"))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[]", "False", "True", "False"]
+
+
+def test_shares_and_owners():
+    for n in (1, 5, 8, 13):
+        for size in (1, 2, 3):
+            worlds = [World(r, size) for r in range(size)]
+            cover = [i for w in worlds for i in range(n)[w.share(n)]]
+            assert cover == list(range(n))  # contiguous, in rank order, all of them once
+            assert worlds[0].counts(n) == [len(range(n)[w.share(n)]) for w in worlds]
+    # A fresh run: batch i to rank i mod K. A rerun: a finished batch is provided by the first
+    # worker that holds it, the missing ones go round-robin.
+    assert _owners([[False] * 5, [False] * 5]) == [0, 1, 0, 1, 0]
+    held = [[True, False, False, False, False], [True, True, False, False, True]]
+    assert _owners(held) == [0, 1, 0, 1, 1]
+
+
+def test_two_workers_give_one_workers_results(tmp_path, user_file, one_thread):
+    """The analytic model through the command line (``bns distill``, ``bns eval``), and the
+    small network through the Python API, in one ``torchrun`` job; the same in this process."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    commands = [
+        DISTILL + ["--model", "gmm", "--out", "{out}/s.json"],
+        EVAL + ["--model", "gmm", "--solver", "{out}/s.json", "--json", "{out}/r.json"],
+    ]
+    job = [str(user_file), json.dumps(commands), str(two), str(tmp_path / "two.json")]
+    proc = _torchrun(job, _env(two / "cache"), tmp_path / "job")
+    _one_worker([[a.format(out=one) for a in argv] for argv in commands], one / "cache")
+    ref = _user_module(user_file).run(one / "api")
+    out, _ = _finish(proc, tmp_path / "job")
+    assert out.count("bns distill:") == 1 and out.count("rows ->") == 1  # rank 0 alone speaks
+    got = json.loads((tmp_path / "two.json").read_text())
+    # The analytic model, on the command line.
+    _assert_same_caches(one / "cache", two / "cache")
+    assert len(_caches(one / "cache")) == 3 and not (two / "cache" / "shards").exists()
+    s1, s2 = (json.loads((d / "s.json").read_text()) for d in (one, two))
+    _assert_same_solver(s1, s2)
+    assert s1["meta"]["best_step"] == s2["meta"]["best_step"]
+    assert s1["meta"]["train_forwards"] == s2["meta"]["train_forwards"]  # all workers counted
+    r1, r2 = (json.loads((d / "r.json").read_text())["rows"] for d in (one, two))
+    _assert_same_rows(r1, r2)
+    # The small network, through the Python API.
+    _assert_same_caches(one / "api", two / "api")
+    _assert_same_solver(ref["solver"], got["solver"])
+    _assert_same_rows(ref["rows"], got["rows"])
+    assert ref["forwards"] == got["forwards"]
+    assert got["val_psnr"] == pytest.approx(ref["val_psnr"], abs=1e-6)
+
+
+def _user_module(path: Path):
+    spec = importlib.util.spec_from_file_location("user_file", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _pids(folder: Path) -> dict[int, int]:
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(folder.iterdir())) < 2:
+        time.sleep(0.05)
+    return {int(p.name): int(p.read_text()) for p in folder.iterdir()}
+
+
+def _shards(cache: Path) -> list[Path]:
+    return sorted(cache.glob("shards/*/*.safetensors"))
+
+
+def _solves(log: Path) -> int:
+    return sum(len(p.read_text().split()) for p in log.iterdir())
+
+
+def test_a_killed_worker_ends_the_job_and_a_rerun_reuses_the_finished_shards(
+    tmp_path, user_file, one_thread
+):
+    cache, pids, log = tmp_path / "two", tmp_path / "pids", tmp_path / "log"
+    pids.mkdir()
+    log.mkdir()
+    args = ["-m", "bns", *DISTILL, "--model", f"{user_file}:net", "--train-pairs", "96"]
+    args += ["--out", str(tmp_path / "s.json")]
+    env = _env(cache, NET_SLEEP="0.004", PIDS=str(pids), GT_LOG=str(log))
+    proc = _torchrun(args, env, tmp_path / "k")
+    rank1 = _pids(pids)[1]
+    deadline = time.time() + 60
+    while time.time() < deadline and len(_shards(cache)) < 3:
+        time.sleep(0.02)
+    os.kill(rank1, signal.SIGKILL)
+    t_kill = time.time()
+    assert proc.wait(timeout=60) != 0
+    assert time.time() - t_kill < 30  # bounded, not the collective timeout
+    err = Path(f"{tmp_path / 'k'}.err").read_text()
+    lines = [line for line in err.splitlines() if line.startswith("bns distill: error:")]
+    assert len(lines) == 1, err[-3000:]
+    assert f"worker rank 1 of 2 (pid {rank1}) died first" in lines[0] and "Rerun" in lines[0]
+    finished = _shards(cache)
+    assert 3 <= len(finished) < 12 and not (tmp_path / "s.json").exists()
+    assert not list(cache.glob("shards/*/.*"))  # no half-written shard is left
+    # The rerun solves only the batches that had not finished (12 train + 3 val in all).
+    for p in log.iterdir():
+        p.unlink()
+    proc = _torchrun(args, _env(cache, GT_LOG=str(log)), tmp_path / "r")
+    _one_worker([args[2:-1] + [str(tmp_path / "one.json")]], tmp_path / "one")
+    _finish(proc, tmp_path / "r")
+    assert _solves(log) == 12 + 3 - len(finished)
+    assert not _shards(cache)
+    _assert_same_caches(tmp_path / "one", cache)
+    s1, s2 = (json.loads((tmp_path / n).read_text()) for n in ("one.json", "s.json"))
+    _assert_same_solver(s1, s2)
+
+
+def test_a_hung_worker_ends_the_job_and_resume_continues_to_the_same_solver(
+    tmp_path, user_file, one_thread
+):
+    cache, pids, out = tmp_path / "two", tmp_path / "pids", tmp_path / "s.json"
+    pids.mkdir()
+    args = ["-m", "bns", *DISTILL, "--model", f"{user_file}:net", "--init", "euler"]
+    args += ["--steps", "30", "--out", str(out)]
+    env = _env(cache, NET_SLEEP="0.002", PIDS=str(pids), BNS_DIST_TIMEOUT="3")
+    proc = _torchrun(args, env, tmp_path / "h")
+    rank = _pids(pids)
+    ckpt = out.with_name("s.json.ckpt")
+    deadline = time.time() + 60
+    while time.time() < deadline and not ckpt.exists():
+        time.sleep(0.02)
+    os.kill(rank[1], signal.SIGSTOP)  # hung: alive, silent
+    t_stop = time.time()
+    try:
+        while time.time() - t_stop < 30 and proc.poll() is None:
+            try:
+                os.kill(rank[0], 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        waited = time.time() - t_stop
+    finally:
+        os.kill(rank[1], signal.SIGCONT)
+    assert proc.wait(timeout=60) != 0
+    assert 3 <= waited < 15  # the timeout, then rank 0 reports and ends
+    err = Path(f"{tmp_path / 'h'}.err").read_text()
+    lines = [line for line in err.splitlines() if line.startswith("bns distill: error:")]
+    assert len(lines) == 1, err[-3000:]
+    assert "worker rank 1 of 2 did not reach" in lines[0] and "within 3 s" in lines[0]
+    step = json.loads(torch.load(ckpt, weights_only=True)["scalars"])["step"]
+    assert 5 <= step < 30 and not out.exists()
+    proc = _torchrun([*args, "--resume"], _env(cache), tmp_path / "r")
+    _one_worker([args[2:-1] + [str(tmp_path / "one.json")]], tmp_path / "one")
+    _finish(proc, tmp_path / "r")
+    s1, s2 = (json.loads(p.read_text()) for p in (tmp_path / "one.json", out))
+    _assert_same_solver(s1, s2)
+    assert s1["meta"]["best_step"] == s2["meta"]["best_step"] and not ckpt.exists()
+
+
+CONCURRENT = r"""
+import sys, torch
+torch.set_num_threads(1)
+from bns.models.gmm import gaussian_mixture_model
+from bns.pairs import make_pairs
+model = gaussian_mixture_model(dim=16, components=4, num_classes=2, std=0.2, seed=3)
+p = make_pairs(model, int(sys.argv[2]), "train", batch_size=4, cache=sys.argv[1], progress=False)
+torch.save({"x0": p.x0, "x1": p.x1, "y": p.y}, sys.argv[3])
+"""
+
+
+def test_two_jobs_on_one_cache_folder_never_corrupt_it(tmp_path, one_thread):
+    """Two jobs at once on one cache: both get their pairs, the cache keeps the longer run."""
+    script = tmp_path / "job.py"
+    script.write_text(CONCURRENT)
+    env = _env(tmp_path / "unused")
+    jobs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path / "c"), str(n), str(tmp_path / f"{n}.pt")],
+            env=env,
+        )
+        for n in (40, 24)
+    ]
+    model = gaussian_mixture_model(dim=16, components=4, num_classes=2, std=0.2, seed=3)
+    want = make_pairs(model, 40, "train", batch_size=4, cache=tmp_path / "r", progress=False)
+    assert [j.wait(timeout=120) for j in jobs] == [0, 0]
+    _assert_same_caches(tmp_path / "r", tmp_path / "c")
+    for n in (40, 24):
+        got = torch.load(tmp_path / f"{n}.pt")
+        assert torch.equal(got["x0"], want.x0[:n]) and torch.equal(got["x1"], want.x1[:n])
+        assert torch.equal(got["y"], want.y[:n])
+    assert not list((tmp_path / "c").glob("shards/*/*"))
