@@ -176,6 +176,9 @@ def test_the_whole_path_runs_on_an_explicit_device(device, tmp_path):
 def test_a_network_elsewhere_than_the_device_asked_for_is_refused():
     with pytest.raises(bns.TrainingError, match="move it there first"):
         bns.distill(_model(_net()), 4, device="meta", cache=False, progress=False, **TINY)
+    # A device without its index names the network's own (found on an H100: cuda vs cuda:0).
+    solver, _ = bns.distill(_model(_net()), 4, device="cpu:0", cache=False, progress=False, **TINY)
+    assert solver.nfe == 4
 
 
 def test_micro_batches_give_the_full_batch_gradient():

@@ -107,7 +107,9 @@ def distill(
     if cfg.guidance != 1.0 and model.num_classes is None:
         raise TrainingError(f"{model.name} is unconditional: guidance must be 1")
     device = torch.device(device) if device is not None else model.device or torch.device("cpu")
-    if model.device is not None and model.device != device:
+    if model.device is not None and _same_device(model.device, device):
+        device = model.device  # "cuda" names the network's cuda:K
+    elif model.device is not None:
         raise TrainingError(
             f"the network is on {model.device}, not on {device}: move it there first"
             " (model.to(device))"
@@ -160,6 +162,11 @@ def _distill(
     solver.meta = _artifact_meta(model, cfg, loop, train, scores, init_forwards)
     solver.validate(t_range=model.t_range, strict=True)
     return solver, _history(loop)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are one, an index left out meaning "any" (``cuda`` and ``cuda:0``)."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
 def _run_id(model: Model, cfg: DistillConfig, train: Pairs, val: Pairs) -> str:
