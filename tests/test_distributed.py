@@ -290,7 +290,9 @@ def test_a_killed_worker_ends_the_job_and_a_rerun_reuses_the_finished_shards(
     assert f"worker rank 1 of 2 (pid {rank1}) died first" in lines[0] and "Rerun" in lines[0]
     finished = _shards(cache)
     assert 3 <= len(finished) < 12 and not (tmp_path / "s.json").exists()
-    assert not list(cache.glob("shards/*/.*"))  # no half-written shard is left
+    for path in finished:  # complete files (a write cut short stays a hidden temporary file)
+        with safe_open(str(path), framework="pt") as f:
+            assert f.get_tensor("x1").shape[0] == 8
     # The rerun solves only the batches that had not finished (12 train + 3 val in all).
     for p in log.iterdir():
         p.unlink()
@@ -335,7 +337,7 @@ def test_a_hung_worker_ends_the_job_and_resume_continues_to_the_same_solver(
     err = Path(f"{tmp_path / 'h'}.err").read_text()
     lines = [line for line in err.splitlines() if line.startswith("bns distill: error:")]
     assert len(lines) == 1, err[-3000:]
-    assert "worker rank 1 of 2 did not reach" in lines[0] and "within 3 s" in lines[0]
+    assert "worker rank 1 of 2 did not" in lines[0] and "within 3 s" in lines[0]
     step = json.loads(torch.load(ckpt, weights_only=True)["scalars"])["step"]
     assert 5 <= step < 30 and not out.exists()
     proc = _torchrun([*args, "--resume"], _env(cache), tmp_path / "r")

@@ -316,6 +316,8 @@ def _diagnose(stalled: tuple[int, ...] = (), timed_out: bool = False) -> dict[in
             found[r] = f"made no progress for {t}: hung, stopped or too slow"
         elif timed_out and seq < _JOB.seq:
             found[r] = f"did not reach {_JOB.at} within {t}: hung, stopped or too slow"
+        elif timed_out and _JOB.size == 2:  # it reached the collective, then stopped in it
+            found[r] = f"did not answer in {_JOB.at} within {t}: hung, stopped or too slow"
     return found
 
 
