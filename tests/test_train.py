@@ -222,7 +222,7 @@ def test_resume_refuses_a_checkpoint_of_other_settings(model, data, tmp_path):
             4,
             steps=4,
             val_every=2,
-            lr=1e-2,
+            lr=3e-2,
             pairs=data,
             progress=False,
             checkpoint_path=ckpt,
