@@ -36,7 +36,10 @@ MARGIN_OVER_BEST = {4: 8.0, 8: 11.0}
 def test_bns_beats_its_init_and_every_classical_solver(setup, nfe):
     model, train, val, test = setup
     solver, hist = distill(model, nfe, pairs=(train, val), steps=300, val_every=25, progress=False)
-    entries = [("bns", nfe, solver), ("init", nfe, solver_from_label(model, nfe, solver.meta["init"]))]
+    entries = [
+        ("bns", nfe, solver),
+        ("init", nfe, solver_from_label(model, nfe, solver.meta["init"])),
+    ]
     entries += baseline_solvers(model, [nfe])
     rows = evaluate(model, entries, test, kinds={"bns": "bns", "init": "init"})
     by = {r["solver"]: r["psnr_mean"] for r in rows}

@@ -258,7 +258,9 @@ def test_cli_dtype_casts_a_builtin_model(tmp_path, capsys):
     args += ["--init", "euler"]
     assert main(args) == 0, capsys.readouterr().err
     meta = bns.NSSolver.load(out).meta
-    assert meta["config"]["rtol"] is None  # resolved from the network's dtype, recorded in the cache
+    assert (
+        meta["config"]["rtol"] is None
+    )  # resolved from the network's dtype, recorded in the cache
     from bns.specs import load_model
 
     bf = load_model("fmnist-cfg").to(dtype=torch.bfloat16)
