@@ -115,7 +115,7 @@ def frozen(net: Any) -> Iterator[list[nn.Module]]:
     Inside, no weight requires grad and every module is in eval mode (dropout off, batch-norm
     statistics fixed); both are restored exactly on exit, module by module and weight by weight.
     """
-    modules = reachable_modules(net.net if isinstance(net, Model) else net)
+    modules = net.modules if isinstance(net, Model) else reachable_modules(net)
     params = {id(p): p for m in modules for p in m.parameters()}
     grads = [(p, p.requires_grad) for p in params.values()]
     modes = [(sub, sub.training) for m in modules for sub in m.modules()]
@@ -212,17 +212,20 @@ class Model:
             self._modules = reachable_modules(self.net)
         return self._modules
 
+    def _placement(self) -> tuple[torch.dtype, torch.device | None]:
+        """``(dtype, device)`` of the network, read from its weights in one pass."""
+        dtype, device = _dtype_and_device(self.modules)
+        return self._dtype or dtype or torch.float32, device
+
     @property
     def dtype(self) -> torch.dtype:
         """The dtype the network runs in: ``dtype=``, else its weights', else float32."""
-        if self._dtype is not None:
-            return self._dtype
-        return _dtype_and_device(self.modules)[0] or torch.float32
+        return self._placement()[0]
 
     @property
     def device(self) -> torch.device | None:
         """Where the network's weights are (None for a network without tensors)."""
-        return _dtype_and_device(self.modules)[1]
+        return self._placement()[1]
 
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
@@ -270,8 +273,8 @@ class Model:
         return y
 
     def _forward(self, x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
-        net_dtype = self.dtype
-        device = self.device or x.device
+        net_dtype, device = self._placement()
+        device = device or x.device
         # t keeps at least float32: in bf16 the times near 1 would round by about 0.004.
         t_dtype = torch.promote_types(net_dtype, torch.float32)
         args = [x.to(device=device, dtype=net_dtype), t.to(device=device, dtype=t_dtype)]
