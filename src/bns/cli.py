@@ -50,10 +50,12 @@ def _default(name: str) -> Any:
 
 
 def _add_model(p: argparse.ArgumentParser, config_options: bool = False) -> None:
+    from .specs import BUILTIN_MODELS
+
     p.add_argument(
         "--model",
         required=True,
-        help="gmm | fmnist-cfg | fmnist-vp | fmnist-ddpm | file.py:factory | diffusers:PATH",
+        help=" | ".join([*BUILTIN_MODELS, "file.py:factory", "diffusers:PATH"]),
     )
     p.add_argument(
         "--prompts", type=Path, help="text prompts, one per line (diffusers text models)"
