@@ -279,9 +279,8 @@ class BNSScheduler(SchedulerMixin, ConfigMixin):
             )
         self._us[i] = self._velocity(model_output.to(x.dtype), x, i).reshape(-1)
         # bns.sample's own update (one product over the velocities so far): the same numbers.
-        a = self.solver.a.to(device=x.device, dtype=x.dtype)
-        b = self.solver.b.to(device=x.device, dtype=x.dtype)
-        nxt = ns_step(self._x0.reshape(-1), self._us[: i + 1], a[i], b[i, : i + 1])
+        b = self.solver.b[i, : i + 1].to(device=x.device, dtype=x.dtype)
+        nxt = ns_step(self._x0.reshape(-1), self._us[: i + 1], float(self.solver.a[i]), b)
         self._step_index = i + 1
         prev = nxt.reshape(x.shape).to(model_output.dtype)
         if not return_dict:
