@@ -198,6 +198,28 @@ def test_import_bns_starts_no_distributed_machinery():
     assert done.stdout.split() == ["[]", "False", "True", "False"]
 
 
+def test_a_worker_ends_its_heartbeat_before_the_interpreter_finalizes():
+    # A daemon thread still inside a C++ call that released the GIL aborts the process when
+    # the interpreter finalizes (pytorch/pytorch#38228): a finished job then failed with
+    # "terminate called without an active exception". The store's ``set`` here is such a call.
+    code = (
+        "import time, torch\n"
+        "from bns import distributed as d\n"
+        "class Store:\n"
+        "    def set(self, key, value):\n"
+        "        a, t = torch.randn(2000), time.monotonic()\n"
+        "        while time.monotonic() - t < 1.0:\n"
+        "            a + a\n"
+        "d._JOB.ready, d._JOB.store, d._BEAT_S = True, Store(), 0.01\n"
+        "d._start_heartbeat()\n"
+        "time.sleep(0.2)\n"
+    )
+    env = _env(Path("unused"))
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert done.returncode == 0 and "terminate" not in done.stderr, done.stderr
+
+
 def test_shares_and_owners():
     for n in (1, 5, 8, 13):
         for size in (1, 2, 3):

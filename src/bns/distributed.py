@@ -118,6 +118,8 @@ class _Job:
         self.rank = 0
         self.size = 1
         self.faulted = False  # a worker failed, died or hung: the group is not to be trusted
+        self.stop = threading.Event()  # set at exit: the heartbeat thread ends
+        self.beat: threading.Thread | None = None
 
 
 _JOB = _Job()
@@ -218,7 +220,22 @@ def _setup(dist: Any, rank: int, size: int) -> None:
     except Exception:  # noqa: BLE001 - no store: faults are reported less precisely
         _JOB.store = None
         return
-    threading.Thread(target=_heartbeat, name="bns-heartbeat", daemon=True).start()
+    _start_heartbeat()
+
+
+def _start_heartbeat() -> None:
+    _JOB.beat = threading.Thread(target=_heartbeat, name="bns-heartbeat", daemon=True)
+    _JOB.beat.start()
+    atexit.register(_stop_heartbeat)  # runs before _close (atexit runs in reverse order)
+
+
+def _stop_heartbeat() -> None:
+    """End the heartbeat thread before the interpreter finalizes: a daemon thread still inside
+    a store call then would abort the whole process when it re-takes the GIL ("terminate called
+    without an active exception", pytorch/pytorch#38228), after the job's work is done."""
+    _JOB.stop.set()
+    if _JOB.beat is not None and _JOB.beat is not threading.current_thread():
+        _JOB.beat.join(timeout=10.0)
 
 
 def watch(model: Any) -> None:
@@ -239,8 +256,7 @@ def _publish() -> None:
 
 
 def _heartbeat() -> None:
-    while True:
-        time.sleep(_BEAT_S)
+    while not _JOB.stop.wait(_BEAT_S):
         try:
             _publish()
         except Exception:  # noqa: BLE001 - the store is gone: the job is ending
