@@ -9,6 +9,8 @@ import types
 
 import pytest
 
+import torch
+
 import bns
 from bns import specs
 from bns.models.gmm import gmm
@@ -74,8 +76,8 @@ def test_diffusers_prefix_resolves_with_prompts(tmp_path, monkeypatch):
     here: the real one is tested with real pipelines in test_integrations_diffusers.py)."""
     calls = []
 
-    def model_from_pipeline(path, prompts=None):
-        calls.append((path, prompts))
+    def model_from_pipeline(path, prompts=None, dtype=None):
+        calls.append((path, prompts, dtype))
         return gmm()
 
     import bns.integrations  # noqa: F401 - the parent package stays real
@@ -84,8 +86,14 @@ def test_diffusers_prefix_resolves_with_prompts(tmp_path, monkeypatch):
     stub.model_from_pipeline = model_from_pipeline
     monkeypatch.setitem(sys.modules, "bns.integrations.diffusers", stub)
     assert isinstance(load_model(f"diffusers:{tmp_path}", prompts=["a cat"]), bns.Model)
-    assert isinstance(load_model(f"diffusers:{tmp_path}"), bns.Model)
-    assert calls == [(str(tmp_path), ["a cat"]), (str(tmp_path), None)]
+    assert isinstance(load_model(f"diffusers:{tmp_path}", dtype=torch.bfloat16), bns.Model)
+    # The pipeline loads in the dtype itself (a pipeline runs in its own dtype, not cast later).
+    assert calls == [(str(tmp_path), ["a cat"], None), (str(tmp_path), None, torch.bfloat16)]
+
+
+def test_other_kinds_are_cast_to_the_dtype(model_file):
+    model = load_model(f"{model_file}:small", dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16
 
 
 def test_unknown_spec_lists_every_kind():

@@ -58,7 +58,17 @@ def _add_model(p: argparse.ArgumentParser, config_options: bool = False) -> None
         help=" | ".join([*BUILTIN_MODELS, "file.py:factory", "diffusers:PATH"]),
     )
     p.add_argument(
-        "--prompts", type=Path, help="text prompts, one per line (diffusers text models)"
+        "--prompts",
+        metavar="FILE[,VAL,TEST]",
+        help="text prompts, one per line (diffusers text models): one file is split into"
+        " train/val/test prompts (60/20/20 %%, by --prompt-seed); three files, comma separated,"
+        " give the train, validation and test prompts",
+    )
+    p.add_argument(
+        "--prompt-seed",
+        type=int,
+        default=0,
+        help="the seed that splits a single --prompts file (default: 0)",
     )
     p.add_argument(
         "--device",
@@ -170,15 +180,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read_prompts(path: Path | None) -> list[str] | None:
-    if path is None:
-        return None
+PROMPT_SPLITS = ("train", "val", "test")
+
+
+def _prompt_lines(path: Path) -> list[str]:
     if not path.is_file():
         raise CLIError(f"prompts file not found: {path}")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise CLIError(f"cannot read prompts file {path}: {e}") from None
     if not prompts:
         raise CLIError(f"prompts file {path} holds no prompt")
     return prompts
+
+
+def split_prompts(prompts: list[str], seed: int = 0) -> dict[str, list[str]]:
+    """One prompt list as train/val/test (60/20/20 %, at least one each), shuffled by ``seed``."""
+    import torch
+
+    n = len(prompts)
+    if n < 3:
+        raise CLIError(
+            f"a single prompts file is split into train, val and test prompts: it needs at least"
+            f" 3 prompts, got {n} (or pass three files: --prompts TRAIN,VAL,TEST)"
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = n_test = max(1, round(0.2 * n))
+    n_train = n - n_val - n_test
+    picked = [prompts[i] for i in order]
+    return {
+        "train": picked[:n_train],
+        "val": picked[n_train : n_train + n_val],
+        "test": picked[n_train + n_val :],
+    }
+
+
+def _read_prompts(spec: str | None, seed: int = 0) -> dict[str, list[str]] | None:
+    """``--prompts``: one file split by ``seed``, or three comma-separated files."""
+    if spec is None:
+        return None
+    parts = [p for p in str(spec).split(",")]
+    if len(parts) == 1:
+        return split_prompts(_prompt_lines(Path(parts[0])), seed)
+    if len(parts) != 3 or not all(p.strip() for p in parts):
+        raise CLIError(
+            f"--prompts takes one file or three (TRAIN,VAL,TEST), got {len(parts)}: {spec}"
+        )
+    return {s: _prompt_lines(Path(p.strip())) for s, p in zip(PROMPT_SPLITS, parts)}
 
 
 def resolve_device(spec: str, model: Any) -> Any:
@@ -211,9 +260,10 @@ def _model(args) -> Any:
 
     from .specs import load_model
 
-    model = load_model(args.model, prompts=_read_prompts(getattr(args, "prompts", None)))
+    prompts = _read_prompts(getattr(args, "prompts", None), getattr(args, "prompt_seed", 0))
     dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
-    return model.to(device=resolve_device(getattr(args, "device", "auto"), model), dtype=dtype)
+    model = load_model(args.model, prompts=prompts, dtype=dtype)
+    return model.to(device=resolve_device(getattr(args, "device", "auto"), model))
 
 
 def _cache(args) -> Any:
@@ -262,6 +312,14 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def _held_out_labels(model: Any) -> bool:
+    """Whether the model's test pairs draw other labels (prompts) than its training pairs."""
+    splits = getattr(model, "label_splits", None)
+    return (
+        bool(splits) and "train" in splits and set(splits.get("test", ())) != set(splits["train"])
+    )
+
+
 def cmd_eval(args) -> int:
     from .distributed import world
     from .evaluate import baseline_solvers, best_rows, evaluate
@@ -299,6 +357,20 @@ def cmd_eval(args) -> int:
         progress=not args.quiet,
     )
     rows = evaluate(model, entries, test, args.guidance, kinds=kinds, progress=not args.quiet)
+    seen_rows = None
+    if _held_out_labels(model):
+        # The same test noise on the training prompts: how far the solver generalizes.
+        seen = make_pairs(
+            model,
+            args.test_pairs,
+            "test",
+            seed=args.seed,
+            guidance=args.guidance,
+            cache=_cache(args),
+            progress=not args.quiet,
+            labels="train",
+        )
+        seen_rows = evaluate(model, entries, seen, args.guidance, kinds=kinds, progress=False)
     if not world(model.device).main:
         return 0  # rank 0 alone writes the results and speaks
     fid_info: dict[str, Any] = {}
@@ -317,9 +389,14 @@ def cmd_eval(args) -> int:
             "guidance": args.guidance,
             "model_fingerprint": model.fingerprint(),
             **fid_info,
+            **({"rows_train_prompts": seen_rows} if seen_rows is not None else {}),
         },
         table,
-        f"{model.name}, guidance {args.guidance:g}, {len(test)} test pairs",
+        f"{model.name}, guidance {args.guidance:g}, {len(test)} test pairs"
+        + (" (held-out prompts)" if seen_rows is not None else ""),
+        []
+        if seen_rows is None
+        else [(f"{model.name}, the same noise on training prompts", seen_rows)],
     )
     if args.plot:
         plot_psnr_vs_nfe(rows, args.plot, f"{model.name}, guidance {args.guidance:g}")
@@ -335,7 +412,12 @@ def cmd_eval(args) -> int:
             args.samples,
             f"{model.name}, guidance {args.guidance:g}",
         )
+    if seen_rows is not None:
+        print("held-out prompts:")
     print(markdown_table(rows))
+    if seen_rows is not None:
+        print("training prompts (the same noise):")
+        print(markdown_table(seen_rows))
     if fid_info:
         from .fid import fid_table
 

@@ -14,7 +14,7 @@ import hashlib
 import json
 import math
 import types
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -142,6 +142,37 @@ def _dtype_and_device(modules: list[nn.Module]) -> tuple[torch.dtype | None, tor
     return None, None
 
 
+def _conditioning_names(module: nn.Module) -> set[str]:
+    """State-dict names of the buffers that modules under ``module`` declare as conditioning
+    data (class attribute ``bns_conditioning``)."""
+    names = set()
+    for prefix, m in module.named_modules():
+        for name in getattr(m, "bns_conditioning", ()):
+            names.add(f"{prefix}.{name}" if prefix else name)
+    return names
+
+
+def _check_label_splits(
+    splits: Mapping[str, Sequence[int]] | None, num_classes: int | None
+) -> dict[str, tuple[int, ...]] | None:
+    if splits is None:
+        return None
+    if num_classes is None:
+        raise ValueError("label_splits needs a class-conditional model (num_classes)")
+    out = {}
+    for split, labels in splits.items():
+        labels = tuple(int(v) for v in labels)
+        if not labels:
+            raise ValueError(f"label_splits[{split!r}] is empty")
+        bad = [v for v in labels if not 0 <= v < num_classes]
+        if bad:
+            raise ValueError(
+                f"label_splits[{split!r}] holds labels outside [0, {num_classes}): {bad[:5]}"
+            )
+        out[str(split)] = labels
+    return out
+
+
 class Model:
     """A pre-trained network seen as a velocity field ``u_t(x)`` in flow time.
 
@@ -158,6 +189,14 @@ class Model:
         name: a readable name, recorded in artifacts.
         dtype: the dtype the network runs in. Default: that of the network's parameters (of an
             ``nn.Module``, a bound method's owner, or a module a closure holds), else float32.
+        label_splits: which labels each split of pairs draws from (``{"train": range(0, 40),
+            "val": ..., "test": ...}``), e.g. training and held-out prompts of a text model.
+            Default: every split draws from all ``num_classes`` labels.
+
+    Conditioning data is not the model: a module may name buffers that hold it (prompt
+    embeddings, indexed by label along dim 0) in a class attribute ``bns_conditioning =
+    ("embeds", ...)``. The fingerprint skips them, so a solver stays valid on new prompts; the
+    ground-truth caches key on the rows their split uses (:meth:`conditioning_digest`).
             Never the ODE state's dtype: ground truth integrates in float64 and still calls a
             float32 network in float32.
 
@@ -177,6 +216,7 @@ class Model:
         num_classes: int | None = None,
         name: str = "model",
         dtype: torch.dtype | None = None,
+        label_splits: Mapping[str, Sequence[int]] | None = None,
     ) -> None:
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
@@ -193,6 +233,7 @@ class Model:
         self.sample_shape = tuple(int(d) for d in sample_shape)
         self.t_range = (t_min, t_max)
         self.num_classes = None if num_classes is None else int(num_classes)
+        self.label_splits = _check_label_splits(label_splits, self.num_classes)
         self.name = name
         self._dtype = dtype
         self._modules: list[nn.Module] | None = None
@@ -361,7 +402,11 @@ class Model:
         tensor). A network without tensors is known by its qualified name.
         """
         settings = json.dumps(self.settings(), sort_keys=True)
-        states = [sorted(m.state_dict(keep_vars=True).items()) for m in self.modules]
+        states = [
+            sorted((k, v) for k, v in m.state_dict(keep_vars=True).items() if k not in skip)
+            for m in self.modules
+            for skip in [_conditioning_names(m)]
+        ]
         # Cheap key: the settings and, per tensor, its storage and in-place version counter.
         key = (
             settings,
@@ -388,6 +433,39 @@ class Model:
             self._fingerprint = h.hexdigest()[:16]
             self._fingerprint_key = key
         return self._fingerprint
+
+    def labels_for(self, split: str) -> list[int] | None:
+        """The labels pairs of ``split`` draw from (None: all ``num_classes``)."""
+        if self.label_splits is None or self.num_classes is None:
+            return None
+        if split not in self.label_splits:
+            raise ValueError(
+                f"{self.name} has label splits {sorted(self.label_splits)}, not {split!r}"
+            )
+        return list(self.label_splits[split])
+
+    def conditioning_digest(self, labels: Sequence[int] | None = None) -> str | None:
+        """A hash of the conditioning data (``bns_conditioning`` buffers) that ``labels`` and
+        the null label use (all of it for None); None where the network names none."""
+        found = [
+            (name, v)
+            for m in self.modules
+            for name, v in sorted(m.state_dict(keep_vars=True).items())
+            if name in _conditioning_names(m)
+        ]
+        if not found:
+            return None
+        h = hashlib.sha256()
+        rows = None
+        if labels is not None and self.num_classes is not None:
+            rows = torch.tensor([*labels, self.num_classes], dtype=torch.long)
+        for name, v in found:
+            v = v.detach()
+            if rows is not None and v.dim() > 0 and v.shape[0] == self.num_classes + 1:
+                v = v[rows.to(v.device)]  # indexed by label: just the rows this split uses
+            h.update(name.encode() + str(v.dtype).encode() + str(tuple(v.shape)).encode())
+            hash_tensor(h, v.contiguous())
+        return h.hexdigest()[:16]
 
     def __repr__(self) -> str:
         return (

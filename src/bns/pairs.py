@@ -78,24 +78,47 @@ def _sample_seed(seed: int, split: str, index: int) -> int:
 
 
 def pair_noise(
-    model: Model, seed: int, split: str, indices: range | list[int]
+    model: Model, seed: int, split: str, indices: range | list[int], labels: str | None = None
 ) -> tuple[Tensor, Tensor | None]:
-    """The noise ``x_0`` (float64) and labels of the pairs at ``indices`` of a split."""
+    """The noise ``x_0`` (float64) and labels of the pairs at ``indices`` of a split.
+
+    The labels are drawn from ``model.labels_for(labels or split)`` (all classes by default):
+    ``labels="train"`` gives test noise with training labels (prompts)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    pool = model.labels_for(labels or split) if model.num_classes is not None else None
     xs, ys = [], []
     for i in indices:
         g = torch.Generator().manual_seed(_sample_seed(seed, split, i))
         xs.append(torch.randn(model.sample_shape, generator=g, dtype=torch.float64))
-        if model.num_classes is not None:
+        if pool is not None:
+            ys.append(pool[int(torch.randint(len(pool), (1,), generator=g))])
+        elif model.num_classes is not None:
             ys.append(int(torch.randint(model.num_classes, (1,), generator=g)))
     x0 = torch.stack(xs) if xs else torch.zeros((0, *model.sample_shape), dtype=torch.float64)
     y = torch.tensor(ys, dtype=torch.long) if model.num_classes is not None else None
     return x0, y
 
 
-def _key(model: Model, guidance: float, seed: int, split: str, rtol: float, atol: float) -> dict:
+def _key(
+    model: Model,
+    guidance: float,
+    seed: int,
+    split: str,
+    rtol: float,
+    atol: float,
+    labels: str | None = None,
+) -> dict:
+    extra: dict[str, Any] = {}
+    if model.num_classes is not None and model.label_splits is not None:
+        extra["labels"] = model.labels_for(labels or split)
+    elif labels is not None and labels != split:
+        extra["labels_from"] = labels
+    conditioning = model.conditioning_digest(extra.get("labels"))
+    if conditioning is not None:  # prompt embeddings: data, not the model's fingerprint
+        extra["conditioning"] = conditioning
     return {
+        **extra,
         "version": CACHE_VERSION,
         "model": model.fingerprint(),
         "model_name": model.name,
@@ -175,8 +198,13 @@ def make_pairs(
     cache: bool | str | os.PathLike = True,
     progress: bool = True,
     device: torch.device | str | None = None,
+    labels: str | None = None,
 ) -> Pairs:
     """``n`` ground-truth pairs of ``split``, from the cache where possible.
+
+    ``labels`` names the split whose labels (prompts) the pairs draw, default ``split``'s own
+    (see :attr:`bns.Model.label_splits`): ``make_pairs(model, n, "test", labels="train")`` is
+    test noise on training prompts.
 
     ``cache`` is True (use :func:`cache_dir`), False (no cache) or a folder. The noise is drawn
     per pair index on the CPU (the same on every device); the ground truth is solved on
@@ -196,10 +224,10 @@ def make_pairs(
     atol = rtol if atol is None else float(atol)
     device = device if device is not None else model.device
     w = world(device)
-    key = _key(model, guidance, seed, split, rtol, atol)
+    key = _key(model, guidance, seed, split, rtol, atol, labels)
     folder = None if not cache else cache_dir() if cache is True else Path(cache)
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    stem = f"pairs-{model.name}-{split}-{name}"
+    stem = f"pairs-{model.name}-{split}{'-' + labels if labels else ''}-{name}"
     path = None if folder is None else folder / f"{stem}.safetensors"
     found = _read_cache(path, key) if path is not None else None
     have: dict[str, Tensor] = found["tensors"] if found is not None else {}
@@ -209,7 +237,9 @@ def make_pairs(
     nfe_total = found["nfe"] * start if start else 0.0
     if start < n:
         shards = None if folder is None else _Shards(folder / "shards" / stem, key)
-        run = dict(seed=seed, guidance=guidance, rtol=rtol, atol=atol, device=device)
+        run = dict(
+            seed=seed, guidance=guidance, rtol=rtol, atol=atol, device=device, labels=labels
+        )
         batches = [(lo, min(lo + batch_size, n)) for lo in range(start, n, batch_size)]
         new = _solve_batches(model, split, batches, shards, w, progress and w.main, run)
         nfe_total += sum(float(t["nfe"]) * (hi - lo) for t, (lo, hi) in zip(new, batches))
@@ -321,8 +351,10 @@ def _solve_batches(model, split, batches, shards, w, progress, run) -> list[dict
     return [done[b] for b in batches]
 
 
-def _solve(model, split, lo, hi, *, seed, guidance, rtol, atol, device) -> dict[str, Tensor]:
-    x0, y = pair_noise(model, seed, split, range(lo, hi))
+def _solve(
+    model, split, lo, hi, *, seed, guidance, rtol, atol, device, labels
+) -> dict[str, Tensor]:
+    x0, y = pair_noise(model, seed, split, range(lo, hi), labels)
     x0 = x0.float().double()  # the stored float32 noise is exactly what was integrated
     if device is not None:
         x0, y = x0.to(device), (None if y is None else y.to(device))

@@ -68,12 +68,17 @@ def write_results(
     extra: dict | None = None,
     table_path: Path | None = None,
     title: str | None = None,
+    more_tables: list[tuple[str, list[dict[str, Any]]]] = (),
 ) -> None:
-    """Write the rows as JSON (``{"rows": [...], **extra}``) and, optionally, the markdown table."""
+    """Write the rows as JSON (``{"rows": [...], **extra}``) and, optionally, the markdown table
+    (then one more table per ``(title, rows)`` of ``more_tables``)."""
     payload = {"rows": rows, **(extra or {})}
     atomic_write_text(Path(json_path), json.dumps(payload, indent=1) + "\n")
     if table_path is not None:
-        atomic_write_text(Path(table_path), markdown_table(rows, title))
+        text = markdown_table(rows, title)
+        for more_title, more_rows in more_tables:
+            text += "\n" + markdown_table(more_rows, more_title)
+        atomic_write_text(Path(table_path), text)
 
 
 def plot_psnr_vs_nfe(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:

@@ -19,9 +19,12 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .model import Model
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["BUILTIN_MODELS", "load_model", "register_spec", "SpecError"]
 
@@ -45,6 +48,7 @@ class _Kind:
     resolve: Resolver
     usage: Callable[[], str]  # how the unknown-spec message names this kind
     prompts: bool  # whether it takes text prompts (--prompts)
+    dtype: bool  # whether it loads the network in a dtype itself (--dtype)
 
 
 # prefix ("diffusers:") or matcher -> kind, in the order the unknown-spec message lists them.
@@ -57,6 +61,7 @@ def register_spec(
     *,
     usage: str | Callable[[], str] | None = None,
     prompts: bool = False,
+    dtype: bool = False,
 ) -> None:
     """Add a kind of model spec (registering the same ``match`` again replaces it).
 
@@ -69,12 +74,15 @@ def register_spec(
             one clear line for a spec it cannot use.
         usage: how the message for an unknown spec names this kind (default ``PREFIX...``).
         prompts: whether the kind takes text prompts (the command line's ``--prompts``).
+        dtype: whether the resolver loads the network in a dtype itself (``resolver(rest,
+            dtype=...)``, e.g. a pipeline in its own half precision); otherwise
+            :func:`load_model` casts the model it returns.
     """
     if usage is None and not isinstance(match, str):
         raise TypeError("a matcher needs usage=... (how an error message names its specs)")
     label = f"{match}..." if usage is None else usage
     describe = label if callable(label) else lambda: label
-    _REGISTRY[match] = _Kind(resolver, describe, prompts)
+    _REGISTRY[match] = _Kind(resolver, describe, prompts, dtype)
 
 
 def _find(spec: str) -> tuple[_Kind, str] | None:
@@ -94,13 +102,21 @@ def _one_of(kinds: list[_Kind]) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
-def load_model(spec: str, prompts: list[str] | None = None) -> Model:
+def load_model(
+    spec: str,
+    prompts: list[str] | dict[str, list[str]] | None = None,
+    dtype: torch.dtype | None = None,
+) -> Model:
     """Resolve a model spec to a :class:`bns.Model`.
 
     - a built-in name: ``gmm``, ``fmnist-cfg``, ``fmnist-vp``, ``fmnist-ddpm``;
     - ``path/to/file.py:factory`` where ``factory()`` returns a ``bns.Model``;
-    - ``diffusers:PATH``, a local diffusers pipeline folder (``prompts`` for text pipelines);
+    - ``diffusers:PATH``, a local diffusers pipeline folder (``prompts`` for text pipelines:
+      a list, or ``{"train": [...], "val": [...], "test": [...]}``);
     - any kind added with :func:`register_spec`.
+
+    ``dtype`` is the dtype the network runs in (a pipeline is loaded in it; another model is
+    cast with :meth:`bns.Model.to`).
     """
     found = _find(spec)
     if prompts is not None and (found is None or not found[0].prompts):
@@ -109,9 +125,16 @@ def load_model(spec: str, prompts: list[str] | None = None) -> Model:
     if found is None:
         raise SpecError(f"unknown model {spec!r}: use one of {_one_of(list(_REGISTRY.values()))}")
     kind, rest = found
-    model = kind.resolve(rest, prompts=prompts) if kind.prompts else kind.resolve(rest)
+    kwargs: dict[str, Any] = {}
+    if kind.prompts:
+        kwargs["prompts"] = prompts
+    if kind.dtype:
+        kwargs["dtype"] = dtype
+    model = kind.resolve(rest, **kwargs)
     if not isinstance(model, Model):
         raise SpecError(f"{spec} did not give a bns.Model (got {type(model).__name__})")
+    if dtype is not None and not kind.dtype:
+        model.to(dtype=dtype)
     return model
 
 
@@ -157,7 +180,9 @@ def _from_file(spec: str) -> Any:
         raise SpecError(f"{file}:{factory}() failed: {type(e).__name__}: {e}") from None
 
 
-def _from_diffusers(path: str, prompts: list[str] | None = None) -> Any:
+def _from_diffusers(
+    path: str, prompts: Any = None, dtype: torch.dtype | None = None
+) -> Any:
     """``diffusers:PATH``: a local pipeline folder (the diffusers extra, imported lazily)."""
     if not Path(path).exists():
         raise SpecError(f"diffusers pipeline folder not found: {path}")
@@ -167,9 +192,9 @@ def _from_diffusers(path: str, prompts: list[str] | None = None) -> Any:
         raise SpecError(
             f"diffusers:PATH needs the diffusers extra (pip install 'bns[diffusers]'): {e}"
         ) from None
-    return model_from_pipeline(path, prompts=prompts)
+    return model_from_pipeline(path, prompts=prompts, dtype=dtype)
 
 
 register_spec(_is_builtin, _builtin, usage=lambda: ", ".join(BUILTIN_MODELS))
 register_spec(_is_file_spec, _from_file, usage="path/to/file.py:factory")
-register_spec("diffusers:", _from_diffusers, usage="diffusers:PATH", prompts=True)
+register_spec("diffusers:", _from_diffusers, usage="diffusers:PATH", prompts=True, dtype=True)
