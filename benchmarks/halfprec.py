@@ -109,6 +109,7 @@ def distill_rows(args, test) -> tuple[list[dict], dict]:
             model,
             args.nfe,
             guidance=args.guidance,
+            end="range",  # its test pairs end on the range (make_pairs' default)
             train_pairs=args.train_pairs,
             val_pairs=args.val_pairs,
             steps=args.steps,
@@ -119,7 +120,7 @@ def distill_rows(args, test) -> tuple[list[dict], dict]:
         )
         solvers[f"bns ({dtype})"] = solver
         solvers[f"init {solver.meta['init']} ({dtype})"] = solver_from_label(
-            model, args.nfe, solver.meta["init"]
+            model, args.nfe, solver.meta["init"], solver.meta.get("end", "range")
         )
         info[dtype] = {
             "ground_truth_tol": default_tolerance(model.dtype),

@@ -26,6 +26,7 @@ from bns.evaluate import baseline_solvers, best_rows, evaluate
 from bns.pairs import make_pairs
 from bns.report import markdown_table, plot_psnr_vs_nfe, write_results
 from bns.solvers import solver_from_label
+from bns.solvers.ends import resolve_end
 from bns.specs import load_model
 from bns.train import distill
 
@@ -42,7 +43,8 @@ def machine() -> str:
 
 def run(args: argparse.Namespace) -> dict:
     model = load_model(args.model)
-    kw = dict(seed=args.seed, guidance=args.guidance, progress=not args.quiet)
+    end = resolve_end(model, args.end)
+    kw = dict(seed=args.seed, guidance=args.guidance, progress=not args.quiet, end=end)
     t0 = time.perf_counter()
     train = make_pairs(model, args.train_pairs, "train", **kw)
     val = make_pairs(model, args.val_pairs, "val", **kw)
@@ -75,7 +77,7 @@ def run(args: argparse.Namespace) -> dict:
         }
         if args.save_solvers:
             solver.save(args.out / "solvers" / f"{model.name}_g{args.guidance:g}_nfe{nfe}.json")
-        init = solver_from_label(model, nfe, solver.meta["init"])
+        init = solver_from_label(model, nfe, solver.meta["init"], end)
         entries += [("bns", nfe, solver), ("bns init", nfe, init)]
         if not args.quiet:
             print(
@@ -85,7 +87,7 @@ def run(args: argparse.Namespace) -> dict:
                 file=sys.stderr,
             )
     kinds["bns init"] = "init"
-    entries += baseline_solvers(model, args.nfe)
+    entries += baseline_solvers(model, args.nfe, end=end)
     rows = evaluate(model, entries, test, args.guidance, kinds=kinds, progress=not args.quiet)
     best, ours = best_rows(rows), best_rows(rows, "bns")
     targets = {}
@@ -116,6 +118,7 @@ def run(args: argparse.Namespace) -> dict:
             "init": args.init,
             "precondition": args.precondition,
             "seed": args.seed,
+            "end": end,
         },
         "ground_truth": {"seconds": round(t_gt, 1), "nfe_per_sample": train.nfe_per_sample},
         "machine": machine(),
@@ -143,6 +146,12 @@ def main() -> None:
         type=lambda v: v if v == "auto" else None if v == "none" else float(v),
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--end",
+        default="range",
+        choices=("auto", "range", "data"),
+        help="where solvers and ground truth end (range: the results so far; see ends.py)",
+    )
     p.add_argument("--tag", default="")
     p.add_argument("--save-solvers", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder")

@@ -221,6 +221,81 @@ def test_dit_pipeline_with_bns_scheduler_equals_bns_sample(dit, dtype, tol, monk
         dit.to(dtype=torch.float32)
 
 
+def test_the_scheduler_warns_when_the_pipeline_guides_with_another_scale(dit, sd3, monkeypatch):
+    import warnings
+
+    model = model_from_pipeline(dit)
+    solver = bns.solvers.midpoint(bns.grids.uniform(2, model.t_range))
+    solver.meta["guidance"] = 2.0  # as bns.distill records it
+    old = _with_scheduler(dit, BNSScheduler.from_solver(solver, dit.scheduler))
+    call = dict(class_labels=[3], num_inference_steps=4, generator=torch.Generator())
+    try:
+        with pytest.warns(
+            UserWarning, match="trained for guidance 2 but the pipeline guides with 4"
+        ):
+            _final_latents(dit, monkeypatch, guidance_scale=4.0, **call)
+        with pytest.warns(UserWarning, match="guides with 1"):  # diffusers' w <= 1: no guidance
+            _final_latents(dit, monkeypatch, guidance_scale=0.5, **call)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _final_latents(dit, monkeypatch, guidance_scale=2.0, **call)
+    finally:
+        dit.scheduler = old
+    # A text pipeline sets its scale on itself before its timesteps.
+    model = model_from_pipeline(sd3, prompts=PROMPTS[:1])
+    solver = bns.solvers.euler(bns.grids.uniform(3, model.t_range))
+    solver.meta["guidance"] = 1.0
+    old = _with_scheduler(sd3, BNSScheduler.from_solver(solver, sd3.scheduler))
+    try:
+        with pytest.warns(
+            UserWarning, match="trained for guidance 1 but the pipeline guides with 3"
+        ):
+            with torch.no_grad():
+                sd3(
+                    prompt=PROMPTS[:1],
+                    guidance_scale=3.0,
+                    num_inference_steps=3,
+                    height=64,
+                    width=64,
+                    output_type="latent",
+                )
+    finally:
+        sd3.scheduler = old
+
+
+def test_a_solver_that_ends_on_the_data_lands_there_in_the_pipeline(dit, monkeypatch):
+    """The exact end through the pipeline: the scheduler's last sigma is 0 and the pipeline's
+    latents are bns.sample's, which land on the data prediction at the last evaluation."""
+    dit.to(dtype=torch.float64)
+    try:
+        model = model_from_pipeline(dit)
+        plain = bns.solvers.dpm_solver_pp(
+            bns.grids.logsnr(4, model.schedule, model.t_range), model.schedule, 2
+        )
+        solver = bns.solvers.with_data_end(plain, model.schedule)
+        scheduler = BNSScheduler.from_solver(solver, dit.scheduler)
+        scheduler.set_timesteps(4)
+        assert float(scheduler.sigmas[-1]) == 0.0 and float(scheduler.sigmas[-2]) > 0
+        old = _with_scheduler(dit, scheduler)
+        call = dict(class_labels=[5], guidance_scale=1.0, num_inference_steps=4)
+        out = _final_latents(dit, monkeypatch, generator=torch.Generator().manual_seed(4), **call)
+        dit.scheduler = old
+        x0 = torch.randn(
+            1, 4, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64
+        )
+        y = torch.tensor([5])
+        with torch.no_grad():
+            ref = bns.sample(model, x0, solver, y=y)
+            _, traj = bns.sample(model, x0, plain, y=y, return_trajectory=True)
+            from bns.pairs import data_prediction
+
+            x1_hat = data_prediction(model, traj[-2], float(solver.times[-2]), y)
+        assert (out - ref).abs().max() < 1e-10 * ref.abs().max()
+        assert (ref - x1_hat).abs().max() < 1e-10 * ref.abs().max()
+    finally:
+        dit.to(dtype=torch.float32)
+
+
 def test_dit_stock_ddim_equals_bns_ddim(dit, monkeypatch):
     """Independent check of the eps -> velocity conversion and the timestep map: diffusers' own
     DDIM (trailing spacing, final alpha = alphas_cumprod[0]) is bns's DDIM on the grid of its

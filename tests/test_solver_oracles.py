@@ -142,6 +142,32 @@ def test_dpm_solver_pp_matches_diffusers(x0, order, steps, lof):
     )
 
 
+@pytest.mark.parametrize("order", [2, 3])
+@pytest.mark.parametrize("steps,lof", [(10, True), (20, True), (10, False)])
+def test_dpm_solver_pp_to_sigma_zero_matches_diffusers(x0, order, steps, lof):
+    """The exact end: diffusers' final step to sigma = 0 (``final_sigmas_type="zero"``) on a
+    discrete VP model is bns's solver with its last step replaced by the step to the data
+    (``with_data_end``), to float64 rounding, at every state."""
+    sch = diffusers.DPMSolverMultistepScheduler(
+        algorithm_type="dpmsolver++",
+        solver_order=order,
+        final_sigmas_type="zero",
+        lower_order_final=lof,
+    )
+    model, schedule = _vp_model(sch)
+    sch.set_timesteps(steps)
+    grid = _float64_sigmas(sch, schedule)
+    sch.sigmas[-1] = 0.0  # the end: sigma = 0 (grid[-1] = 1 only marks it on our side)
+    states = _run_eps_loop(sch, model, schedule, x0)
+    plain = bns.solvers.dpm_solver_pp(grid, schedule, order, lower_order_final=lof)
+    solver = bns.solvers.with_data_end(plain, schedule)
+    assert solver.meta["end"] == "data" and torch.equal(solver.times, plain.times)
+    err = _compare(model, solver, x0, states, 1e-10)
+    # The end differs from the plain solver's, which stops at sigma(t = 1) > 0.
+    assert _rel(bns.sample(model, x0, plain), states[-1]) > 1e-4
+    print(f"dpmpp{order}m to sigma 0 ({steps} steps, lof={lof}) vs diffusers: {err:.2e}")
+
+
 def test_dpm_solver_pp_matches_diffusers_as_shipped(x0):
     """Without the float64 shim: diffusers' float32 state rounding is the only difference."""
     sch = diffusers.DPMSolverMultistepScheduler(

@@ -132,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--test-pairs", type=int, default=1024)
     e.add_argument(
+        "--end",
+        choices=("auto", "range", "data"),
+        help="where the baselines and the ground truth end (default: where the solvers end;"
+        " without solvers, auto: data on a model that stops short of it, else range)",
+    )
+    e.add_argument(
         "--force", action="store_true", help="accept solvers trained for another model or guidance"
     )
     e.add_argument(
@@ -320,6 +326,30 @@ def _held_out_labels(model: Any) -> bool:
     )
 
 
+def _eval_end(model: Any, solvers: list, paths: list[Path], asked: str | None) -> str:
+    """Where eval's ground truth and baselines end: where the solvers end (they must agree,
+    and agree with ``--end`` where given), else ``--end`` resolved on the model."""
+    from .solvers.ends import resolve_end, solver_end
+
+    ends = {p.name: solver_end(s) for p, s in zip(paths, solvers)}
+    if len(set(ends.values())) > 1:
+        raise CLIError(
+            "the solvers end at different points ("
+            + ", ".join(f"{k}: {v}" for k, v in ends.items())
+            + "): evaluate those that end alike together"
+        )
+    try:
+        wanted = resolve_end(model, asked) if asked is not None else None
+        if not ends:
+            return wanted or resolve_end(model, "auto")
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    end = next(iter(ends.values()))
+    if wanted is not None and wanted != end:
+        raise CLIError(f"--end {asked} but the solvers end at {end}")
+    return end
+
+
 def cmd_eval(args) -> int:
     from .distributed import world
     from .evaluate import baseline_solvers, best_rows, evaluate
@@ -336,8 +366,9 @@ def cmd_eval(args) -> int:
     solvers = [
         NSSolver.load(p, model=model, guidance=args.guidance, force=args.force) for p in args.solver
     ]
+    end = _eval_end(model, solvers, args.solver, args.end)
     names = args.baselines if args.baselines is not None else list(SOLVER_NAMES)
-    entries = baseline_solvers(model, args.nfe, names)
+    entries = baseline_solvers(model, args.nfe, names, end)
     kinds = {}
     seen_nfe: dict[int, int] = {}
     for path, s in zip(args.solver, solvers):
@@ -355,6 +386,7 @@ def cmd_eval(args) -> int:
         guidance=args.guidance,
         cache=_cache(args),
         progress=not args.quiet,
+        end=end,
     )
     rows = evaluate(model, entries, test, args.guidance, kinds=kinds, progress=not args.quiet)
     seen_rows = None
@@ -369,6 +401,7 @@ def cmd_eval(args) -> int:
             cache=_cache(args),
             progress=not args.quiet,
             labels="train",
+            end=end,
         )
         seen_rows = evaluate(model, entries, seen, args.guidance, kinds=kinds, progress=False)
     if not world(model.device).main:
@@ -388,6 +421,7 @@ def cmd_eval(args) -> int:
             "model": model.name,
             "guidance": args.guidance,
             "model_fingerprint": model.fingerprint(),
+            "end": end,
             **fid_info,
             **({"rows_train_prompts": seen_rows} if seen_rows is not None else {}),
         },

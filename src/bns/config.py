@@ -63,6 +63,12 @@ class DistillConfig:
         " classical solver), scale-time (a scale-time transformation of euler or midpoint, as"
         " BES), multistep (multistep coefficients over the history on a learned grid, a_i = 1)",
     )
+    end: str = _opt(
+        "auto",
+        "where the solver ends: range (at t_max), data (a last step to sigma = 0, as diffusers'"
+        " final_sigmas_type='zero'; for models that stop short of the data, such as discrete"
+        " DDPM ones), or auto (data where the model stops short of it, else range)",
+    )
     train_pairs: int = _opt(520, "ground-truth pairs to train on")
     val_pairs: int = _opt(1024, "ground-truth pairs to validate on (the best step is kept)")
     init_pairs: int = _opt(256, "validation pairs that rank the candidates of --init best")
@@ -123,6 +129,8 @@ class DistillConfig:
             v = getattr(self, name)
             if v is not None and not (math.isfinite(v) and v > 0):
                 raise TrainingError(f"{name} must be a finite number > 0, got {v!r}")
+        if self.end not in ("auto", "range", "data"):
+            raise TrainingError(f"end must be auto, range or data, got {self.end!r}")
         if not math.isfinite(self.guidance):
             raise TrainingError(f"guidance must be finite, got {self.guidance}")
         try:

@@ -58,6 +58,7 @@ def run_demo(
     from .pairs import make_pairs
     from .report import comparison_grid, markdown_table, plot_psnr_vs_nfe, write_results
     from .solvers import solver_from_label
+    from .solvers.ends import resolve_end
     from .specs import load_model
     from .train import distill
 
@@ -69,7 +70,8 @@ def run_demo(
     say = print if progress else (lambda *a, **k: None)
     say(f"bns demo: {model.name} (guidance {guidance:g}), BNS at NFE {nfe}; report in {out}/")
 
-    kw = dict(seed=0, guidance=guidance, cache=cache, progress=progress)
+    end = resolve_end(model, "auto")  # on the data where the model stops short of it
+    kw = dict(seed=0, guidance=guidance, cache=cache, progress=progress, end=end)
     t0 = time.perf_counter()
     train = make_pairs(model, sz.train_pairs, "train", **kw)
     val = make_pairs(model, sz.val_pairs, "val", **kw)
@@ -87,6 +89,7 @@ def run_demo(
         "steps": sz.steps,
         "batch_size": sz.batch_size,
         "val_every": sz.val_every,
+        "end": end,
     }
     solver = _reusable(solver_path, model, guidance, settings)
     t0 = time.perf_counter()
@@ -105,9 +108,9 @@ def run_demo(
     t_distill = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    init = solver_from_label(model, nfe, solver.meta.get("init", "midpoint"))
+    init = solver_from_label(model, nfe, solver.meta.get("init", "midpoint"), end)
     entries = [("bns", nfe, solver), (f"init ({init.meta['init']})", nfe, init)]
-    entries += baseline_solvers(model, list(sz.nfes))
+    entries += baseline_solvers(model, list(sz.nfes), end=end)
     kinds = {"bns": "bns", entries[1][0]: "init"}
     rows = evaluate(model, entries, test, guidance, kinds=kinds, progress=progress)
     t_eval = time.perf_counter() - t0

@@ -54,14 +54,19 @@ def evaluate_psnr(
 
 
 def baseline_solvers(
-    model: Model, nfes: list[int], names: tuple[str, ...] | list[str] = SOLVER_NAMES
+    model: Model,
+    nfes: list[int],
+    names: tuple[str, ...] | list[str] = SOLVER_NAMES,
+    end: str = "range",
 ) -> list[tuple[str, int, NSSolver]]:
-    """Each classical solver at each NFE it can reach exactly, on its best grid.
+    """Each classical solver at each NFE it can reach exactly, on its best grid (with
+    ``end="data"``, its last step the step to sigma = 0, as diffusers' ``final_sigmas_type=
+    "zero"``).
 
     An NFE a method cannot reach (midpoint at an odd NFE, RK4 at one not divisible by 4) is
     skipped; an unknown name is an error.
     """
-    from .solvers import by_name
+    from .solvers import by_name, with_data_end
 
     unknown = [n for n in names if n not in SOLVER_NAMES]
     if unknown:
@@ -70,7 +75,10 @@ def baseline_solvers(
     for name in names:
         for nfe in nfes:
             try:
-                out.append((name, nfe, by_name(name, nfe, model)))
+                solver = by_name(name, nfe, model)
+                if end == "data":
+                    solver = with_data_end(solver, model.schedule)
+                out.append((name, nfe, solver))
             except ValueError:
                 continue  # this NFE is not reachable by this method
     return out

@@ -35,7 +35,7 @@ from torch import Tensor
 from ._hashing import hash_tensor
 from ._io import atomic_write
 from .ground_truth import default_tolerance, ground_truth
-from .model import Model
+from .model import Model, prediction_coefficients
 
 __all__ = ["Pairs", "make_pairs", "cache_dir", "pair_noise", "SPLITS", "CACHE_VERSION"]
 
@@ -45,26 +45,30 @@ CACHE_VERSION = 1
 
 @dataclass
 class Pairs:
-    """``x0`` and ``x1`` of shape ``[N, *sample_shape]`` (float32), labels ``y [N]`` or None."""
+    """``x0`` and ``x1`` of shape ``[N, *sample_shape]`` (float32), labels ``y [N]`` or None.
+
+    ``end`` says where ``x1`` is: ``"range"`` (the solution at ``t_max``) or ``"data"`` (then
+    the data prediction there, :mod:`bns.solvers.ends`)."""
 
     x0: Tensor
     x1: Tensor
     y: Tensor | None
     nfe_per_sample: float = float("nan")
+    end: str = "range"
 
     def __len__(self) -> int:
         return self.x0.shape[0]
 
     def __getitem__(self, idx: Any) -> Pairs:
         y = None if self.y is None else self.y[idx]
-        return Pairs(self.x0[idx], self.x1[idx], y, self.nfe_per_sample)
+        return Pairs(self.x0[idx], self.x1[idx], y, self.nfe_per_sample, self.end)
 
     def to(self, device: torch.device | str | None) -> Pairs:
         """The pairs on ``device`` (themselves where they are already, or for None)."""
         if device is None or self.x0.device == torch.device(device):
             return self
         y = None if self.y is None else self.y.to(device)
-        return Pairs(self.x0.to(device), self.x1.to(device), y, self.nfe_per_sample)
+        return Pairs(self.x0.to(device), self.x1.to(device), y, self.nfe_per_sample, self.end)
 
 
 def cache_dir() -> Path:
@@ -199,12 +203,14 @@ def make_pairs(
     progress: bool = True,
     device: torch.device | str | None = None,
     labels: str | None = None,
+    end: str = "range",
 ) -> Pairs:
     """``n`` ground-truth pairs of ``split``, from the cache where possible.
 
     ``labels`` names the split whose labels (prompts) the pairs draw, default ``split``'s own
     (see :attr:`bns.Model.label_splits`): ``make_pairs(model, n, "test", labels="train")`` is
-    test noise on training prompts.
+    test noise on training prompts. ``end="data"`` ends the ground truth on the data: the
+    solution at ``t_max``, then the model's data prediction there (:mod:`bns.solvers.ends`).
 
     ``cache`` is True (use :func:`cache_dir`), False (no cache) or a folder. The noise is drawn
     per pair index on the CPU (the same on every device); the ground truth is solved on
@@ -224,6 +230,8 @@ def make_pairs(
     atol = rtol if atol is None else float(atol)
     device = device if device is not None else model.device
     w = world(device)
+    if end not in ("range", "data"):
+        raise ValueError(f"end must be range or data, got {end!r}")
     key = _key(model, guidance, seed, split, rtol, atol, labels)
     folder = None if not cache else cache_dir() if cache is True else Path(cache)
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
@@ -237,9 +245,8 @@ def make_pairs(
     nfe_total = found["nfe"] * start if start else 0.0
     if start < n:
         shards = None if folder is None else _Shards(folder / "shards" / stem, key)
-        run = dict(
-            seed=seed, guidance=guidance, rtol=rtol, atol=atol, device=device, labels=labels
-        )
+        run = dict(seed=seed, guidance=guidance, rtol=rtol, atol=atol, device=device)
+        run.update(labels=labels)
         batches = [(lo, min(lo + batch_size, n)) for lo in range(start, n, batch_size)]
         new = _solve_batches(model, split, batches, shards, w, progress and w.main, run)
         nfe_total += sum(float(t["nfe"]) * (hi - lo) for t, (lo, hi) in zip(new, batches))
@@ -249,12 +256,26 @@ def make_pairs(
             _write_if_longer(path, key, have, nfe_total / have["x0"].shape[0])
             shards.remove(batches)
     m = have["x0"].shape[0]
-    return Pairs(
+    pairs = Pairs(
         have["x0"][:n].clone(),
         have["x1"][:n].clone(),
         have["y"][:n].clone() if "y" in have else None,
         nfe_total / m,
     )
+    # The step to sigma = 0 costs one evaluation per pair: done on the cached solutions at
+    # t_max, so both ends share one cache (and switching end solves no ODE again).
+    return _to_data(model, pairs, guidance, batch_size, device) if end == "data" else pairs
+
+
+def _to_data(model: Model, pairs: Pairs, guidance: float, batch_size: int, device) -> Pairs:
+    """``pairs`` (solutions at ``t_max``) moved on to the data by the model's data prediction."""
+    out = []
+    for lo in range(0, len(pairs), batch_size):
+        part = pairs[lo : lo + batch_size].to(device)
+        x = part.x1.double()
+        x1 = data_prediction(model, x, model.t_range[1], part.y, guidance)
+        out.append(x1.float().cpu())
+    return Pairs(pairs.x0, torch.cat(out), pairs.y, pairs.nfe_per_sample + 1, "data")
 
 
 def _write_if_longer(path: Path, key: dict, tensors: dict[str, Tensor], nfe: float) -> None:
@@ -349,6 +370,19 @@ def _solve_batches(model, split, batches, shards, w, progress, run) -> list[dict
             buf = _pack(done[b]) if b in done else _empty(model, b[1] - b[0], labels)
             done[b] = _unpack(broadcast_(buf, owner), model, b[1] - b[0], labels)
     return [done[b] for b in batches]
+
+
+def data_prediction(
+    model: Model, x: Tensor, t: float, y: Tensor | None = None, guidance: float = 1.0
+) -> Tensor:
+    """The model's (guided) data prediction ``x1_hat = (u - beta x) / gamma`` at time ``t``."""
+    tt = torch.full((x.shape[0],), float(t), dtype=torch.float64, device=x.device)
+    with torch.no_grad():
+        u = model.velocity(x, tt, y, guidance)
+    beta, gamma = prediction_coefficients("x1", model.schedule, tt)
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    beta, gamma = beta.to(u.dtype).reshape(shape), gamma.to(u.dtype).reshape(shape)
+    return (u - beta * x.to(u.dtype)) / gamma
 
 
 def _solve(

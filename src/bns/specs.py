@@ -180,9 +180,7 @@ def _from_file(spec: str) -> Any:
         raise SpecError(f"{file}:{factory}() failed: {type(e).__name__}: {e}") from None
 
 
-def _from_diffusers(
-    path: str, prompts: Any = None, dtype: torch.dtype | None = None
-) -> Any:
+def _from_diffusers(path: str, prompts: Any = None, dtype: torch.dtype | None = None) -> Any:
     """``diffusers:PATH``: a local pipeline folder (the diffusers extra, imported lazily)."""
     if not Path(path).exists():
         raise SpecError(f"diffusers pipeline folder not found: {path}")

@@ -34,13 +34,30 @@ from .model import Model, frozen
 from .pairs import Pairs, make_pairs
 from .solver import NSSolver
 from .solvers import init_candidates
+from .solvers.ends import resolve_end
 
 __all__ = ["distill", "DistillConfig", "TrainingError", "choose_initial_solver"]
 
 
+def _end(model: Model, cfg: DistillConfig) -> str:
+    """``cfg.end`` resolved on the model: ``"range"`` or ``"data"``."""
+    if cfg.end == "auto" and cfg.family != "bns":
+        return "range"  # the restricted families keep their classical last step
+    try:
+        end = resolve_end(model, cfg.end)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+    if end == "data" and cfg.family != "bns":
+        raise TrainingError(
+            f"family {cfg.family} ends on the model's range only; pass end range (--end range)"
+            " or use family bns"
+        )
+    return end
+
+
 def _candidates(model: Model, cfg: DistillConfig) -> list[NSSolver]:
     try:
-        candidates = init_candidates(model, cfg.nfe, cfg.init, cfg.precondition)
+        candidates = init_candidates(model, cfg.nfe, cfg.init, cfg.precondition, _end(model, cfg))
         return usable_inits(cfg.family, candidates)  # those the family can start from
     except ValueError as e:
         raise TrainingError(str(e)) from None
@@ -103,6 +120,8 @@ def distill(
     if nfe is not None:
         overrides["nfe"] = nfe
     cfg = cfg.replace(**overrides)
+    if pairs is not None and cfg.end == "auto":
+        cfg = cfg.replace(end=pairs[0].end)  # given pairs say where the ground truth ends
     cfg.check()
     if cfg.guidance != 1.0 and model.num_classes is None:
         raise TrainingError(f"{model.name} is unconditional: guidance must be 1")
@@ -140,11 +159,18 @@ def _distill(
     if pairs is None:
         kw = dict(seed=cfg.seed, guidance=cfg.guidance, rtol=cfg.rtol, atol=cfg.atol, cache=cache)
         kw.update(progress=progress, batch_size=cfg.gt_batch_size, device=device)
+        kw.update(end=_end(model, cfg))
         train = make_pairs(model, cfg.train_pairs, "train", **kw)
         val = make_pairs(model, cfg.val_pairs, "val", **kw)
     else:
         train, val = pairs
         cfg = cfg.replace(train_pairs=len(train), val_pairs=len(val))  # what was used
+        if {train.end, val.end} != {_end(model, cfg)}:
+            raise TrainingError(
+                f"the pairs end at {train.end}/{val.end} but the solver is to end at"
+                f" {_end(model, cfg)}: make them with make_pairs(..., end={_end(model, cfg)!r})"
+                f" or pass end={train.end!r}"
+            )
     train, val = train.to(device), val.to(device)
     init, scores, init_forwards = choose_initial_solver(model, cfg, val, candidates)
     family = make_family(cfg.family, init)
@@ -336,6 +362,7 @@ def _artifact_meta(model, cfg, loop: _Loop, train: Pairs, scores, init_forwards)
         "model_settings": model.settings(),
         "guidance": cfg.guidance,
         "nfe": cfg.nfe,
+        "end": _end(model, cfg),
         "network_forwards_per_sample": cfg.nfe * model.forwards_per_evaluation(cfg.guidance),
         "init": loop.init.meta["init"],
         "init_candidates_psnr": {k: v if math.isfinite(v) else None for k, v in scores.items()},

@@ -19,6 +19,7 @@ from torch import Tensor
 from .. import grids as _grids
 from ..solver import NSSolver
 from ..transforms import precondition as _precondition
+from .ends import with_data_end
 from .exponential import ddim, dpm_solver_pp, unipc
 from .multistep import adams_bashforth, ipndm
 from .runge_kutta import euler, heun, midpoint, rk4
@@ -34,6 +35,7 @@ __all__ = [
     "dpm_solver_pp",
     "unipc",
     "by_name",
+    "with_data_end",
     "preconditionable",
     "initial_solver",
     "init_candidates",

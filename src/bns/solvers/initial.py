@@ -15,6 +15,7 @@ import torch
 
 from ..schedules import CondOT
 from ..solver import NSSolver
+from .ends import with_data_end
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -31,10 +32,15 @@ def _label(name: str, precondition: float | None) -> str:
 
 
 def initial_solver(
-    model: Model, nfe: int, init: str = "midpoint", precondition: float | None = None
+    model: Model,
+    nfe: int,
+    init: str = "midpoint",
+    precondition: float | None = None,
+    end: str = "range",
 ) -> NSSolver:
     """The classical solver ``init`` with ``nfe`` evaluations, as an NS solver that BNS can
-    start from: strictly increasing times, ends exactly on ``model.t_range``.
+    start from: strictly increasing times, ends exactly on ``model.t_range``; with
+    ``end="data"`` its last step is the step to sigma = 0 (:func:`bns.solvers.with_data_end`).
 
     ``precondition = sigma0`` runs it on the model's ODE changed to the scheduler
     ``(r, sigma0 (1 - r))``. Raises ValueError for an unknown name, an NFE the solver cannot
@@ -50,11 +56,15 @@ def initial_solver(
         )
     solver.times[0], solver.times[-1] = model.t_range
     solver.meta["init"] = _label(init, precondition)
-    return solver
+    return with_data_end(solver, model.schedule) if end == "data" else solver
 
 
 def init_candidates(
-    model: Model, nfe: int, init: str = "best", precondition: float | str | None = "auto"
+    model: Model,
+    nfe: int,
+    init: str = "best",
+    precondition: float | str | None = "auto",
+    end: str = "range",
 ) -> list[NSSolver]:
     """The solvers that ``init`` and ``precondition`` allow at ``nfe``, to be measured.
 
@@ -82,7 +92,7 @@ def init_candidates(
             variants = [float(precondition)]
         for pc in variants:
             try:
-                out.append(initial_solver(model, nfe, name, pc))
+                out.append(initial_solver(model, nfe, name, pc, end))
             except ValueError as e:  # an NFE it cannot make, repeated times
                 errors.append(str(e))
     if not out:
@@ -90,7 +100,7 @@ def init_candidates(
     return out
 
 
-def solver_from_label(model: Model, nfe: int, label: str) -> NSSolver:
+def solver_from_label(model: Model, nfe: int, label: str, end: str = "range") -> NSSolver:
     """The initial solver a label of ``meta["init"]`` names (``"ipndm"``, ``"midpoint+pc1"``)."""
     name, _, pc = label.partition("+pc")
-    return initial_solver(model, nfe, name, float(pc) if pc else None)
+    return initial_solver(model, nfe, name, float(pc) if pc else None, end)

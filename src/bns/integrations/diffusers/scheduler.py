@@ -6,8 +6,10 @@ time, timesteps, predictions) are in the package docstring.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -230,11 +232,31 @@ class BNSScheduler(SchedulerMixin, ConfigMixin):
         else:
             v = self.bns_schedule(times)
             sig = v.sigma / v.alpha  # the noise level of Karras-style schedulers
+        if self.solver.meta.get("end") == "data":
+            sig = sig.clone()
+            sig[-1] = 0.0  # the last step lands on the data (bns.solvers.ends)
         self.sigmas = sig.to(torch.float32).to(device)
         self.num_inference_steps = n
+        self._check_guidance()
         self._step_index = 0
         self._x0 = None
         self._us = None
+
+    def _check_guidance(self) -> None:
+        """Warn when the calling pipeline guides with another scale than the solver was trained
+        for (the scheduler is not told the scale: it reads it from the pipeline's call)."""
+        trained = self.solver.meta.get("guidance")
+        if trained is None:
+            return
+        used = _pipeline_guidance(self)
+        if used is not None and not math.isclose(used, float(trained), rel_tol=1e-6, abs_tol=1e-9):
+            warnings.warn(
+                f"BNSScheduler: this solver was trained for guidance {float(trained):g} but the"
+                f" pipeline guides with {used:g}; samples will be further from the model's. Call"
+                f" the pipeline with guidance {float(trained):g}, or distill a solver for"
+                f" {used:g} (bns distill --guidance {used:g})",
+                stacklevel=3,
+            )
 
     def scale_model_input(self, sample: Tensor, timestep: Any = None) -> Tensor:
         """The network takes the sample itself (no Karras-style input scaling)."""
@@ -299,6 +321,35 @@ class BNSScheduler(SchedulerMixin, ConfigMixin):
         raise DiffusersError("BNSScheduler samples from pure noise; img2img is not supported")
 
     scale_noise = add_noise
+
+
+def _pipeline_guidance(scheduler: Any, depth: int = 6) -> float | None:
+    """The classifier-free guidance scale of the pipeline call that is setting ``scheduler``'s
+    timesteps, read from its frame (None where no pipeline call is found). diffusers' ``w <= 1``
+    means no guidance, i.e. ``w = 1``; Flux's true CFG is ``true_cfg_scale`` with a negative
+    prompt (its ``guidance_scale`` is an input of the network, not CFG)."""
+    frame = inspect.currentframe()
+    try:
+        for _ in range(depth):
+            frame = frame.f_back if frame is not None else None
+            if frame is None:
+                return None
+            owner = frame.f_locals.get("self")
+            if owner is None or getattr(owner, "scheduler", None) is not scheduler:
+                continue
+            local = frame.f_locals
+            if "true_cfg_scale" in local:
+                on = local.get("do_true_cfg", local.get("true_cfg_scale", 1.0) > 1)
+                return float(local["true_cfg_scale"]) if on else 1.0
+            w = local.get("guidance_scale", getattr(owner, "_guidance_scale", None))
+            if w is None:
+                return None
+            return float(w) if float(w) > 1 else 1.0
+        return None
+    except Exception:  # noqa: BLE001 - a frame we cannot read: no check rather than a failure
+        return None
+    finally:
+        del frame
 
 
 def _check_agree(from_meta: dict[str, Any], described: dict[str, Any]) -> None:
