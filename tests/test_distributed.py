@@ -100,15 +100,6 @@ EVAL = ["eval", "--baselines", "euler,midpoint", "--nfe", "4,8", "--test-pairs",
 
 
 @pytest.fixture()
-def one_thread():
-    """Single-worker references with the threads of a torchrun worker here (one each)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture()
 def user_file(tmp_path):
     path = tmp_path / "user.py"
     path.write_text(USER_FILE)

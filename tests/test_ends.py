@@ -23,6 +23,8 @@ from bns.solvers import with_data_end
 from bns.solvers.ends import ends_short_of_data, resolve_end
 from bns.solvers.initial import initial_solver
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 class EpsNet(nn.Module):
     def __init__(self, dim: int = 6):
@@ -38,14 +40,6 @@ def ddpm_model() -> bns.Model:
     betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)  # DDPM's linear schedule
     schedule = DiscreteVP(torch.cumprod(1 - betas, 0))
     return bns.Model(EpsNet(), "eps", schedule, (6,), name="user-ddpm")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_which_models_stop_short_of_the_data():

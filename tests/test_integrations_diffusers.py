@@ -40,13 +40,7 @@ from bns.integrations.diffusers import (  # noqa: E402
 )
 from bns.schedules import CondOT, DiscreteVP  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_dit_pipeline() -> DiTPipeline:

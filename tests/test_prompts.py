@@ -21,6 +21,8 @@ from bns.evaluate import evaluate_psnr
 from bns.pairs import make_pairs, pair_noise
 from bns.specs import register_spec
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _encode(prompt: str, dim: int = 8) -> torch.Tensor:
     """A stand-in text encoder: a fixed vector per prompt."""
@@ -67,14 +69,6 @@ def text_model(prompts) -> bns.Model:
 
 PROMPTS = {"train": ["a cat", "a dog", "a fox"], "val": ["a cow"], "test": ["an owl", "a bee"]}
 OTHER = {"train": ["a cat", "a dog", "a fox"], "val": ["a hen"], "test": ["a yak", "an elk"]}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_each_split_draws_its_own_labels():

@@ -378,30 +378,14 @@ def cmd_eval(args) -> int:
         kinds[name] = "bns"
     if not entries:
         raise CLIError("nothing to evaluate: no solver reaches the requested NFEs")
-    test = make_pairs(
-        model,
-        args.test_pairs,
-        "test",
-        seed=args.seed,
-        guidance=args.guidance,
-        cache=_cache(args),
-        progress=not args.quiet,
-        end=end,
-    )
+    pair_kw = dict(seed=args.seed, guidance=args.guidance, cache=_cache(args), end=end)
+    test = make_pairs(model, args.test_pairs, "test", progress=not args.quiet, **pair_kw)
     rows = evaluate(model, entries, test, args.guidance, kinds=kinds, progress=not args.quiet)
     seen_rows = None
     if _held_out_labels(model):
         # The same test noise on the training prompts: how far the solver generalizes.
         seen = make_pairs(
-            model,
-            args.test_pairs,
-            "test",
-            seed=args.seed,
-            guidance=args.guidance,
-            cache=_cache(args),
-            progress=not args.quiet,
-            labels="train",
-            end=end,
+            model, args.test_pairs, "test", progress=not args.quiet, labels="train", **pair_kw
         )
         seen_rows = evaluate(model, entries, seen, args.guidance, kinds=kinds, progress=False)
     if not world(model.device).main:
