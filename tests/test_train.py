@@ -298,3 +298,22 @@ def test_an_overshoot_reverts_to_the_best_with_half_the_learning_rate(model, dat
     assert evaluate_psnr(model, solver, data[1]).mean().item() == pytest.approx(
         hist["best_val_psnr"], rel=1e-6
     )
+
+
+def test_each_loss_is_what_it_says_and_trains(model, data):
+    from bns.loss import l1, log_mse, mse
+
+    x = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
+    ref = torch.tensor([[0.0, 0.0], [0.0, 3.0]])
+    assert torch.allclose(mse(x, ref), torch.tensor([2.5, 4.5]))
+    assert torch.allclose(l1(x, ref), torch.tensor([1.5, 1.5]))
+    assert torch.allclose(log_mse(x, ref), torch.log(torch.tensor([2.5, 4.5])))
+    kw = dict(pairs=data, steps=30, val_every=5, init="euler", progress=False)
+    for loss in ("mse", "l1"):
+        solver, hist = distill(model, 4, loss=loss, **kw)
+        assert solver.meta["config"]["loss"] == loss
+        assert hist["best_val_psnr"] > hist["val_psnr"][0] + 1.0  # it trains
+        # The training loss it reports is that loss: mse's is positive, log-mse's is not.
+        assert all(v > 0 for v in hist["train_loss"] if math.isfinite(v))
+    with pytest.raises(TrainingError, match="loss must be log-mse, mse or l1"):
+        distill(model, 4, loss="huber", **kw)

@@ -69,6 +69,11 @@ class DistillConfig:
         " final_sigmas_type='zero'; for models that stop short of the data, such as discrete"
         " DDPM ones), or auto (data where the model stops short of it, else range)",
     )
+    loss: str = _opt(
+        "log-mse",
+        "per-sample loss: log-mse (the paper's: mean log of each sample's MSE, i.e. mean"
+        " PSNR), mse or l1",
+    )
     train_pairs: int = _opt(520, "ground-truth pairs to train on")
     val_pairs: int = _opt(1024, "ground-truth pairs to validate on (the best step is kept)")
     init_pairs: int = _opt(256, "validation pairs that rank the candidates of --init best")
@@ -129,6 +134,8 @@ class DistillConfig:
             v = getattr(self, name)
             if v is not None and not (math.isfinite(v) and v > 0):
                 raise TrainingError(f"{name} must be a finite number > 0, got {v!r}")
+        if self.loss not in ("log-mse", "mse", "l1"):
+            raise TrainingError(f"loss must be log-mse, mse or l1, got {self.loss!r}")
         if self.end not in ("auto", "range", "data"):
             raise TrainingError(f"end must be auto, range or data, got {self.end!r}")
         if not math.isfinite(self.guidance):

@@ -19,21 +19,41 @@ from .model import Model
 from .pairs import Pairs
 from .solver import sample
 
-__all__ = ["log_mse", "solver_loss", "loss_and_grad"]
+__all__ = ["log_mse", "mse", "l1", "LOSSES", "solver_loss", "loss_and_grad"]
 
 
 def log_mse(x: Tensor, ref: Tensor) -> Tensor:
-    """Per-sample ``log MSE(x, ref)``, shape ``[B]``."""
+    """Per-sample ``log MSE(x, ref)``, shape ``[B]`` (the paper's loss: the mean PSNR)."""
     d = (x - ref.to(x.dtype)).reshape(x.shape[0], -1)
     return torch.log((d * d).mean(1))
 
 
+def mse(x: Tensor, ref: Tensor) -> Tensor:
+    """Per-sample mean squared error, shape ``[B]`` (weighs the worst samples most)."""
+    d = (x - ref.to(x.dtype)).reshape(x.shape[0], -1)
+    return (d * d).mean(1)
+
+
+def l1(x: Tensor, ref: Tensor) -> Tensor:
+    """Per-sample mean absolute error, shape ``[B]``."""
+    return (x - ref.to(x.dtype)).reshape(x.shape[0], -1).abs().mean(1)
+
+
+# The per-sample losses distillation can minimize (DistillConfig.loss), by name.
+LOSSES = {"log-mse": log_mse, "mse": mse, "l1": l1}
+
+
 def solver_loss(
-    family: Family, model: Model, batch: Pairs, guidance: float, checkpoint: bool = False
+    family: Family,
+    model: Model,
+    batch: Pairs,
+    guidance: float,
+    checkpoint: bool = False,
+    loss: str = "log-mse",
 ) -> Tensor:
-    """The summed per-sample log-MSE of the family's solver on ``batch`` (a scalar)."""
+    """The summed per-sample loss (log-MSE by default) of the family's solver on ``batch``."""
     x = sample(model, batch.x0, family.solver(), batch.y, guidance, checkpoint=checkpoint)
-    return log_mse(x, batch.x1).sum()
+    return LOSSES[loss](x, batch.x1).sum()
 
 
 def loss_and_grad(
@@ -44,6 +64,7 @@ def loss_and_grad(
     *,
     micro_batch: int = 0,
     checkpoint: bool = False,
+    loss: str = "log-mse",
 ) -> tuple[float, list[Tensor] | None]:
     """The mean loss over ``batch`` and its gradient for each of ``family.parameters()``.
 
@@ -57,12 +78,12 @@ def loss_and_grad(
     total = 0.0
     grads = [torch.zeros_like(p) for p in params]
     for s in range(0, n, size):
-        loss = solver_loss(family, model, batch[s : s + size], guidance, checkpoint) / n
-        if not torch.isfinite(loss):
+        part = solver_loss(family, model, batch[s : s + size], guidance, checkpoint, loss) / n
+        if not torch.isfinite(part):
             return math.nan, None
-        for g, gi in zip(grads, torch.autograd.grad(loss, params)):
+        for g, gi in zip(grads, torch.autograd.grad(part, params)):
             g += gi
-        total += float(loss.detach())
+        total += float(part.detach())
     if not all(torch.all(torch.isfinite(g)) for g in grads):
         return math.nan, None
     return total, grads

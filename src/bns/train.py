@@ -267,7 +267,7 @@ class _Loop:
         params = [p for p in self.family.parameters() if p.requires_grad]
 
         def step(part: torch.Tensor) -> tuple[float, list[torch.Tensor] | None]:
-            kw = dict(micro_batch=cfg.micro_batch, checkpoint=cfg.grad_checkpoint)
+            kw = dict(micro_batch=cfg.micro_batch, checkpoint=cfg.grad_checkpoint, loss=cfg.loss)
             batch = self.train[part.to(self.train.x0.device)]
             return loss_and_grad(self.family, self.model, batch, cfg.guidance, **kw)
 
