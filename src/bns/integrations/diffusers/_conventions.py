@@ -22,13 +22,37 @@ class DiffusersError(ValueError):
     """A pipeline or scheduler that this integration cannot use, or a misuse of the scheduler."""
 
 
+def _config(scheduler: Any) -> Any:
+    return getattr(scheduler, "config", scheduler)
+
+
+def _is_bns_scheduler(scheduler: Any) -> bool:
+    """A :class:`BNSScheduler` (or its config): it states its conventions itself."""
+    config = _config(scheduler)
+    if type(scheduler).__name__ == "BNSScheduler":
+        return True
+    # Its config (or a dict of it): the solver is what no other scheduler's config holds.
+    return hasattr(config, "get") and isinstance(config.get("solver"), dict)
+
+
 def is_flow_scheduler(scheduler: Any) -> bool:
+    """Whether a scheduler (or its config) is a flow-matching one.
+
+    Flow matching is ``FlowMatch*`` (SD3, Flux, Wan's FlowMatchEulerDiscreteScheduler), a config
+    with ``shift`` / dynamic shifting and no DDPM betas, a multistep scheduler in flow mode
+    (``prediction_type="flow_prediction"`` with ``use_flow_sigmas=True``: Wan's and Sana's
+    UniPC / DPM-Solver, ``timestep = 1000 sigma``) or a flow BNSScheduler.
+    """
     name = type(scheduler).__name__
-    config = getattr(scheduler, "config", scheduler)
+    config = _config(scheduler)
+    if _is_bns_scheduler(scheduler):
+        return config.get("prediction_type") == "flow"
+    if not hasattr(config, "get"):
+        return "FlowMatch" in name
+    if config.get("prediction_type") == "flow_prediction" and config.get("use_flow_sigmas"):
+        return True
     return "FlowMatch" in name or (
-        isinstance(config, dict)
-        and ("shift" in config or "use_dynamic_shifting" in config)
-        and "beta_start" not in config
+        ("shift" in config or "use_dynamic_shifting" in config) and "beta_start" not in config
     )
 
 
@@ -38,18 +62,36 @@ def _alphas_cumprod(scheduler: Any) -> Tensor:
         # A bare config: let diffusers' own DDPM scheduler build the betas the same way.
         from diffusers import DDPMScheduler
 
-        config = dict(getattr(scheduler, "config", scheduler))
+        config = dict(_config(scheduler))
         ac = DDPMScheduler.from_config(config).alphas_cumprod
     return torch.as_tensor(ac, dtype=torch.float64).flatten()
 
 
 def describe_scheduler(scheduler: Any) -> dict[str, Any]:
     """``prediction_type``, ``num_train_timesteps`` and (DDPM-style) ``alphas_cumprod``."""
-    config = getattr(scheduler, "config", scheduler)
+    config = _config(scheduler)
     n_train = int(config.get("num_train_timesteps", 1000))
+    if _is_bns_scheduler(scheduler):
+        # A pipeline that already holds a BNSScheduler (e.g. a folder saved with one).
+        prediction = config.get("prediction_type")
+        if prediction not in PREDICTIONS:
+            raise DiffusersError(f"BNSScheduler config has prediction_type {prediction!r}")
+        ac = config.get("alphas_cumprod")
+        if prediction != "flow" and not ac:
+            raise DiffusersError(f"a {prediction} BNSScheduler config holds no alphas_cumprod")
+        return {
+            "prediction_type": prediction,
+            "num_train_timesteps": n_train if prediction == "flow" else len(ac),
+            "alphas_cumprod": None if prediction == "flow" else [float(v) for v in ac],
+        }
     if is_flow_scheduler(scheduler):
         return {"prediction_type": "flow", "num_train_timesteps": n_train, "alphas_cumprod": None}
     prediction = config.get("prediction_type", "epsilon")
+    if prediction == "flow_prediction":
+        raise DiffusersError(
+            f"{type(scheduler).__name__} has prediction_type 'flow_prediction' without"
+            " use_flow_sigmas=True: its sigmas are not a flow-matching path"
+        )
     if prediction not in ("epsilon", "v_prediction", "sample"):
         raise DiffusersError(
             f"{type(scheduler).__name__} has prediction_type {prediction!r}; bns supports"
