@@ -16,7 +16,6 @@ the command line on saved SD and Flux folders; then prompt splits for every text
 
 from __future__ import annotations
 
-import functools
 import json
 
 import pytest
@@ -891,6 +890,25 @@ def test_wan_pipeline_with_bns_scheduler_equals_bns_sample(wan, two_experts):
         assert _wan_model(pipe, negative_prompt=NEG).fingerprint() != model.fingerprint()
 
 
+def test_the_scheduler_warns_when_wans_second_expert_guides_with_another_scale():
+    pipe = _wan(two_experts=True)
+    model = _wan_model(pipe, negative_prompt=NEG)
+    solver = bns.solvers.euler(bns.grids.uniform(2, model.t_range))
+    solver.meta["guidance"] = W
+    x0 = _noise((1, *WAN_SHAPE), 17)
+    call = dict(prompt=PROMPTS[:1], negative_prompt=NEG, latents=x0, num_inference_steps=2, **WAN)
+    with _Scheduler(pipe, BNSScheduler.from_solver(solver, pipe.scheduler)):
+        with pytest.warns(
+            UserWarning, match=f"trained for guidance {W:g} but the pipeline guides with 5"
+        ):
+            _latents(pipe, guidance_scale=W, guidance_scale_2=5.0, **call)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            _latents(pipe, guidance_scale=W, **call)  # guidance_scale_2 defaults to it
+
+
 def test_wan_save_and_reload_with_bns_scheduler(tmp_path, wan, monkeypatch):
     from diffusers.utils import is_accelerate_available
 
@@ -1066,22 +1084,17 @@ def test_cli_distill_on_a_saved_sd_pipeline(tmp_path, sd):
     _close(out, ref)
 
 
-def test_cli_distill_on_a_saved_flux_pipeline(tmp_path, flux, monkeypatch):
-    """``diffusers:PATH`` builds the model at the pipeline's default size (Flux: 1024 pixels);
-    the tiny pipeline's default is made 64 pixels here to keep the test fast."""
+def test_cli_distill_on_a_saved_flux_pipeline(tmp_path, flux):
+    """``diffusers:PATH?height=64&width=64``: the pipeline options ride on the spec (Flux's
+    default is 1024 pixels, which its saved folder does not record)."""
     flux.save_pretrained(tmp_path / "flux")
-    init = FluxPipeline.__init__
-
-    @functools.wraps(init)  # diffusers reads the components from __init__'s signature
-    def small(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        self.default_sample_size = 8
-
-    monkeypatch.setattr(FluxPipeline, "__init__", small)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\na dog\nsky\n")
-    solver = _cli_distill(tmp_path, tmp_path / "flux", prompts)
-    model = model_from_pipeline(str(tmp_path / "flux"), prompts=["a cat", "b", "c"])
+    spec = f"{tmp_path / 'flux'}?height=64&width=64&embedded_guidance=3.5"
+    solver = _cli_distill(tmp_path, spec, prompts)
+    kw = dict(height=64, width=64)
+    # Other prompts, another count of them: the same model (prompts are data).
+    model = model_from_pipeline(str(tmp_path / "flux"), prompts=["a cat", "b", "c", "d"], **kw)
     assert model.sample_shape == (16, 16) and float(model.net.guidance) == 3.5
     assert solver.nfe == 2
     bns.NSSolver.load(tmp_path / "solver.json", model=model)  # trained for this very model

@@ -89,6 +89,8 @@ def test_each_split_draws_its_own_labels():
 def test_held_out_prompts_change_nothing_about_the_model():
     a, b = text_model(PROMPTS), text_model(OTHER)
     assert a.fingerprint() == b.fingerprint()
+    more = text_model({**OTHER, "test": OTHER["test"] + ["a gnu", "a ram"]})  # more of them
+    assert more.fingerprint() == a.fingerprint() and more.num_classes == a.num_classes + 2
     # The weights still count: another network is another model.
     c = text_model(PROMPTS)
     with torch.no_grad():

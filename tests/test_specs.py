@@ -75,8 +75,8 @@ def test_diffusers_prefix_resolves_with_prompts(tmp_path, monkeypatch):
     here: the real one is tested with real pipelines in test_integrations_diffusers.py)."""
     calls = []
 
-    def model_from_pipeline(path, prompts=None, dtype=None):
-        calls.append((path, prompts, dtype))
+    def model_from_pipeline(path, prompts=None, dtype=None, **options):
+        calls.append((path, prompts, dtype, *options.items()))
         return gmm()
 
     import bns.integrations  # noqa: F401 - the parent package stays real
@@ -88,6 +88,27 @@ def test_diffusers_prefix_resolves_with_prompts(tmp_path, monkeypatch):
     assert isinstance(load_model(f"diffusers:{tmp_path}", dtype=torch.bfloat16), bns.Model)
     # The pipeline loads in the dtype itself (a pipeline runs in its own dtype, not cast later).
     assert calls == [(str(tmp_path), ["a cat"], None), (str(tmp_path), None, torch.bfloat16)]
+    # Options of model_from_pipeline ride on the spec, typed.
+    calls.clear()
+    spec = f"diffusers:{tmp_path}?height=512&width=256&embedded_guidance=3.5&negative_prompt=a b"
+    load_model(spec)
+    assert calls == [
+        (
+            str(tmp_path),
+            None,
+            None,
+            ("height", 512),
+            ("width", 256),
+            ("embedded_guidance", 3.5),
+            ("negative_prompt", "a b"),
+        )
+    ]
+    for bad, message in (
+        ("?size=4", "unknown pipeline option 'size'"),
+        ("?height=big", "height='big' is not a valid value"),
+        ("?height", "cannot read the pipeline options"),
+    ):
+        assert message in _error(f"diffusers:{tmp_path}{bad}")
 
 
 def test_other_kinds_are_cast_to_the_dtype(model_file):

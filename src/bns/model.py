@@ -195,8 +195,9 @@ class Model:
 
     Conditioning data is not the model: a module may name buffers that hold it (prompt
     embeddings, indexed by label along dim 0) in a class attribute ``bns_conditioning =
-    ("embeds", ...)``. The fingerprint skips them, so a solver stays valid on new prompts; the
-    ground-truth caches key on the rows their split uses (:meth:`conditioning_digest`).
+    ("embeds", ...)``. The fingerprint skips them and the number of labels, so a solver stays
+    valid on new prompts, however many; the ground-truth caches key on the rows their split
+    uses (:meth:`conditioning_digest`).
             Never the ODE state's dtype: ground truth integrates in float64 and still calls a
             float32 network in float32.
 
@@ -401,11 +402,14 @@ class Model:
         a weight changes (in place, through the tensor's version counter, or by replacing a
         tensor). A network without tensors is known by its qualified name.
         """
-        settings = json.dumps(self.settings(), sort_keys=True)
+        skips = [_conditioning_names(m) for m in self.modules]
+        identity = self.settings()
+        if any(skips):  # labels index conditioning data: how many there are is data too
+            identity["num_classes"] = "conditioning"
+        settings = json.dumps(identity, sort_keys=True)
         states = [
             sorted((k, v) for k, v in m.state_dict(keep_vars=True).items() if k not in skip)
-            for m in self.modules
-            for skip in [_conditioning_names(m)]
+            for m, skip in zip(self.modules, skips)
         ]
         # Cheap key: the settings and, per tensor, its storage and in-place version counter.
         key = (

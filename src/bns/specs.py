@@ -180,8 +180,43 @@ def _from_file(spec: str) -> Any:
         raise SpecError(f"{file}:{factory}() failed: {type(e).__name__}: {e}") from None
 
 
-def _from_diffusers(path: str, prompts: Any = None, dtype: torch.dtype | None = None) -> Any:
-    """``diffusers:PATH``: a local pipeline folder (the diffusers extra, imported lazily)."""
+# ``diffusers:PATH?key=value&...``: the keywords of model_from_pipeline a spec can set.
+DIFFUSERS_OPTIONS: dict[str, Callable[[str], Any]] = {
+    "negative_prompt": str,
+    "height": int,
+    "width": int,
+    "num_frames": int,
+    "max_sequence_length": int,
+    "embedded_guidance": float,
+}
+
+
+def _diffusers_options(query: str) -> dict[str, Any]:
+    from urllib.parse import parse_qsl
+
+    out: dict[str, Any] = {}
+    for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
+        if key not in DIFFUSERS_OPTIONS:
+            raise SpecError(
+                f"unknown pipeline option {key!r} in diffusers:PATH?...; known: "
+                + ", ".join(DIFFUSERS_OPTIONS)
+            )
+        try:
+            out[key] = DIFFUSERS_OPTIONS[key](value)
+        except ValueError:
+            raise SpecError(f"pipeline option {key}={value!r} is not a valid value") from None
+    return out
+
+
+def _from_diffusers(spec: str, prompts: Any = None, dtype: torch.dtype | None = None) -> Any:
+    """``diffusers:PATH[?key=value&...]``: a local pipeline folder (the diffusers extra,
+    imported lazily); the options are keywords of ``model_from_pipeline`` (DIFFUSERS_OPTIONS),
+    e.g. ``diffusers:flux?height=512&width=512&embedded_guidance=3.5``."""
+    path, _, query = spec.partition("?")
+    try:
+        options = _diffusers_options(query)
+    except ValueError as e:  # a malformed query
+        raise SpecError(f"cannot read the pipeline options {query!r}: {e}") from None
     if not Path(path).exists():
         raise SpecError(f"diffusers pipeline folder not found: {path}")
     try:
@@ -190,7 +225,7 @@ def _from_diffusers(path: str, prompts: Any = None, dtype: torch.dtype | None = 
         raise SpecError(
             f"diffusers:PATH needs the diffusers extra (pip install 'bns[diffusers]'): {e}"
         ) from None
-    return model_from_pipeline(path, prompts=prompts, dtype=dtype)
+    return model_from_pipeline(path, prompts=prompts, dtype=dtype, **options)
 
 
 register_spec(_is_builtin, _builtin, usage=lambda: ", ".join(BUILTIN_MODELS))

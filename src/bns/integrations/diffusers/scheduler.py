@@ -248,8 +248,9 @@ class BNSScheduler(SchedulerMixin, ConfigMixin):
         trained = self.solver.meta.get("guidance")
         if trained is None:
             return
-        used = _pipeline_guidance(self)
-        if used is not None and not math.isclose(used, float(trained), rel_tol=1e-6, abs_tol=1e-9):
+        for used in _pipeline_guidance(self):
+            if math.isclose(used, float(trained), rel_tol=1e-6, abs_tol=1e-9):
+                continue
             warnings.warn(
                 f"BNSScheduler: this solver was trained for guidance {float(trained):g} but the"
                 f" pipeline guides with {used:g}; samples will be further from the model's. Call"
@@ -323,31 +324,40 @@ class BNSScheduler(SchedulerMixin, ConfigMixin):
     scale_noise = add_noise
 
 
-def _pipeline_guidance(scheduler: Any, depth: int = 6) -> float | None:
-    """The classifier-free guidance scale of the pipeline call that is setting ``scheduler``'s
-    timesteps, read from its frame (None where no pipeline call is found). diffusers' ``w <= 1``
+def _pipeline_guidance(scheduler: Any, depth: int = 6) -> list[float]:
+    """The classifier-free guidance scales of the pipeline call that is setting ``scheduler``'s
+    timesteps, read from its frame (none where no pipeline call is found). diffusers' ``w <= 1``
     means no guidance, i.e. ``w = 1``; Flux's true CFG is ``true_cfg_scale`` with a negative
-    prompt (its ``guidance_scale`` is an input of the network, not CFG)."""
+    prompt (its ``guidance_scale`` is an input of the network, not CFG); Wan 2.2 may guide its
+    second expert with ``guidance_scale_2``."""
+
+    def effective(w: Any) -> float:
+        return float(w) if float(w) > 1 else 1.0
+
     frame = inspect.currentframe()
     try:
         for _ in range(depth):
             frame = frame.f_back if frame is not None else None
             if frame is None:
-                return None
+                return []
             owner = frame.f_locals.get("self")
             if owner is None or getattr(owner, "scheduler", None) is not scheduler:
                 continue
             local = frame.f_locals
             if "true_cfg_scale" in local:
                 on = local.get("do_true_cfg", local.get("true_cfg_scale", 1.0) > 1)
-                return float(local["true_cfg_scale"]) if on else 1.0
+                return [float(local["true_cfg_scale"]) if on else 1.0]
             w = local.get("guidance_scale", getattr(owner, "_guidance_scale", None))
             if w is None:
-                return None
-            return float(w) if float(w) > 1 else 1.0
-        return None
+                return []
+            scales = [effective(w)]
+            second = local.get("guidance_scale_2")
+            if second is not None and getattr(owner, "transformer_2", None) is not None:
+                scales.append(effective(second))
+            return scales
+        return []
     except Exception:  # noqa: BLE001 - a frame we cannot read: no check rather than a failure
-        return None
+        return []
     finally:
         del frame
 
