@@ -33,37 +33,18 @@ from diffusers import (  # noqa: E402
     DiTTransformer2DModel,
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
-    FluxPipeline,
-    FluxTransformer2DModel,
     PixArtAlphaPipeline,
     PixArtSigmaPipeline,
-    PixArtTransformer2DModel,
     PNDMScheduler,
-    SD3Transformer2DModel,
-    StableDiffusion3Pipeline,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
     UniPCMultistepScheduler,
-    WanPipeline,
     WanTransformer3DModel,
-)
-from transformers import (  # noqa: E402
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-    T5Config,
-    T5EncoderModel,
-    T5Tokenizer,
-    UMT5Config,
-    UMT5EncoderModel,
 )
 
 from bns.integrations.diffusers import (  # noqa: E402
     BNSScheduler,
     DiffusersError,
     model_from_pipeline,
+    tiny,  # noqa: E402
 )
 from bns.integrations.diffusers._conventions import (  # noqa: E402
     describe_scheduler,
@@ -71,248 +52,7 @@ from bns.integrations.diffusers._conventions import (  # noqa: E402
 )
 from bns.schedules import CondOT, DiscreteVP  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-# -- tiny offline components --------------------------------------------------------------------
-
-_VOCAB = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-for _c in "abcdefghijklmnopqrstuvwxyz":
-    _VOCAB[_c] = len(_VOCAB)
-    _VOCAB[_c + "</w>"] = len(_VOCAB)
-
-_T5_VOCAB = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
-_T5_VOCAB += [(c, -2.0) for c in "abcdefghijklmnopqrstuvwxyz"]
-_T5_VOCAB += [("\u2581" + c, -1.5) for c in "abcdefghijklmnopqrstuvwxyz"]
-
-T5_LEN = 8  # max_sequence_length of the T5 families in these tests
-
-
-def _clip_tokenizer(folder) -> CLIPTokenizer:
-    """A character-level CLIP tokenizer from files (the form every transformers version reads)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(_VOCAB))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)
-
-
-def _clip(cls=CLIPTextModelWithProjection, hidden: int = 16):
-    config = CLIPTextConfig(
-        vocab_size=len(_VOCAB),
-        hidden_size=hidden,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        projection_dim=16,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
-    return cls(config).eval()
-
-
-def _t5_tokenizer() -> T5Tokenizer:
-    """A character-level T5 (Unigram) tokenizer built in memory: no sentencepiece file."""
-    return T5Tokenizer(vocab=_T5_VOCAB, extra_ids=0)
-
-
-def _t5(cls=T5EncoderModel, config_cls=T5Config):
-    config = config_cls(
-        vocab_size=len(_T5_VOCAB),
-        d_model=16,
-        d_kv=8,
-        d_ff=32,
-        num_layers=1,
-        num_heads=2,
-        relative_attention_num_buckets=8,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
-    return cls(config).eval()
-
-
-def _sd_scheduler(prediction_type: str = "epsilon", cls=DDIMScheduler):
-    """Stable Diffusion's schedule: scaled_linear betas 0.00085 .. 0.012, steps_offset 1."""
-    kw = {"prediction_type": prediction_type} if cls is not PNDMScheduler else {}
-    if cls is DDIMScheduler:
-        kw.update(clip_sample=False, set_alpha_to_one=False)
-    if cls is PNDMScheduler:
-        kw.update(skip_prk_steps=True, set_alpha_to_one=False, prediction_type=prediction_type)
-    return cls(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, **kw
-    )
-
-
-def _unet(sdxl: bool = False, time_cond_proj_dim: int | None = None) -> UNet2DConditionModel:
-    kw = {}
-    if sdxl:
-        kw = {
-            "addition_embed_type": "text_time",
-            "addition_time_embed_dim": 4,
-            "projection_class_embeddings_input_dim": 16 + 6 * 4,  # pooled + 6 time ids
-        }
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32 if sdxl else 16,
-        attention_head_dim=2,
-        norm_num_groups=4,
-        time_cond_proj_dim=time_cond_proj_dim,
-        **kw,
-    ).eval()
-
-
-def _sd(folder, prediction_type: str = "epsilon", **unet) -> StableDiffusionPipeline:
-    torch.manual_seed(0)
-    return StableDiffusionPipeline(
-        vae=None,
-        text_encoder=_clip(CLIPTextModel),
-        tokenizer=_clip_tokenizer(folder),
-        unet=_unet(**unet),
-        scheduler=_sd_scheduler(prediction_type),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
-def _sdxl(folder) -> StableDiffusionXLPipeline:
-    torch.manual_seed(1)
-    tokenizer = _clip_tokenizer(folder)
-    return StableDiffusionXLPipeline(
-        vae=None,
-        text_encoder=_clip(CLIPTextModel),
-        text_encoder_2=_clip(CLIPTextModelWithProjection),
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer,
-        unet=_unet(sdxl=True),
-        scheduler=_sd_scheduler(),
-    )
-
-
-def _sd3(folder) -> StableDiffusion3Pipeline:
-    torch.manual_seed(0)
-    transformer = SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=4,
-        num_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=16,
-        caption_projection_dim=16,
-        pooled_projection_dim=32,
-        out_channels=4,
-        pos_embed_max_size=16,
-    )
-    tokenizer = _clip_tokenizer(folder)
-    return StableDiffusion3Pipeline(
-        transformer=transformer.eval(),
-        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
-        vae=None,
-        text_encoder=_clip(),
-        tokenizer=tokenizer,
-        text_encoder_2=_clip(),
-        tokenizer_2=tokenizer,
-        text_encoder_3=None,
-        tokenizer_3=None,
-    )
-
-
-def _flux(folder, guidance_embeds: bool = True) -> FluxPipeline:
-    torch.manual_seed(2)
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,  # 4 latent channels, packed 2x2
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=16,
-        pooled_projection_dim=16,
-        guidance_embeds=guidance_embeds,
-        axes_dims_rope=(2, 2, 4),
-    )
-    # Flux's scheduler: resolution-dependent shifting (the pipeline computes mu).
-    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift=3.0)
-    return FluxPipeline(
-        scheduler=scheduler,
-        vae=None,
-        text_encoder=_clip(CLIPTextModel),
-        tokenizer=_clip_tokenizer(folder),
-        text_encoder_2=_t5(),
-        tokenizer_2=_t5_tokenizer(),
-        transformer=transformer.eval(),
-    )
-
-
-def _pixart(cls=PixArtAlphaPipeline, sample_size: int = 8):
-    torch.manual_seed(3)
-    transformer = PixArtTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=8,  # learned variance
-        num_layers=1,
-        sample_size=sample_size,
-        patch_size=2,
-        cross_attention_dim=16,
-        caption_channels=16,
-        norm_num_groups=4,
-    )
-    return cls(
-        tokenizer=_t5_tokenizer(),
-        text_encoder=_t5(),
-        vae=None,
-        transformer=transformer.eval(),
-        scheduler=DPMSolverMultistepScheduler(),
-    )
-
-
-def _wan_transformer(seed: int) -> WanTransformer3DModel:
-    torch.manual_seed(seed)
-    return WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=1,
-        rope_max_seq_len=32,
-    ).eval()
-
-
-def _wan(two_experts: bool = False) -> WanPipeline:
-    torch.manual_seed(4)
-    # Wan's own scheduler: UniPC in flow mode.
-    scheduler = UniPCMultistepScheduler(
-        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
-    )
-    return WanPipeline(
-        tokenizer=_t5_tokenizer(),
-        text_encoder=_t5(UMT5EncoderModel, UMT5Config),
-        vae=None,
-        scheduler=scheduler,
-        transformer=_wan_transformer(5),
-        transformer_2=_wan_transformer(6) if two_experts else None,
-        boundary_ratio=0.6 if two_experts else None,
-    )
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -322,37 +62,37 @@ def tok(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sd(tok):
-    return _sd(tok)
+    return tiny.sd(tok)
 
 
 @pytest.fixture(scope="module")
 def sd_v(tok):
-    return _sd(tok, "v_prediction")
+    return tiny.sd(tok, "v_prediction")
 
 
 @pytest.fixture(scope="module")
 def sdxl(tok):
-    return _sdxl(tok)
+    return tiny.sdxl(tok)
 
 
 @pytest.fixture(scope="module")
 def sd3(tok):
-    return _sd3(tok)
+    return tiny.sd3(tok)
 
 
 @pytest.fixture(scope="module")
 def flux(tok):
-    return _flux(tok)
+    return tiny.flux(tok)
 
 
 @pytest.fixture(scope="module")
 def pixart():
-    return _pixart()
+    return tiny.pixart()
 
 
 @pytest.fixture(scope="module")
 def wan():
-    return _wan()
+    return tiny.wan()
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -469,7 +209,7 @@ def test_sd_schedulers_are_the_same_model(sd):
     """DDIM, PNDM and DPM-Solver configs of SD: one alphas_cumprod, one model."""
     fingerprints = set()
     for cls in (DDIMScheduler, PNDMScheduler, DPMSolverMultistepScheduler):
-        with _Scheduler(sd, _sd_scheduler(cls=cls)):
+        with _Scheduler(sd, tiny.sd_scheduler(cls=cls)):
             fingerprints.add(model_from_pipeline(sd, prompts=PROMPTS).fingerprint())
     assert len(fingerprints) == 1
 
@@ -519,7 +259,7 @@ def test_sd_pipeline_with_bns_scheduler_equals_bns_sample(sd, sd_v, prediction):
 
 def test_sd_guidance_distilled_unet_embeds_the_guidance(tok):
     """An LCM-style UNet (time_cond_proj_dim) takes w as an input: embedded_guidance, no CFG."""
-    pipe = _sd(tok, time_cond_proj_dim=8)
+    pipe = tiny.sd(tok, time_cond_proj_dim=8)
     model = model_from_pipeline(pipe, prompts=PROMPTS[:1], embedded_guidance=4.0)
     other = model_from_pipeline(pipe, prompts=PROMPTS[:1], embedded_guidance=2.0)
     assert model.fingerprint() != other.fingerprint()
@@ -535,7 +275,7 @@ def test_sd_guidance_distilled_unet_embeds_the_guidance(tok):
     _close(out, ref)
     assert (off - ref).abs().max() > 1e-4
     with pytest.raises(DiffusersError, match="time_cond_proj_dim"):
-        model_from_pipeline(_sd(tok), prompts=PROMPTS[:1], embedded_guidance=4.0)
+        model_from_pipeline(tiny.sd(tok), prompts=PROMPTS[:1], embedded_guidance=4.0)
 
 
 def test_sd_save_and_reload_with_bns_scheduler(tmp_path, sd):
@@ -644,7 +384,7 @@ def test_sd3_save_and_reload_with_bns_scheduler(tmp_path, sd3):
 
 # -- Flux ---------------------------------------------------------------------------------------
 
-FLUX = {"height": 64, "width": 64, "max_sequence_length": T5_LEN}
+FLUX = {"height": 64, "width": 64, "max_sequence_length": tiny.T5_LEN}
 
 
 def _flux_model(pipe, prompts=PROMPTS, **kw):
@@ -658,10 +398,10 @@ def test_flux_adapter_reads_the_pipeline(flux, tok):
     # Packed latents: 8 x 8 latent pixels in 2 x 2 patches of 4 channels.
     assert model.sample_shape == (16, 16) and model.num_classes == 3
     assert float(net.guidance) == 3.5  # the pipeline's default guidance_scale
-    assert net.img_ids.shape == (16, 3) and net.txt_ids.shape == (T5_LEN, 3)
+    assert net.img_ids.shape == (16, 3) and net.txt_ids.shape == (tiny.T5_LEN, 3)
     with torch.no_grad():
-        pe, ppe, _ = flux.encode_prompt(PROMPTS, None, max_sequence_length=T5_LEN)
-        ne, npe, _ = flux.encode_prompt(NEG, None, max_sequence_length=T5_LEN)
+        pe, ppe, _ = flux.encode_prompt(PROMPTS, None, max_sequence_length=tiny.T5_LEN)
+        ne, npe, _ = flux.encode_prompt(NEG, None, max_sequence_length=tiny.T5_LEN)
     assert torch.equal(net.embeds[:3], pe) and torch.equal(net.pooled[:3], ppe)
     assert torch.equal(net.embeds[3], ne[0]) and torch.equal(net.pooled[3], npe[0])
     # The embedded guidance is part of the model; the prompts are not.
@@ -670,8 +410,8 @@ def test_flux_adapter_reads_the_pipeline(flux, tok):
     assert _flux_model(flux, prompts=["dog", "b", "c"]).fingerprint() == model.fingerprint()
     assert _flux_model(flux, height=128).sample_shape == (32, 16)  # 16 x 8 latent pixels
     with pytest.raises(DiffusersError, match="guidance_embeds"):
-        _flux_model(_flux(tok, guidance_embeds=False), embedded_guidance=3.5)
-    assert _flux_model(_flux(tok, guidance_embeds=False)).net.guidance is None
+        _flux_model(tiny.flux(tok, guidance_embeds=False), embedded_guidance=3.5)
+    assert _flux_model(tiny.flux(tok, guidance_embeds=False)).net.guidance is None
 
 
 def test_flux_stock_flow_euler_equals_bns_euler(flux):
@@ -734,26 +474,26 @@ def test_flux_save_and_reload_with_bns_scheduler(tmp_path, flux):
 
 # -- PixArt-alpha / Sigma -----------------------------------------------------------------------
 
-PIXART = {"use_resolution_binning": False, "max_sequence_length": T5_LEN}
+PIXART = {"use_resolution_binning": False, "max_sequence_length": tiny.T5_LEN}
 
 
 def test_pixart_adapter_reads_the_pipeline(pixart):
-    model = model_from_pipeline(pixart, prompts=PROMPTS, max_sequence_length=T5_LEN)
+    model = model_from_pipeline(pixart, prompts=PROMPTS, max_sequence_length=tiny.T5_LEN)
     net = model.net
     assert model.prediction == "eps" and model.sample_shape == (4, 8, 8)
     assert net.resolution is None  # 256 / 512 models: added_cond_kwargs are None
     with torch.no_grad():
-        pe, pm, ne, nm = pixart.encode_prompt(PROMPTS, max_sequence_length=T5_LEN)
+        pe, pm, ne, nm = pixart.encode_prompt(PROMPTS, max_sequence_length=tiny.T5_LEN)
     assert torch.equal(net.embeds[:3], pe) and torch.equal(net.mask[:3], pm)
     assert torch.equal(net.embeds[3], ne[0]) and torch.equal(net.mask[3], nm[0])
     assert set(type(net).bns_conditioning) == {"embeds", "mask"}
     # The 1024 models condition on the resolution and the aspect ratio.
-    big = model_from_pipeline(_pixart(sample_size=128), prompts=PROMPTS, max_sequence_length=4)
+    big = model_from_pipeline(tiny.pixart(sample_size=128), prompts=PROMPTS, max_sequence_length=4)
     assert big.net.resolution.tolist() == [[1024, 1024]] and big.sample_shape == (4, 128, 128)
 
 
 def test_pixart_stock_ddim_equals_bns_ddim(pixart):
-    model = model_from_pipeline(pixart, prompts=PROMPTS[:2], max_sequence_length=T5_LEN)
+    model = model_from_pipeline(pixart, prompts=PROMPTS[:2], max_sequence_length=tiny.T5_LEN)
     x0 = _noise((2, 4, 8, 8), 11)
     stock = DDIMScheduler(clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing")
     with _Scheduler(pixart, stock):
@@ -777,7 +517,7 @@ def test_pixart_stock_ddim_equals_bns_ddim(pixart):
 def test_pixart_pipeline_with_bns_scheduler_equals_bns_sample(pixart, cls):
     pipe = pixart if cls is PixArtAlphaPipeline else cls(**pixart.components)
     model = model_from_pipeline(
-        pipe, prompts=PROMPTS, negative_prompt=NEG, max_sequence_length=T5_LEN
+        pipe, prompts=PROMPTS, negative_prompt=NEG, max_sequence_length=tiny.T5_LEN
     )
     solver = _bns_like(bns.solvers.midpoint(bns.grids.uniform(2)), seed=12)
     x0 = _noise((3, 4, 8, 8), 12)
@@ -796,7 +536,7 @@ def test_pixart_pipeline_with_bns_scheduler_equals_bns_sample(pixart, cls):
 
 
 def test_pixart_save_and_reload_with_bns_scheduler(tmp_path, pixart):
-    model = model_from_pipeline(pixart, prompts=PROMPTS[:1], max_sequence_length=T5_LEN)
+    model = model_from_pipeline(pixart, prompts=PROMPTS[:1], max_sequence_length=tiny.T5_LEN)
     solver = _bns_like(bns.solvers.euler(bns.grids.uniform(2)), seed=13)
     _save_and_reload(
         tmp_path,
@@ -804,7 +544,9 @@ def test_pixart_save_and_reload_with_bns_scheduler(tmp_path, pixart):
         model,
         solver,
         _noise((1, 4, 8, 8), 13),
-        lambda path: model_from_pipeline(path, prompts=PROMPTS[:1], max_sequence_length=T5_LEN),
+        lambda path: model_from_pipeline(
+            path, prompts=PROMPTS[:1], max_sequence_length=tiny.T5_LEN
+        ),
         prompt=PROMPTS[:1],
         guidance_scale=W,
         **PIXART,
@@ -813,7 +555,7 @@ def test_pixart_save_and_reload_with_bns_scheduler(tmp_path, pixart):
 
 # -- Wan (video: 5-D latents) -------------------------------------------------------------------
 
-WAN = {"height": 64, "width": 64, "num_frames": 5, "max_sequence_length": T5_LEN}
+WAN = {"height": 64, "width": 64, "num_frames": 5, "max_sequence_length": tiny.T5_LEN}
 WAN_SHAPE = (4, 2, 8, 8)  # C, latent frames (5 - 1) / 4 + 1, H / 8, W / 8
 
 
@@ -833,7 +575,7 @@ def test_wan_scheduler_is_flow_matching(wan):
     assert model.prediction == "velocity" and isinstance(model.schedule, CondOT)
     assert model.sample_shape == WAN_SHAPE
     with torch.no_grad():
-        pe, ne = wan.encode_prompt(PROMPTS, max_sequence_length=T5_LEN)
+        pe, ne = wan.encode_prompt(PROMPTS, max_sequence_length=tiny.T5_LEN)
     assert torch.equal(model.net.embeds[:3], pe) and torch.equal(model.net.embeds[3], ne[0])
     assert _wan_model(wan, num_frames=9).sample_shape == (4, 3, 8, 8)
 
@@ -862,7 +604,7 @@ def test_wan_stock_flow_euler_equals_bns_euler(wan):
 @pytest.mark.parametrize("two_experts", [False, True])
 def test_wan_pipeline_with_bns_scheduler_equals_bns_sample(wan, two_experts):
     """With Wan 2.2's two experts the solver's steps cross the boundary (timestep 600)."""
-    pipe = _wan(two_experts=True) if two_experts else wan
+    pipe = tiny.wan(two_experts=True) if two_experts else wan
     model = _wan_model(pipe, negative_prompt=NEG)
     solver = _bns_like(bns.solvers.midpoint(bns.grids.uniform(2)), seed=15)
     x0 = _noise((3, *WAN_SHAPE), 15)
@@ -891,7 +633,7 @@ def test_wan_pipeline_with_bns_scheduler_equals_bns_sample(wan, two_experts):
 
 
 def test_the_scheduler_warns_when_wans_second_expert_guides_with_another_scale():
-    pipe = _wan(two_experts=True)
+    pipe = tiny.wan(two_experts=True)
     model = _wan_model(pipe, negative_prompt=NEG)
     solver = bns.solvers.euler(bns.grids.uniform(2, model.t_range))
     solver.meta["guidance"] = W
@@ -946,7 +688,7 @@ FAMILIES = {
     "sd3": lambda pipe, prompts: model_from_pipeline(pipe, prompts=prompts),
     "flux": _flux_model,
     "pixart": lambda pipe, prompts: model_from_pipeline(
-        pipe, prompts=prompts, max_sequence_length=T5_LEN
+        pipe, prompts=prompts, max_sequence_length=tiny.T5_LEN
     ),
     "wan": _wan_model,
 }

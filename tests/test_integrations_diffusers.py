@@ -27,16 +27,14 @@ from diffusers import (  # noqa: E402
     DiTPipeline,
     DiTTransformer2DModel,
     FlowMatchEulerDiscreteScheduler,
-    SD3Transformer2DModel,
-    StableDiffusion3Pipeline,
     UNet2DModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 
 from bns.integrations.diffusers import (  # noqa: E402
     BNSScheduler,
     DiffusersError,
     model_from_pipeline,
+    tiny,  # noqa: E402
 )
 from bns.schedules import CondOT, DiscreteVP  # noqa: E402
 
@@ -73,66 +71,6 @@ def _tiny_dit_pipeline() -> DiTPipeline:
     return DiTPipeline(transformer=transformer.eval(), vae=vae.eval(), scheduler=scheduler)
 
 
-_VOCAB = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-for _c in "abcdefghijklmnopqrstuvwxyz":
-    _VOCAB[_c] = len(_VOCAB)
-    _VOCAB[_c + "</w>"] = len(_VOCAB)
-
-
-def _tiny_clip() -> CLIPTextModelWithProjection:
-    config = CLIPTextConfig(
-        vocab_size=len(_VOCAB),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        projection_dim=16,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
-    return CLIPTextModelWithProjection(config).eval()
-
-
-def _tiny_tokenizer(folder) -> CLIPTokenizer:
-    """A character-level CLIP tokenizer from files (the form every transformers version reads)."""
-    (folder / "vocab.json").write_text(json.dumps(_VOCAB))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)
-
-
-def _tiny_sd3_pipeline(folder) -> StableDiffusion3Pipeline:
-    torch.manual_seed(0)
-    transformer = SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=4,
-        num_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=16,
-        caption_projection_dim=16,
-        pooled_projection_dim=32,
-        out_channels=4,
-        pos_embed_max_size=16,
-    )
-    tokenizer = _tiny_tokenizer(folder)
-    # Dynamic shifting: the pipeline computes mu and hands it to set_timesteps.
-    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
-    return StableDiffusion3Pipeline(
-        transformer=transformer.eval(),
-        scheduler=scheduler,
-        vae=None,
-        text_encoder=_tiny_clip(),
-        tokenizer=tokenizer,
-        text_encoder_2=_tiny_clip(),
-        tokenizer_2=tokenizer,
-        text_encoder_3=None,
-        tokenizer_3=None,
-    )
-
-
 @pytest.fixture(scope="module")
 def dit():
     return _tiny_dit_pipeline()
@@ -140,7 +78,7 @@ def dit():
 
 @pytest.fixture(scope="module")
 def sd3(tmp_path_factory):
-    return _tiny_sd3_pipeline(tmp_path_factory.mktemp("tokenizer"))
+    return tiny.sd3(tmp_path_factory.mktemp("tokenizer"))
 
 
 def _bns_like(solver: bns.NSSolver, seed: int = 0) -> bns.NSSolver:
