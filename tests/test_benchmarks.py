@@ -69,3 +69,40 @@ def test_gpu_benchmark_tiny_on_cpu(tmp_path):
     assert all(t["pass"] is None for t in res["targets"].values())  # targets are for GPUs
     md = path.with_suffix(".md").read_text()
     assert "cpu" in md and "torch" in md and "| protocol |" in md
+
+
+def _run_benchmark(tmp_path, script: str, *args: str) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    env["BNS_CACHE_DIR"] = str(tmp_path / "cache")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / script), *args, "--out", str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_text_to_image_benchmark_tiny(tmp_path):
+    """benchmarks/t2i.py on a tiny offline SD3 pipeline: BNS inside the pipeline's own call is
+    bns.sample's BNS, every row is measured on held-out prompts, and the numbers are finite."""
+    _run_benchmark(tmp_path, "t2i.py", "--tiny")
+    res = json.loads((tmp_path / "t2i_sd3_tiny.json").read_text())
+    assert res["pipeline"] == "StableDiffusion3Pipeline" and res["prompts"]["test"] == 2
+    (row,) = res["rows"]
+    assert abs(row["bns"] - row["bns_in_pipeline"]) < 1e-3
+    assert row["pipeline_scheduler"] == "FlowMatchEulerDiscreteScheduler"
+    assert row["s_per_image_bns"] > 0 and row["s_per_image_pipeline_scheduler"] > 0
+    assert all(math.isfinite(v) for v in _numbers(res))
+    assert "held-out prompts" in (tmp_path / "t2i_sd3_tiny.md").read_text()
+
+
+def test_ablations_benchmark_tiny(tmp_path):
+    args = ["--nfe", "4", "--nfe-single", "4", "--pair-counts", "16", "--guidance", "1,2"]
+    args += ["--steps", "2", "--train-pairs", "16", "--val-pairs", "16", "--init-pairs", "8"]
+    _run_benchmark(tmp_path, "ablations.py", *args, "--test-pairs", "16")
+    res = json.loads((tmp_path / "ablations_gmm.json").read_text())
+    assert {r["family"] for r in res["family"]} >= {"bns", "time", "scale-time", "multistep"}
+    assert [r["loss"] for r in res["loss"]] == ["log-mse", "mse", "l1"]
+    assert {(r["trained_at"], r["used_at"]) for r in res["transfer"]} == {
+        (a, b) for a in (1.0, 2.0) for b in (1.0, 2.0)
+    }
+    assert len(res["class_halves"]) == 2 and (tmp_path / "ablations_gmm.png").stat().st_size
+    text = (tmp_path / "ablations_gmm.md").read_text()
+    assert "### Loss" in text and "### Training pairs" in text
