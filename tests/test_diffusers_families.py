@@ -807,14 +807,34 @@ def _cli_distill(tmp_path, folder, prompts_file) -> bns.NSSolver:
     return bns.NSSolver.load(out, force=True)
 
 
+def test_a_pipeline_spec_loads_in_the_dtype_asked(tmp_path, sd):
+    """``--dtype bfloat16`` loads the pipeline in bf16 (its own dtype, not float32 cast later);
+    the model's interface stays float64 and its velocity is the float32 one to bf16 rounding."""
+    from bns.specs import load_model
+
+    sd.save_pretrained(tmp_path / "sd")
+    spec = f"diffusers:{tmp_path / 'sd'}"
+    half = load_model(spec, prompts=PROMPTS, dtype=torch.bfloat16)
+    full = load_model(spec, prompts=PROMPTS)
+    assert half.net.denoiser.dtype == torch.bfloat16 and half.dtype == torch.float64
+    assert full.net.denoiser.dtype == torch.float32
+    x = _noise((2, 4, 8, 8), 20).double()
+    with torch.no_grad():
+        u_half = half.velocity(x, 0.5, torch.tensor([0, 1]), guidance=2.0)
+        u_full = full.velocity(x, 0.5, torch.tensor([0, 1]), guidance=2.0)
+    err = float((u_half - u_full).abs().max() / u_full.abs().max())
+    assert 1e-5 < err < 5e-2  # bf16 rounding: not float32, not garbage
+    assert half.fingerprint() != full.fingerprint()  # other weights (rounded): another model
+
+
 def test_cli_distill_on_a_saved_sd_pipeline(tmp_path, sd):
     sd.save_pretrained(tmp_path / "sd")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\na dog\nsky\nred sun\nblue sea\n")
     solver = _cli_distill(tmp_path, tmp_path / "sd", prompts)
     assert solver.nfe == 2
-    # Other prompts, as many as the command line's (num_classes is part of the model).
-    model = model_from_pipeline(str(tmp_path / "sd"), prompts=["a cat", "b", "c", "d", "e"])
+    # Other prompts, and another number of them: the same model (prompts are data).
+    model = model_from_pipeline(str(tmp_path / "sd"), prompts=["a cat", "b", "c", "d"])
     bns.NSSolver.load(tmp_path / "solver.json", model=model)  # trained for this very model
     # The trained solver drops into the pipeline with no further information.
     pipe = _from_folder(tmp_path / "sd", with_bns_scheduler=False)

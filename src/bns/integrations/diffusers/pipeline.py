@@ -44,7 +44,11 @@ def _load_pipeline(path_or_pipeline: Any, device: Any, dtype: torch.dtype | None
         if dtype is not None:
             kwargs["torch_dtype"] = dtype
         try:
-            pipe = DiffusionPipeline.from_pretrained(str(path), **kwargs)
+            with warnings.catch_warnings():
+                # torch_dtype is the name every supported diffusers version reads (newer ones
+                # also take dtype= and call torch_dtype deprecated).
+                warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated")
+                pipe = DiffusionPipeline.from_pretrained(str(path), **kwargs)
         except (OSError, ValueError) as e:
             hint = ""
             if "low_cpu_mem_usage" in str(e):
