@@ -11,6 +11,7 @@ Only torch is needed to import bns; integrations are imported lazily.
 from . import grids, metrics, schedules, solvers, transforms
 from .config import DistillConfig, TrainingError
 from .ground_truth import ground_truth
+from .guidance_range import GuidanceRangeSolver, distill_guidance_range
 from .model import Model, ModelError
 from .solver import NSSolver, SolverFileError, Velocity, sample
 from .train import distill
@@ -26,6 +27,8 @@ __all__ = [
     "Velocity",
     "ground_truth",
     "distill",
+    "distill_guidance_range",
+    "GuidanceRangeSolver",
     "DistillConfig",
     "TrainingError",
     "grids",

@@ -116,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue from OUT.ckpt after an interruption"
     )
     d.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    d.add_argument(
+        "--guidance-range",
+        metavar="W1,W2,...",
+        type=lambda text: [float(v) for v in text.split(",") if v.strip()],
+        help="train one solver for every guidance scale from min to max, on pairs at each of"
+        " these scales (its parameters a smooth function of log w); sample and eval then take"
+        " any --guidance in the range",
+    )
     d.add_argument("--out", type=Path, required=True, help="the solver file to write (JSON)")
 
     e = sub.add_parser("eval", help="PSNR of solvers against ground truth on held-out pairs")
@@ -276,6 +284,42 @@ def _cache(args) -> Any:
     return args.cache_dir if getattr(args, "cache_dir", None) else True
 
 
+def _distill_guidance_range(args, model: Any, cfg: Any, t0: float) -> int:
+    from .distributed import world
+    from .guidance_range import distill_guidance_range
+
+    if args.resume:
+        raise CLIError("--resume is not available with --guidance-range")
+    if world(model.device).size > 1:
+        raise CLIError("--guidance-range runs on one worker (not under torchrun)")
+    rs, hist = distill_guidance_range(
+        model, cfg.nfe, args.guidance_range, config=cfg, cache=_cache(args), progress=not args.quiet
+    )
+    rs.save(args.out)
+    lo, hi = rs.w_range
+    print(
+        f"bns distill: {model.name} nfe={cfg.nfe} guidance {lo:g} to {hi:g}: mean validation"
+        f" PSNR {hist['best_val_psnr']:.2f} dB (init {rs.meta['init']} {hist['val_psnr'][0]:.2f}"
+        f" dB), best step {hist['best_step']} of {cfg.steps}, {time.perf_counter() - t0:.1f} s"
+        f" -> {args.out}"
+    )
+    return 0
+
+
+def load_solver(path: Path, model: Any, guidance: float, force: bool = False) -> Any:
+    """``--solver PATH``: an NS solver file, or a guidance-range file taken at ``guidance``."""
+    from .guidance_range import GuidanceRangeSolver, is_guidance_range_file
+    from .solver import NSSolver
+
+    if is_guidance_range_file(path):
+        rs = GuidanceRangeSolver.load(path, model=model, force=force)
+        try:
+            return rs.at(guidance)
+        except ValueError as e:
+            raise CLIError(f"{path}: {e}") from None
+    return NSSolver.load(path, model=model, guidance=guidance, force=force)
+
+
 def cmd_distill(args) -> int:
     from .config import DistillConfig, config_from_args
     from .distributed import on_rank0, world
@@ -290,6 +334,8 @@ def cmd_distill(args) -> int:
     t0 = time.perf_counter()
     ckpt = args.out.with_name(args.out.name + ".ckpt")
     cfg = DistillConfig(**config_from_args(args))
+    if args.guidance_range is not None:
+        return _distill_guidance_range(args, model, cfg, t0)
     solver, hist = distill(
         model,
         config=cfg,
@@ -355,7 +401,6 @@ def cmd_eval(args) -> int:
     from .evaluate import baseline_solvers, best_rows, evaluate
     from .pairs import make_pairs
     from .report import comparison_grid, markdown_table, plot_psnr_vs_nfe, write_results
-    from .solver import NSSolver
     from .solvers import SOLVER_NAMES
 
     model = _model(args)
@@ -363,9 +408,7 @@ def cmd_eval(args) -> int:
         from .fid import check_fid
 
         check_fid(model, args.fid, args.test_pairs)
-    solvers = [
-        NSSolver.load(p, model=model, guidance=args.guidance, force=args.force) for p in args.solver
-    ]
+    solvers = [load_solver(p, model, args.guidance, args.force) for p in args.solver]
     end = _eval_end(model, solvers, args.solver, args.end)
     names = args.baselines if args.baselines is not None else list(SOLVER_NAMES)
     entries = baseline_solvers(model, args.nfe, names, end)
@@ -456,10 +499,10 @@ def cmd_sample(args) -> int:
     import torch
 
     from .report import save_sample_grid
-    from .solver import NSSolver, sample
+    from .solver import sample
 
     model = _model(args)
-    solver = NSSolver.load(args.solver, model=model, guidance=args.guidance, force=args.force)
+    solver = load_solver(args.solver, model, args.guidance, args.force)
     if args.n < 1:
         raise CLIError("--n must be at least 1")
     g = torch.Generator().manual_seed(args.seed)

@@ -1,0 +1,304 @@
+"""One solver for a range of guidance scales (beyond the paper).
+
+A BNS solver is trained for one guidance scale ``w``; a user who moves the slider needs another.
+Here every parameter of the BNS family (time logits, ``a``, ``b``) is a polynomial in
+``s = (log w - c) / r`` (``c``, ``r``: the centre and half-width of ``log w`` over the training
+scales), ``theta(w) = theta_0 + s theta_1 + s^2 theta_2``, trained on ground-truth pairs at
+several scales at once. At ``theta_1 = theta_2 = 0`` it is the initial solver at every ``w``.
+:meth:`GuidanceRangeSolver.at` gives the ordinary :class:`bns.NSSolver` for any ``w`` in the
+range, which samples, saves and drops into a scheduler as any other.
+
+    rs, hist = bns.distill_guidance_range(model, 8, guidances=[1, 2, 4, 8])
+    solver = rs.at(3.0)          # an NSSolver for w = 3
+    rs.save("range.json")        # bns sample --solver range.json --guidance 3
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._io import atomic_write_text
+from .config import DistillConfig, TrainingError
+from .evaluate import evaluate_psnr
+from .families import BNSFamily, _increasing
+from .loss import log_mse
+from .model import Model, frozen
+from .pairs import Pairs, make_pairs
+from .solver import NSSolver, SolverFileError, sample
+
+__all__ = ["GuidanceRangeSolver", "distill_guidance_range", "FORMAT"]
+
+FORMAT = "bns-guidance-range"
+_NAMES = ("logits", "a", "b")
+
+
+class GuidanceRangeSolver:
+    """BNS parameters as polynomials in the log guidance scale: :meth:`at` gives the solver.
+
+    ``coefs[name]`` has shape ``[degree + 1, *shape]`` for each BNS parameter (``logits``,
+    ``a``, ``b``); ``t_ends`` are the fixed first and last times; ``w_range`` the training
+    scales' range (``at`` refuses to extrapolate beyond it unless told to).
+    """
+
+    def __init__(
+        self,
+        coefs: dict[str, Tensor],
+        t_ends: Tensor,
+        w_range: tuple[float, float],
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        lo, hi = (float(v) for v in w_range)
+        if not (0 < lo < hi and math.isfinite(hi)):
+            raise ValueError(f"w_range must satisfy 0 < lo < hi, got {w_range}")
+        self.coefs = {k: v.detach().to(torch.float64) for k, v in coefs.items()}
+        self.t_ends = t_ends.detach().to(torch.float64)
+        self.w_range = (lo, hi)
+        self.meta = dict(meta or {})
+
+    @property
+    def nfe(self) -> int:
+        return int(self.coefs["a"].shape[1])
+
+    def s(self, w: float | Tensor) -> Tensor:
+        """The normalized log guidance scale: -1 at the range's low end, +1 at its high end."""
+        lo, hi = (math.log(v) for v in self.w_range)
+        return (torch.log(torch.as_tensor(w, dtype=torch.float64)) - (lo + hi) / 2) / (
+            (hi - lo) / 2
+        )
+
+    def at(self, w: float, extrapolate: bool = False) -> NSSolver:
+        """The NS solver for guidance ``w`` (within the training range unless ``extrapolate``)."""
+        w = float(w)
+        lo, hi = self.w_range
+        if not (lo - 1e-9 <= w <= hi + 1e-9) and not extrapolate:
+            raise ValueError(
+                f"guidance {w:g} is outside the range this solver was trained on [{lo:g}, {hi:g}]"
+            )
+        return _solver(self.coefs, self.t_ends, self.s(w), {**self.meta, "guidance": w})
+
+    # -- file -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": 1,
+            "w_range": list(self.w_range),
+            "t_ends": self.t_ends.tolist(),
+            "coefs": {k: v.tolist() for k, v in self.coefs.items()},
+            "meta": self.meta,
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_write_text(Path(path), json.dumps(self.to_dict()) + "\n")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GuidanceRangeSolver:
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise SolverFileError(f"not a {FORMAT} file")
+        try:
+            coefs = {k: torch.tensor(d["coefs"][k], dtype=torch.float64) for k in _NAMES}
+            out = cls(
+                coefs, torch.tensor(d["t_ends"], dtype=torch.float64), d["w_range"], d["meta"]
+            )
+            for w in out.w_range:  # every solver it gives must be valid
+                out.at(w).validate(strict=True)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise SolverFileError(f"corrupt {FORMAT} file: {e}") from None
+        return out
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike, model: Model | None = None, force: bool = False
+    ) -> GuidanceRangeSolver:
+        """Read a file written by :meth:`save`; given ``model``, refuse one trained for another
+        (unless ``force``)."""
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise SolverFileError(f"solver file not found: {path}") from None
+        except (OSError, ValueError) as e:
+            raise SolverFileError(f"cannot read {path}: {e}") from None
+        out = cls.from_dict(d)
+        fp = out.meta.get("model_fingerprint")
+        if model is not None and not force and fp is not None and fp != model.fingerprint():
+            raise SolverFileError(
+                f"{path} was trained for model {fp}, not for {model.name} ({model.fingerprint()});"
+                " pass force=True / --force to use it anyway"
+            )
+        return out
+
+
+def is_guidance_range_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a :class:`GuidanceRangeSolver` (read cheaply, never raises)."""
+    try:
+        with open(path) as f:
+            head = f.read(64)
+    except OSError:
+        return False
+    return f'"format": "{FORMAT}"' in head
+
+
+def _solver(coefs: dict[str, Tensor], t_ends: Tensor, s: Tensor, meta: dict) -> NSSolver:
+    """The NS solver of the BNS parameters ``sum_k s^k coefs[name][k]`` (differentiable)."""
+    powers = torch.stack([s**k for k in range(coefs["a"].shape[0])])
+
+    def value(name: str) -> Tensor:
+        c = coefs[name]
+        return torch.tensordot(powers.to(c.dtype), c, dims=1)
+
+    logits, a, b = (value(n) for n in _NAMES)
+    return NSSolver(_increasing(logits, t_ends), a, torch.tril(b), meta)
+
+
+def distill_guidance_range(
+    model: Model,
+    nfe: int,
+    guidances: list[float],
+    *,
+    degree: int = 2,
+    config: DistillConfig | None = None,
+    pairs: dict[float, tuple[Pairs, Pairs]] | None = None,
+    cache: bool | str | os.PathLike = True,
+    progress: bool = True,
+    **overrides: Any,
+) -> tuple[GuidanceRangeSolver, dict[str, Any]]:
+    """Train one solver for every guidance scale between ``min(guidances)`` and
+    ``max(guidances)`` on pairs at each of ``guidances``.
+
+    The options of :class:`bns.DistillConfig` apply (``steps``, ``batch_size``, ``lr``, pair
+    counts, ``init``...); each step trains on one scale, in turn. The initial solver is the one
+    classical solver with the best mean validation PSNR over the scales, at every ``w``.
+    Validation is the mean PSNR over the scales; the best iterate is kept.
+    """
+    ws = sorted({float(w) for w in guidances})
+    if len(ws) < 2 or ws[0] <= 0 or not all(math.isfinite(w) for w in ws):
+        raise TrainingError(f"guidances must hold at least two finite scales > 0, got {guidances}")
+    if model.num_classes is None:
+        raise TrainingError(f"{model.name} is unconditional: it has no guidance to range over")
+    if not 0 <= int(degree) <= 4:
+        raise TrainingError(f"degree must be 0 to 4, got {degree}")
+    mid = math.exp((math.log(ws[0]) + math.log(ws[-1])) / 2)
+    cfg = (config or DistillConfig(nfe=int(nfe))).replace(nfe=int(nfe), guidance=mid, **overrides)
+    cfg.check()
+    with frozen(model):
+        if pairs is None:
+            kw = dict(seed=cfg.seed, rtol=cfg.rtol, atol=cfg.atol, cache=cache, progress=progress)
+            kw.update(batch_size=cfg.gt_batch_size, end="range")
+            pairs = {
+                w: (
+                    make_pairs(model, cfg.train_pairs, "train", guidance=w, **kw),
+                    make_pairs(model, cfg.val_pairs, "val", guidance=w, **kw),
+                )
+                for w in ws
+            }
+        if sorted(pairs) != ws:
+            raise TrainingError(f"pairs are given for {sorted(pairs)}, not for {ws}")
+        init = _initial_solver(model, cfg, ws, pairs)
+        return _train(model, cfg, ws, pairs, init, int(degree), progress)
+
+
+def _initial_solver(model, cfg, ws, pairs) -> NSSolver:
+    """The candidate of ``cfg.init`` with the best mean validation PSNR over the scales."""
+    from .train import _candidates, choose_initial_solver
+
+    cfg = cfg.replace(end="range")
+    candidates = _candidates(model, cfg)
+    if len(candidates) == 1:
+        return candidates[0]
+    total: dict[str, float] = {}
+    for w in ws:
+        _, scores, _ = choose_initial_solver(
+            model, cfg.replace(guidance=w), pairs[w][1], candidates
+        )
+        for label, v in scores.items():
+            total[label] = total.get(label, 0.0) + (v if math.isfinite(v) else -math.inf)
+    return max(candidates, key=lambda c: total[c.meta["init"]])
+
+
+def _train(model, cfg, ws, pairs, init, degree, progress):
+    base = BNSFamily(init)
+    coefs = {}
+    for name in _NAMES:
+        p0 = getattr(base, name).detach()
+        c = torch.zeros((degree + 1, *p0.shape), dtype=torch.float64)
+        c[0] = p0
+        coefs[name] = torch.nn.Parameter(c)
+    rs = GuidanceRangeSolver(coefs, base.t_ends, (ws[0], ws[-1]))
+    coef_lr = cfg.coef_lr_scale * (model.t_range[1] - model.t_range[0]) / cfg.nfe
+    opt = torch.optim.Adam(
+        [
+            {"params": [coefs["logits"]], "lr": cfg.lr},
+            {"params": [coefs["a"], coefs["b"]], "lr": cfg.lr * coef_lr},
+        ]
+    )
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def solver_at(w: float) -> NSSolver:
+        return _solver(coefs, rs.t_ends, rs.s(w), {})
+
+    def validate() -> float:
+        with torch.no_grad():
+            scores = [
+                float(evaluate_psnr(model, solver_at(w).detach(), pairs[w][1], w).mean())
+                for w in ws
+            ]
+        return sum(scores) / len(scores)
+
+    history: dict[str, list] = {"step": [], "val_psnr": []}
+    best = validate()
+    history["step"].append(0)
+    history["val_psnr"].append(best)
+    best_coefs = {k: v.detach().clone() for k, v in coefs.items()}
+    best_step, t0 = 0, time.perf_counter()
+    for step in range(1, cfg.steps + 1):
+        w = ws[(step - 1) % len(ws)]
+        train = pairs[w][0]
+        idx = torch.randint(len(train), (min(cfg.batch_size, len(train)),), generator=gen)
+        batch = train[idx]
+        scale = 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        scale = min(1.0, step / max(cfg.warmup, 1)) * (cfg.lr_final + (1 - cfg.lr_final) * scale)
+        for g, lr in zip(opt.param_groups, base_lrs):
+            g["lr"] = lr * scale
+        x = sample(model, batch.x0, solver_at(w), batch.y, w)
+        loss = log_mse(x, batch.x1).mean()
+        opt.zero_grad()
+        if not torch.isfinite(loss):
+            continue
+        loss.backward()
+        opt.step()
+        if step % cfg.val_every == 0 or step == cfg.steps:
+            v = validate()
+            history["step"].append(step)
+            history["val_psnr"].append(v)
+            if math.isfinite(v) and v > best:
+                best, best_step = v, step
+                best_coefs = {k: c.detach().clone() for k, c in coefs.items()}
+            if progress:
+                print(f"  step {step}: mean val PSNR {v:.2f} dB (best {best:.2f})")
+    out = GuidanceRangeSolver(best_coefs, rs.t_ends, rs.w_range)
+    out.meta = {
+        "solver": "bns-guidance-range",
+        "model_name": model.name,
+        "model_fingerprint": model.fingerprint(),
+        "model_settings": model.settings(),
+        "nfe": cfg.nfe,
+        "degree": degree,
+        "trained_at": ws,
+        "init": init.meta["init"],
+        "config": cfg.to_dict(),
+        "val_psnr": best,
+        "best_step": best_step,
+        "steps_run": cfg.steps,
+        "wall_time_s": round(time.perf_counter() - t0, 3),
+    }
+    history.update(best_val_psnr=best, best_step=best_step)
+    return out, history

@@ -1,0 +1,172 @@
+"""One solver for a range of guidance scales: identity at zero steps, training, file, CLI.
+
+On a class-conditional network written as a user writes it (a float32 ``nn.Module`` with a label
+embedding, no ``dtype=``), through the Python API and the command line.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import bns
+from bns.cli import main
+from bns.guidance_range import GuidanceRangeSolver
+from bns.pairs import make_pairs
+from bns.solver import SolverFileError
+from bns.train import choose_initial_solver
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class CondNet(nn.Module):
+    def __init__(self, dim: int = 6, classes: int = 3):
+        super().__init__()
+        torch.manual_seed(2)
+        self.emb = nn.Embedding(classes + 1, 8)  # the last row: no label
+        self.l1, self.l2 = nn.Linear(dim + 9, 32), nn.Linear(32, dim)
+
+    def forward(self, x, t, y):
+        h = torch.cat([x, self.emb(y), t[:, None]], 1)
+        return 2 * self.l2(torch.tanh(3 * self.l1(h))) * torch.cos(4 * t[:, None]) - x
+
+
+def cond_model() -> bns.Model:
+    return bns.Model(
+        CondNet(), "velocity", bns.schedules.CondOT(), (6,), num_classes=3, name="cond"
+    )
+
+
+KW = dict(train_pairs=32, val_pairs=16, init_pairs=16, batch_size=16, val_every=5)
+
+
+def test_at_zero_steps_it_is_the_initial_solver_at_every_scale(tmp_path):
+    model = cond_model()
+    rs, hist = bns.distill_guidance_range(
+        model, 4, [1, 4], steps=0, cache=tmp_path, progress=False, **KW
+    )
+    # The start: the classical solver with the best mean validation PSNR over the scales.
+    means = {}
+    for w in (1.0, 4.0):
+        val = make_pairs(model, 16, "val", guidance=w, cache=tmp_path, progress=False)
+        cfg = bns.DistillConfig(nfe=4, guidance=w, end="range", **KW)
+        _, scores, _ = choose_initial_solver(model, cfg, val)
+        for k, v in scores.items():
+            means[k] = means.get(k, 0.0) + v / 2
+    best = max(means, key=means.get)
+    assert rs.meta["init"] == best and rs.w_range == (1.0, 4.0)
+    init = bns.solvers.solver_from_label(model, 4, best)
+    for w in (1.0, 1.7, 4.0):
+        s = rs.at(w)
+        assert torch.allclose(s.times, init.times, atol=1e-12)
+        assert torch.allclose(s.a, init.a, atol=1e-12) and torch.allclose(s.b, init.b, atol=1e-12)
+        assert s.meta["guidance"] == w and s.meta["model_fingerprint"] == model.fingerprint()
+    assert hist["best_step"] == 0
+
+
+def test_training_improves_every_scale_and_interpolates_smoothly(tmp_path):
+    model = cond_model()
+    ws = [1.0, 2.0, 4.0]
+    rs, hist = bns.distill_guidance_range(
+        model, 4, ws, steps=60, cache=tmp_path, progress=False, **KW
+    )
+    assert hist["best_val_psnr"] > hist["val_psnr"][0] + 1.0
+    start, _ = bns.distill_guidance_range(
+        model, 4, ws, steps=0, cache=tmp_path, progress=False, **KW
+    )
+    # Better than its start at a scale it never saw (w = 3), on that scale's own pairs.
+    test = make_pairs(model, 32, "test", guidance=3.0, cache=tmp_path, progress=False)
+    trained = bns.evaluate.evaluate_psnr(model, rs.at(3.0), test, 3.0).mean()
+    initial = bns.evaluate.evaluate_psnr(model, start.at(3.0), test, 3.0).mean()
+    assert trained > initial
+    # A smooth function of w: nearby scales give nearby coefficients.
+    s1, s2 = rs.at(2.0), rs.at(2.0 * 1.001)
+    assert (s1.b - s2.b).abs().max() < 1e-2 * (s1.b.abs().max())
+    assert not torch.allclose(rs.at(1.0).b, rs.at(4.0).b)  # and it does vary with w
+    with pytest.raises(ValueError, match="outside the range"):
+        rs.at(5.0)
+    rs.at(5.0, extrapolate=True).validate(strict=True)
+
+
+def test_file_round_trip_and_bad_files(tmp_path):
+    model = cond_model()
+    rs, _ = bns.distill_guidance_range(
+        model, 4, [1, 3], steps=10, cache=tmp_path, progress=False, **KW
+    )
+    path = tmp_path / "range.json"
+    rs.save(path)
+    back = GuidanceRangeSolver.load(path, model=model)
+    for w in (1.0, 2.0, 3.0):
+        a, b = rs.at(w), back.at(w)
+        assert torch.equal(a.times, b.times) and torch.equal(a.a, b.a) and torch.equal(a.b, b.b)
+    other = cond_model()
+    with torch.no_grad():
+        other.net.l1.bias += 0.1
+    with pytest.raises(SolverFileError, match="was trained for model"):
+        GuidanceRangeSolver.load(path, model=other)
+    GuidanceRangeSolver.load(path, model=other, force=True)
+    bad = json.loads(path.read_text())
+    bad["coefs"]["a"] = [[float("nan")] * 4] * 3
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(SolverFileError, match="corrupt"):
+        GuidanceRangeSolver.load(tmp_path / "bad.json")
+    (tmp_path / "cut.json").write_text(path.read_text()[:50])
+    with pytest.raises(SolverFileError, match="cannot read"):
+        GuidanceRangeSolver.load(tmp_path / "cut.json")
+    with pytest.raises(SolverFileError, match="not found"):
+        GuidanceRangeSolver.load(tmp_path / "missing.json")
+
+
+def test_bad_settings_are_refused(tmp_path):
+    model = cond_model()
+    kw = dict(steps=0, cache=tmp_path, progress=False, **KW)
+    with pytest.raises(bns.TrainingError, match="at least two"):
+        bns.distill_guidance_range(model, 4, [2.0], **kw)
+    with pytest.raises(bns.TrainingError, match="at least two"):
+        bns.distill_guidance_range(model, 4, [0.0, 2.0], **kw)
+    flow = bns.Model(lambda x, t: -x, "velocity", bns.schedules.CondOT(), (6,))
+    with pytest.raises(bns.TrainingError, match="unconditional"):
+        bns.distill_guidance_range(flow, 4, [1.0, 2.0], **kw)
+
+
+def test_command_line(tmp_path, capsys):
+    user = tmp_path / "user.py"
+    user.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(__file__.rsplit('/', 1)[0])!r})\n"
+        "from test_guidance_range import cond_model\n"
+    )
+    common = ["--model", f"{user}:cond_model", "--cache-dir", str(tmp_path / "c"), "--quiet"]
+    out = tmp_path / "range.json"
+    argv = ["distill", *common, "--nfe", "4", "--guidance-range", "1,2,4", "--out", str(out)]
+    argv += ["--train-pairs", "32", "--val-pairs", "16", "--init-pairs", "16", "--steps", "10"]
+    argv += ["--batch-size", "16", "--val-every", "5"]
+    assert main(argv) == 0
+    assert "guidance 1 to 4" in capsys.readouterr().out
+    res = tmp_path / "e.json"
+    ev = ["eval", *common, "--solver", str(out), "--guidance", "3", "--nfe", "4"]
+    ev += ["--baselines", "euler", "--test-pairs", "8", "--json", str(res)]
+    assert main(ev) == 0
+    rows = json.loads(res.read_text())["rows"]
+    model = cond_model()
+    want = GuidanceRangeSolver.load(out).at(3.0)
+    test = make_pairs(model, 8, "test", guidance=3.0, cache=tmp_path / "c", progress=False)
+    psnr = bns.evaluate.evaluate_psnr(model, want, test, 3.0).mean()
+    assert abs(next(r for r in rows if r["solver"] == "bns")["psnr_mean"] - float(psnr)) < 1e-6
+    # sample takes the solver at its --guidance (a .pt output: the samples themselves).
+    pt = tmp_path / "s.pt"
+    sample = ["sample", *common, "--solver", str(out), "--guidance", "2.5", "--n", "4"]
+    assert main([*sample, "--out", str(pt)]) == 0
+    got = torch.load(pt)
+    x0 = torch.randn((4, 6), generator=torch.Generator().manual_seed(0))  # sample's --seed 0
+    with torch.no_grad():
+        want = bns.sample(
+            model, x0, GuidanceRangeSolver.load(out).at(2.5), torch.arange(4) % 3, 2.5
+        )
+    assert torch.allclose(got, want, atol=1e-6)
+    capsys.readouterr()
+    assert main([*ev[:-2], "--json", str(tmp_path / "x.json"), "--guidance", "9"]) == 2
+    assert "outside the range this solver was trained on [1, 4]" in capsys.readouterr().err
