@@ -174,8 +174,9 @@ def distill_guidance_range(
     ``max(guidances)`` on pairs at each of ``guidances``.
 
     The options of :class:`bns.DistillConfig` apply (``steps``, ``batch_size``, ``lr``, pair
-    counts, ``init``...); each step trains on one scale, in turn. The initial solver is the one
-    classical solver with the best mean validation PSNR over the scales, at every ``w``.
+    counts, ``init``...); each step trains on every scale, ``batch_size`` shared among them.
+    The initial solver is the classical solver with the best mean validation PSNR over the
+    scales, at every ``w``.
     Validation is the mean PSNR over the scales; the best iterate is kept.
     """
     ws = sorted({float(w) for w in guidances})
@@ -260,17 +261,21 @@ def _train(model, cfg, ws, pairs, init, degree, progress):
     best_coefs = {k: v.detach().clone() for k, v in coefs.items()}
     best_step, t0 = 0, time.perf_counter()
     for step in range(1, cfg.steps + 1):
-        w = ws[(step - 1) % len(ws)]
-        train = pairs[w][0]
-        idx = torch.randint(len(train), (min(cfg.batch_size, len(train)),), generator=gen)
-        batch = train[idx]
         scale = 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         scale = min(1.0, step / max(cfg.warmup, 1)) * (cfg.lr_final + (1 - cfg.lr_final) * scale)
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * scale
-        x = sample(model, batch.x0, solver_at(w), batch.y, w)
-        loss = log_mse(x, batch.x1).mean()
+        # Every scale in every step, the batch shared among them: one consistent gradient for
+        # the whole range (taking the scales in turn lets Adam chase each one's gradient).
         opt.zero_grad()
+        losses = []
+        for w in ws:
+            train = pairs[w][0]
+            per = max(1, min(cfg.batch_size // len(ws), len(train)))
+            batch = train[torch.randint(len(train), (per,), generator=gen)]
+            x = sample(model, batch.x0, solver_at(w), batch.y, w)
+            losses.append(log_mse(x, batch.x1).mean())
+        loss = torch.stack(losses).mean()
         if not torch.isfinite(loss):
             continue
         loss.backward()
