@@ -219,23 +219,31 @@ def test_sd_stock_ddim_equals_bns_ddim(sd, sd_v, prediction):
     """The pipeline's own loop with its DDIM (leading spacing, steps_offset 1: k = 801, 601,
     ..., 1, then alphas_cumprod[0]) is bns's DDIM on that grid, guided the same way."""
     pipe = sd if prediction == "epsilon" else sd_v
+    ref, x0 = _stock_ddim_against_bns(pipe, seed=0, steps=5, grid=[801, 601, 401, 201, 1, 0])
+    assert (ref - x0).abs().max() > 0.1
+
+
+def _stock_ddim_against_bns(pipe, seed: int, steps: int, grid=None):
+    """The pipeline's own call with its stock DDIM against bns's DDIM on the same timesteps,
+    two prompts, the negative prompt and guidance W: returns (bns's latents, x0)."""
     model = model_from_pipeline(pipe, prompts=PROMPTS[:2], negative_prompt=NEG)
-    x0 = _noise((2, 4, 8, 8), 0)
+    x0 = _noise((2, 4, 8, 8), seed)
     out = _latents(
         pipe,
         prompt=PROMPTS[:2],
         negative_prompt=[NEG] * 2,
         guidance_scale=W,
         latents=x0,
-        num_inference_steps=5,
+        num_inference_steps=steps,
     )
     ks = _stock_ddim_grid(pipe)
-    assert ks.tolist() == [801, 601, 401, 201, 1, 0]
+    if grid is not None:
+        assert ks.tolist() == grid
     solver = bns.solvers.ddim(model.schedule.flow_time(ks), model.schedule)
     with torch.no_grad():
         ref = bns.sample(model, x0, solver, y=torch.arange(2), guidance=W)
     _close(out, ref)
-    assert (ref - x0).abs().max() > 0.1
+    return ref, x0
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
@@ -319,21 +327,7 @@ def test_sdxl_adapter_reads_the_pipeline(sdxl):
 
 
 def test_sdxl_stock_ddim_equals_bns_ddim(sdxl):
-    model = model_from_pipeline(sdxl, prompts=PROMPTS[:2], negative_prompt=NEG)
-    x0 = _noise((2, 4, 8, 8), 4)
-    out = _latents(
-        sdxl,
-        prompt=PROMPTS[:2],
-        negative_prompt=[NEG] * 2,
-        guidance_scale=W,
-        latents=x0,
-        num_inference_steps=4,
-    )
-    ks = _stock_ddim_grid(sdxl)
-    solver = bns.solvers.ddim(model.schedule.flow_time(ks), model.schedule)
-    with torch.no_grad():
-        ref = bns.sample(model, x0, solver, y=torch.arange(2), guidance=W)
-    _close(out, ref)
+    _stock_ddim_against_bns(sdxl, seed=4, steps=4)
 
 
 def test_sdxl_pipeline_with_bns_scheduler_equals_bns_sample(sdxl):
