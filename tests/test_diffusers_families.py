@@ -871,3 +871,30 @@ def test_cli_distill_on_a_saved_flux_pipeline(tmp_path, flux):
     with torch.no_grad():
         ref = bns.sample(model, x0, solver, y=torch.tensor([0]), guidance=2.0)
     _close(out, ref)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "pixart", "wan"])
+def test_cli_distill_on_every_other_saved_family(tmp_path, family, tok, monkeypatch):
+    """``bns distill --model diffusers:PATH?options --prompts FILE`` on a saved folder of each
+    remaining family; the solver loads against the folder's model with other prompts."""
+    from diffusers.utils import is_accelerate_available
+
+    if family == "wan" and not is_accelerate_available():  # see the save/reload test
+        monkeypatch.setattr(WanTransformer3DModel, "_keep_in_fp32_modules", None)
+    pipe = tiny.tiny_pipeline(family, tok)
+    pipe.save_pretrained(tmp_path / family)
+    options = {
+        "sdxl": {},
+        "sd3": {},
+        "pixart": {"max_sequence_length": tiny.T5_LEN},
+        "wan": {**WAN},
+    }[family]
+    query = "&".join(f"{k}={v}" for k, v in options.items())
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\nsky\nred sun\nblue sea\n")
+    solver = _cli_distill(
+        tmp_path, f"{tmp_path / family}" + (f"?{query}" if query else ""), prompts
+    )
+    assert solver.nfe == 2 and solver.meta["guidance"] == 2.0
+    model = model_from_pipeline(str(tmp_path / family), prompts=["a cow", "an owl"], **options)
+    bns.NSSolver.load(tmp_path / "solver.json", model=model)  # the same model, other prompts
