@@ -208,31 +208,45 @@ def _md_table(rows: list[dict], cols: list[str]) -> str:
 
 def report(res: dict) -> str:
     a = res["protocol"]
+    n1 = a["nfe_single"]
+    sections = [
+        ("Family, per NFE", "family", ["nfe", "family", "psnr", "init", "seconds"]),
+        (f"Loss (NFE {n1})", "loss", ["loss", "psnr", "init", "seconds"]),
+        (
+            f"Initialization and preconditioning sigma0 (NFE {n1})",
+            "init",
+            ["asked", "init", "init_psnr", "psnr", "seconds"],
+        ),
+        (
+            f"Training pairs (NFE {n1})",
+            "pairs",
+            ["train_pairs", "psnr_train", "psnr_test", "gap", "seconds"],
+        ),
+        (
+            f"Guidance (NFE {n1})",
+            "guidance",
+            ["guidance", "bns", "best_classical", "best_classical_psnr", "gain"],
+        ),
+        (
+            f"A solver trained at one guidance, used at another (NFE {n1})",
+            "transfer",
+            ["trained_at", "used_at", "psnr", "own_psnr"],
+        ),
+        (
+            f"Trained on half of the classes, tested on the other half (NFE {n1})",
+            "class_halves",
+            ["trained_on", "psnr_on_unseen_half", "seconds"],
+        ),
+    ]
     out = [
         f"## Ablations on {res['model']} (PSNR in dB on {a['test_pairs']} test pairs; "
         f"{a['train_pairs']} train / {a['val_pairs']} val pairs, {a['steps']} steps, "
         f"batch {a['batch_size']})",
         "",
-        "### Family, per NFE",
-        _md_table(res["family"], ["nfe", "family", "psnr", "init", "seconds"]),
-        f"### Loss (NFE {a['nfe_single']})",
-        _md_table(res["loss"], ["loss", "psnr", "init", "seconds"]),
-        f"### Initialization and preconditioning sigma0 (NFE {a['nfe_single']})",
-        _md_table(res["init"], ["asked", "init", "init_psnr", "psnr", "seconds"]),
-        f"### Training pairs (NFE {a['nfe_single']})",
-        _md_table(res["pairs"], ["train_pairs", "psnr_train", "psnr_test", "gap", "seconds"]),
-        f"### Guidance (NFE {a['nfe_single']})",
-        _md_table(
-            res["guidance"], ["guidance", "bns", "best_classical", "best_classical_psnr", "gain"]
-        ),
-        f"### A solver trained at one guidance, used at another (NFE {a['nfe_single']})",
-        _md_table(res["transfer"], ["trained_at", "used_at", "psnr", "own_psnr"]),
     ]
-    if res["class_halves"]:
-        out += [
-            f"### Trained on half of the classes, tested on the other half (NFE {a['nfe_single']})",
-            _md_table(res["class_halves"], ["trained_on", "psnr_on_unseen_half", "seconds"]),
-        ]
+    for title, key, cols in sections:
+        if res.get(key):  # sections not run (--sections) are left out
+            out += [f"### {title}", _md_table(res[key], cols)]
     out += [f"Machine: {res['machine']}. Command: `{res['command']}`.", ""]
     return "\n".join(out)
 
@@ -312,6 +326,11 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=24)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--tag", default="")
+    p.add_argument(
+        "--sections",
+        default="family,loss,init,pairs,guidance",
+        help="which ablations to run (guidance includes the transfer and class halves)",
+    )
     args = p.parse_args()
     b = Bench(args)
     n1 = args.nfe_single
@@ -323,10 +342,11 @@ def main() -> None:
         ("init", lambda: init_rows(b, n1)),
         ("pairs", lambda: pairs_rows(b, n1)),
     ]
+    chosen = args.sections.split(",")
     for name, fn in steps:
-        res[name] = fn()
+        res[name] = fn() if name in chosen else []
         print(f"{name}: done, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    if b.model.num_classes:
+    if b.model.num_classes and "guidance" in chosen:
         res["guidance"], solvers = guidance_rows(b, n1)
         res["transfer"] = transfer_rows(b, solvers)
         res["class_halves"] = class_half_rows(b, n1)
