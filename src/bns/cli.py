@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("distill", help="learn a BNS solver for a model")
     _add_model(d, config_options=True)
     from .config import add_config_arguments
+    from .solvers.ends import ENDS
 
     add_config_arguments(d)
     d.add_argument(
@@ -141,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--test-pairs", type=int, default=1024)
     e.add_argument(
         "--end",
-        choices=("auto", "range", "data"),
+        choices=ENDS,
         help="where the baselines and the ground truth end (default: where the solvers end;"
         " without solvers, auto: data on a model that stops short of it, else range)",
     )
@@ -234,7 +235,7 @@ def _read_prompts(spec: str | None, seed: int = 0) -> dict[str, list[str]] | Non
     """``--prompts``: one file split by ``seed``, or three comma-separated files."""
     if spec is None:
         return None
-    parts = [p for p in str(spec).split(",")]
+    parts = str(spec).split(",")
     if len(parts) == 1:
         return split_prompts(_prompt_lines(Path(parts[0])), seed)
     if len(parts) != 3 or not all(p.strip() for p in parts):
@@ -473,12 +474,11 @@ def cmd_eval(args) -> int:
             args.samples,
             f"{model.name}, guidance {args.guidance:g}",
         )
-    if seen_rows is not None:
-        print("held-out prompts:")
-    print(markdown_table(rows))
-    if seen_rows is not None:
-        print("training prompts (the same noise):")
-        print(markdown_table(seen_rows))
+    if seen_rows is None:
+        print(markdown_table(rows))
+    else:
+        print(f"held-out prompts:\n{markdown_table(rows)}")
+        print(f"training prompts (the same noise):\n{markdown_table(seen_rows)}")
     if fid_info:
         from .fid import fid_table
 

@@ -39,6 +39,11 @@ def _opt(default: Any, help: str, **meta: Any) -> Any:
     return field(default=default, metadata={"help": help, **meta})
 
 
+def _one_of(names: Any) -> str:
+    names = list(names)
+    return f"{', '.join(names[:-1])} or {names[-1]}"
+
+
 @dataclass
 class DistillConfig:
     """Everything that determines a distillation run (recorded in the artifact)."""
@@ -134,10 +139,13 @@ class DistillConfig:
             v = getattr(self, name)
             if v is not None and not (math.isfinite(v) and v > 0):
                 raise TrainingError(f"{name} must be a finite number > 0, got {v!r}")
-        if self.loss not in ("log-mse", "mse", "l1"):
-            raise TrainingError(f"loss must be log-mse, mse or l1, got {self.loss!r}")
-        if self.end not in ("auto", "range", "data"):
-            raise TrainingError(f"end must be auto, range or data, got {self.end!r}")
+        from .loss import LOSSES  # imported here: the config module stays free of the trainer
+        from .solvers.ends import ENDS
+
+        if self.loss not in LOSSES:
+            raise TrainingError(f"loss must be {_one_of(LOSSES)}, got {self.loss!r}")
+        if self.end not in ENDS:
+            raise TrainingError(f"end must be {_one_of(ENDS)}, got {self.end!r}")
         if not math.isfinite(self.guidance):
             raise TrainingError(f"guidance must be finite, got {self.guidance}")
         try:

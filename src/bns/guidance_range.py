@@ -33,6 +33,7 @@ from .loss import log_mse
 from .model import Model, frozen
 from .pairs import Pairs, make_pairs
 from .solver import NSSolver, SolverFileError, sample
+from .train import _candidates, choose_initial_solver, coef_lr_multiplier
 
 __all__ = ["GuidanceRangeSolver", "distill_guidance_range", "FORMAT"]
 
@@ -208,8 +209,6 @@ def distill_guidance_range(
 
 def _initial_solver(model, cfg, ws, pairs) -> NSSolver:
     """The candidate of ``cfg.init`` with the best mean validation PSNR over the scales."""
-    from .train import _candidates, choose_initial_solver
-
     cfg = cfg.replace(end="range")
     candidates = _candidates(model, cfg)
     if len(candidates) == 1:
@@ -233,7 +232,7 @@ def _train(model, cfg, ws, pairs, init, degree, progress):
         c[0] = p0
         coefs[name] = torch.nn.Parameter(c)
     rs = GuidanceRangeSolver(coefs, base.t_ends, (ws[0], ws[-1]))
-    coef_lr = cfg.coef_lr_scale * (model.t_range[1] - model.t_range[0]) / cfg.nfe
+    coef_lr = coef_lr_multiplier(model, cfg)
     opt = torch.optim.Adam(
         [
             {"params": [coefs["logits"]], "lr": cfg.lr},

@@ -189,6 +189,8 @@ class Model:
         name: a readable name, recorded in artifacts.
         dtype: the dtype the network runs in. Default: that of the network's parameters (of an
             ``nn.Module``, a bound method's owner, or a module a closure holds), else float32.
+            Never the ODE state's dtype: ground truth integrates in float64 and still calls a
+            float32 network in float32.
         label_splits: which labels each split of pairs draws from (``{"train": range(0, 40),
             "val": ..., "test": ...}``), e.g. training and held-out prompts of a text model.
             Default: every split draws from all ``num_classes`` labels.
@@ -198,8 +200,6 @@ class Model:
     ("embeds", ...)``. The fingerprint skips them and the number of labels, so a solver stays
     valid on new prompts, however many; the ground-truth caches key on the rows their split
     uses (:meth:`conditioning_digest`).
-            Never the ODE state's dtype: ground truth integrates in float64 and still calls a
-            float32 network in float32.
 
     Example:
         >>> model = Model(net, prediction="eps", schedule=VP(), sample_shape=(1, 28, 28),
@@ -454,8 +454,10 @@ class Model:
         found = [
             (name, v)
             for m in self.modules
+            for names in [_conditioning_names(m)]
+            if names
             for name, v in sorted(m.state_dict(keep_vars=True).items())
-            if name in _conditioning_names(m)
+            if name in names
         ]
         if not found:
             return None

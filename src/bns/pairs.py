@@ -245,8 +245,7 @@ def make_pairs(
     nfe_total = found["nfe"] * start if start else 0.0
     if start < n:
         shards = None if folder is None else _Shards(folder / "shards" / stem, key)
-        run = dict(seed=seed, guidance=guidance, rtol=rtol, atol=atol, device=device)
-        run.update(labels=labels)
+        run = dict(seed=seed, guidance=guidance, rtol=rtol, atol=atol, device=device, labels=labels)
         batches = [(lo, min(lo + batch_size, n)) for lo in range(start, n, batch_size)]
         new = _solve_batches(model, split, batches, shards, w, progress and w.main, run)
         nfe_total += sum(float(t["nfe"]) * (hi - lo) for t, (lo, hi) in zip(new, batches))

@@ -156,20 +156,19 @@ def _distill(
 
     main = world(device).main
     progress = progress and main  # rank 0 alone shows progress and writes checkpoints
+    end = _end(model, cfg)
     if pairs is None:
         kw = dict(seed=cfg.seed, guidance=cfg.guidance, rtol=cfg.rtol, atol=cfg.atol, cache=cache)
-        kw.update(progress=progress, batch_size=cfg.gt_batch_size, device=device)
-        kw.update(end=_end(model, cfg))
+        kw.update(progress=progress, batch_size=cfg.gt_batch_size, device=device, end=end)
         train = make_pairs(model, cfg.train_pairs, "train", **kw)
         val = make_pairs(model, cfg.val_pairs, "val", **kw)
     else:
         train, val = pairs
         cfg = cfg.replace(train_pairs=len(train), val_pairs=len(val))  # what was used
-        if {train.end, val.end} != {_end(model, cfg)}:
+        if {train.end, val.end} != {end}:
             raise TrainingError(
-                f"the pairs end at {train.end}/{val.end} but the solver is to end at"
-                f" {_end(model, cfg)}: make them with make_pairs(..., end={_end(model, cfg)!r})"
-                f" or pass end={train.end!r}"
+                f"the pairs end at {train.end}/{val.end} but the solver is to end at {end}:"
+                f" make them with make_pairs(..., end={end!r}) or pass end={train.end!r}"
             )
     train, val = train.to(device), val.to(device)
     init, scores, init_forwards = choose_initial_solver(model, cfg, val, candidates)
@@ -185,7 +184,7 @@ def _distill(
             _restore_loop(loop, state)
     loop.run(ckpt, progress)
     solver = loop.best
-    solver.meta = _artifact_meta(model, cfg, loop, train, scores, init_forwards)
+    solver.meta = _artifact_meta(model, cfg, end, loop, train, scores, init_forwards)
     solver.validate(t_range=model.t_range, strict=True)
     return solver, _history(loop)
 
@@ -200,6 +199,13 @@ def _run_id(model: Model, cfg: DistillConfig, train: Pairs, val: Pairs) -> str:
     return json.dumps(ident, sort_keys=True)
 
 
+def coef_lr_multiplier(model: Model, cfg: DistillConfig) -> float:
+    """The learning rate of ``a`` and ``b`` relative to the time parameters'. They are of the
+    size of a step (h = range / n): their learning rate scales with it, so Adam's unit-size
+    steps move every parameter by the same relative amount."""
+    return cfg.coef_lr_scale * (model.t_range[1] - model.t_range[0]) / cfg.nfe
+
+
 class _Loop:
     """The optimization: learning-rate schedule, validation, best/revert, checkpoint state."""
 
@@ -209,9 +215,7 @@ class _Loop:
         self.model, self.cfg, self.family, self.init = model, cfg, family, init
         self.train, self.val, self.callback = train, val, callback
         torch.manual_seed(cfg.seed)
-        # a and b are of the size of a step (h = range / n): their learning rate scales with
-        # it, so Adam's unit-size steps move every parameter by the same relative amount.
-        coef = cfg.coef_lr_scale * (model.t_range[1] - model.t_range[0]) / cfg.nfe
+        coef = coef_lr_multiplier(model, cfg)
         self.opt = torch.optim.Adam(family.param_groups(cfg.lr, coef), lr=cfg.lr)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.step = self.skipped = self.reverts = self.bad_rounds = self.forwards = 0
@@ -352,7 +356,7 @@ def _history(loop: _Loop) -> dict[str, Any]:
     return h
 
 
-def _artifact_meta(model, cfg, loop: _Loop, train: Pairs, scores, init_forwards) -> dict:
+def _artifact_meta(model, cfg, end: str, loop: _Loop, train: Pairs, scores, init_forwards) -> dict:
     """What the solver file records about how it was made."""
     return {
         "solver": "bns",
@@ -362,7 +366,7 @@ def _artifact_meta(model, cfg, loop: _Loop, train: Pairs, scores, init_forwards)
         "model_settings": model.settings(),
         "guidance": cfg.guidance,
         "nfe": cfg.nfe,
-        "end": _end(model, cfg),
+        "end": end,
         "network_forwards_per_sample": cfg.nfe * model.forwards_per_evaluation(cfg.guidance),
         "init": loop.init.meta["init"],
         "init_candidates_psnr": {k: v if math.isfinite(v) else None for k, v in scores.items()},
