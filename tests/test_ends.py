@@ -9,6 +9,7 @@ test_solver_oracles.py.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -33,7 +34,7 @@ class EpsNet(nn.Module):
         self.l1, self.l2 = nn.Linear(dim + 1, 32), nn.Linear(32, dim)
 
     def forward(self, x, t):
-        return 0.3 * self.l2(torch.tanh(self.l1(torch.cat([x, t[:, None]], 1))))
+        return 0.3 * self.l2(torch.tanh(self.l1(torch.cat([x, t[:, None].to(x.dtype)], 1))))
 
 
 def ddpm_model() -> bns.Model:
@@ -159,3 +160,23 @@ def test_command_line_end_to_end(tmp_path, capsys):
     assert "end at different points" in capsys.readouterr().err
     assert main(ev + ["--end", "range"]) == 2
     assert "--end range but the solvers end at data" in capsys.readouterr().err
+
+
+def test_a_closure_and_a_bf16_network_end_on_the_data(tmp_path):
+    """The exact end through a closure over a user's module, and through a bf16 network."""
+    base = ddpm_model()
+    net = base.net
+    closure = bns.Model(lambda x, t: net(x, t), "eps", base.schedule, (6,), name="closure")
+    half = ddpm_model()
+    half.net.to(torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and closure.dtype == torch.float32
+    kw = dict(train_pairs=8, val_pairs=8, init_pairs=8, batch_size=8, val_every=2, init="ddim")
+    for model in (closure, half):
+        solver, hist = bns.distill(model, 4, steps=2, cache=tmp_path, progress=False, **kw)
+        assert solver.meta["end"] == "data" and all(map(math.isfinite, hist["val_psnr"]))
+        pairs = make_pairs(model, 4, "val", cache=tmp_path, progress=False, end="data")
+        assert pairs.end == "data" and torch.isfinite(pairs.x1).all()
+    # The closure is the same network as the module: the same ground truth to the data.
+    a = make_pairs(closure, 4, "val", cache=False, progress=False, end="data")
+    b = make_pairs(base, 4, "val", cache=False, progress=False, end="data")
+    assert torch.allclose(a.x1, b.x1, atol=1e-6)
