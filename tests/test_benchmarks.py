@@ -106,3 +106,16 @@ def test_ablations_benchmark_tiny(tmp_path):
     assert len(res["class_halves"]) == 2 and (tmp_path / "ablations_gmm.png").stat().st_size
     text = (tmp_path / "ablations_gmm.md").read_text()
     assert "### Loss" in text and "### Training pairs" in text
+
+
+def test_scale_benchmark_tiny(tmp_path, one_thread):
+    args = ["--model", "gmm", "--guidance", "1", "--workers", "1,2", "--gt-pairs", "8"]
+    args += ["--gt-batch", "4", "--nfe", "4", "--batch-size", "8", "--steps", "2"]
+    args += ["--e2e-train", "16", "--e2e-val", "8", "--e2e-steps", "2"]
+    _run_benchmark(tmp_path, "scale.py", *args)
+    res = json.loads((tmp_path / "scale_cpu.json").read_text())
+    assert [r["workers"] for r in res["rows"]] == [1, 2]
+    two = res["rows"][1]
+    assert set(two["efficiency"]) == {"ground_truth", "distill_step", "end_to_end"}
+    assert all(math.isfinite(v) and v > 0 for v in two["efficiency"].values())
+    assert "| 2 |" in (tmp_path / "scale_cpu.md").read_text()

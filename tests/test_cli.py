@@ -319,3 +319,55 @@ def test_image_model_grids_from_eval_and_sample(env, capsys):
     assert "guidance" in _error(
         capsys, ["sample", "--model", m, "--solver", str(out), "--n", "2", "--out", str(png)]
     )
+
+
+def test_eval_batch_sizes_change_memory_not_results(env, tmp_path_factory, monkeypatch, capsys):
+    out = env / "s.json"
+    assert _distill(env, out) == 0
+
+    def rows(tag, *sizes):
+        js = env / f"{tag}.json"
+        argv = [
+            "eval",
+            "--model",
+            f"{env / 'm.py'}:small",
+            "--solver",
+            str(out),
+            "--baselines",
+            "midpoint",
+            "--nfe",
+            "4",
+            "--test-pairs",
+            "8",
+            "--quiet",
+            "--json",
+            str(js),
+        ]
+        assert main(argv + list(sizes)) == 0
+        found = json.loads(js.read_text())["rows"]
+        return {(r["solver"], r["nfe"]): torch.tensor(r["psnr_samples"]) for r in found}
+
+    ref = rows("default")
+    small = rows("small", "--eval-batch-size", "3")  # same cached ground truth
+    assert ref.keys() == small.keys()
+    assert all(torch.allclose(ref[k], small[k], rtol=1e-6) for k in ref)
+    # Ground truth solved 3 pairs at a time (a fresh cache): the adaptive steps differ with
+    # the batch, so the pairs agree to the tolerance, not bit for bit.
+    monkeypatch.setenv("BNS_CACHE_DIR", str(tmp_path_factory.mktemp("gt3")))
+    gt3 = rows("gt3", "--gt-batch-size", "3")
+    assert all((ref[k] - gt3[k]).abs().max() < 0.05 for k in ref)
+    capsys.readouterr()
+    bad = [
+        "eval",
+        "--model",
+        f"{env / 'm.py'}:small",
+        "--baselines",
+        "midpoint",
+        "--eval-batch-size",
+        "0",
+        "--json",
+        str(env / "z.json"),
+    ]
+    assert main(bad) == 2
+    assert "--eval-batch-size must be a positive integer" in capsys.readouterr().err
+    assert not (env / "z.json").exists()

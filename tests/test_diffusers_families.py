@@ -804,6 +804,7 @@ def _cli_distill(tmp_path, folder, prompts_file) -> bns.NSSolver:
 def test_a_pipeline_spec_loads_in_the_dtype_asked(tmp_path, sd):
     """``--dtype bfloat16`` loads the pipeline in bf16 (its own dtype, not float32 cast later);
     the model's interface stays float64 and its velocity is the float32 one to bf16 rounding."""
+    from bns.ground_truth import default_tolerance
     from bns.specs import load_model
 
     sd.save_pretrained(tmp_path / "sd")
@@ -812,6 +813,9 @@ def test_a_pipeline_spec_loads_in_the_dtype_asked(tmp_path, sd):
     full = load_model(spec, prompts=PROMPTS)
     assert half.net.denoiser.dtype == torch.bfloat16 and half.dtype == torch.float64
     assert full.net.denoiser.dtype == torch.float32
+    # the ground truth's default tolerance follows what the weights can resolve
+    assert half.precision == torch.bfloat16 and full.precision == torch.float32
+    assert default_tolerance(half.precision) == 1e-4 and default_tolerance(full.precision) == 1e-5
     x = _noise((2, 4, 8, 8), 20).double()
     with torch.no_grad():
         u_half = half.velocity(x, 0.5, torch.tensor([0, 1]), guidance=2.0)

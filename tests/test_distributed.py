@@ -53,6 +53,8 @@ class Net(nn.Module):
     def forward(self, x, t, y=None):
         if os.environ.get("NET_SLEEP"):
             time.sleep(float(os.environ["NET_SLEEP"]))
+        if os.environ.get("NET_FAIL_RANK") == os.environ.get("RANK"):
+            raise RuntimeError("out of memory in the user's network")
         return self.l2(torch.tanh(self.l1(torch.cat([x, t[:, None].to(x.dtype)], 1))))
 
 
@@ -109,7 +111,15 @@ def user_file(tmp_path):
 def _env(cache: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(SRC), BNS_CACHE_DIR=str(cache))
     env.update({"BNS_DIST_TIMEOUT": "30", **extra})
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NET_SLEEP", "PIDS", "GT_LOG"):
+    for name in (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "NET_SLEEP",
+        "PIDS",
+        "GT_LOG",
+        "NET_FAIL_RANK",
+    ):
         if name not in extra:
             env.pop(name, None)
     return env
@@ -317,6 +327,20 @@ def test_a_killed_worker_ends_the_job_and_a_rerun_reuses_the_finished_shards(
     _assert_same_caches(tmp_path / "one", cache)
     s1, s2 = (json.loads((tmp_path / n).read_text()) for n in ("one.json", "s.json"))
     _assert_same_solver(s1, s2)
+
+
+def test_a_worker_whose_network_fails_ends_the_job_with_one_line_naming_it(
+    tmp_path, user_file, one_thread
+):
+    out = tmp_path / "s.json"
+    args = ["-m", "bns", *DISTILL, "--model", f"{user_file}:net", "--out", str(out)]
+    proc = _torchrun(args, _env(tmp_path / "c", NET_FAIL_RANK="1"), tmp_path / "f")
+    assert proc.wait(timeout=120) != 0
+    err = Path(f"{tmp_path / 'f'}.err").read_text()
+    lines = [line for line in err.splitlines() if line.startswith("bns distill: error:")]
+    assert len(lines) == 1, err[-3000:]
+    assert "rank 1" in lines[0] and "out of memory in the user's network" in lines[0], lines[0]
+    assert not out.exists()
 
 
 def test_a_hung_worker_ends_the_job_and_resume_continues_to_the_same_solver(

@@ -170,3 +170,24 @@ def test_command_line(tmp_path, capsys):
     capsys.readouterr()
     assert main([*ev[:-2], "--json", str(tmp_path / "x.json"), "--guidance", "9"]) == 2
     assert "outside the range this solver was trained on [1, 4]" in capsys.readouterr().err
+
+
+def test_micro_batches_and_checkpointing_give_the_same_solver_and_no_weight_gets_a_grad(tmp_path):
+    model = cond_model()
+    kw = dict(steps=6, cache=tmp_path, progress=False, init="midpoint", **KW)
+    full, _ = bns.distill_guidance_range(model, 4, [1, 4], **kw)
+    part, _ = bns.distill_guidance_range(
+        model, 4, [1, 4], micro_batch=3, grad_checkpoint=True, **kw
+    )
+    for w in (1.0, 2.0, 4.0):
+        a, b = full.at(w), part.at(w)
+        for x, y in ((a.times, b.times), (a.a, b.a), (a.b, b.b)):
+            assert torch.allclose(x, y, rtol=1e-6, atol=1e-9)
+    assert all(p.grad is None for p in model.net.parameters())
+    assert all(p.requires_grad for p in model.net.parameters())  # restored after
+    with pytest.raises(bns.TrainingError, match="family bns only"):
+        bns.distill_guidance_range(model, 4, [1, 4], family="multistep", **kw)
+    with pytest.raises(bns.TrainingError, match="gn_steps 0 only"):
+        bns.distill_guidance_range(model, 4, [1, 4], gn_steps=2, **kw)
+    with pytest.raises(bns.TrainingError, match="end range"):
+        bns.distill_guidance_range(model, 4, [1, 4], end="data", **kw)

@@ -3,7 +3,9 @@ distillation sizes shrunk so that it takes seconds)."""
 
 from __future__ import annotations
 
+import importlib
 import re
+import types
 from pathlib import Path
 
 import pytest
@@ -60,6 +62,24 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
     assert solver.nfe == 8 and solver.meta["guidance"] == 2.0
     net = namespace["net"]
     assert all(p.grad is None for p in net.parameters())
+
+
+def _dotted_names() -> list[str]:
+    texts = [README.read_text()] + [p.read_text() for p in sorted(README.parent.glob("docs/*.md"))]
+    return sorted({m for t in texts for m in re.findall(r"`[^`]*?\b(bns(?:\.\w+)+)", t)})
+
+
+@pytest.mark.parametrize("name", _dotted_names())
+def test_every_dotted_name_the_docs_use_resolves_as_written(name):
+    """``bns.a.b`` in the README or docs works as typed: attribute by attribute from ``bns``,
+    a submodule imported only where the object on the left is a package."""
+    obj, path = bns, "bns"
+    for part in name.split(".")[1:]:
+        path += "." + part
+        if not hasattr(obj, part) and isinstance(obj, types.ModuleType):
+            importlib.import_module(path)
+        assert hasattr(obj, part), f"{name}: {path} does not resolve"
+        obj = getattr(obj, part)
 
 
 @pytest.mark.parametrize("name", ["distill", "DistillConfig", "sample", "NSSolver", "Model"])

@@ -4,6 +4,7 @@ ground truth, distillation and sampling with the Python API and the command line
 
 from __future__ import annotations
 
+import json
 import math
 import textwrap
 
@@ -150,14 +151,18 @@ def test_sample_state_is_float32_under_cuda_autocast():
     assert x.dtype == torch.float32 and x.device.type == "cuda"
 
 
-def _devices():
-    out = ["cpu"]
-    if torch.cuda.is_available():
-        out.append("cuda")
-    return out
-
-
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(
+                not torch.cuda.is_available(), reason="no CUDA device on this machine"
+            ),
+        ),
+    ],
+)
 def test_the_whole_path_runs_on_an_explicit_device(device, tmp_path):
     net = _net().to(device)
     model = _model(net)
@@ -230,10 +235,53 @@ def bf16():
     torch.manual_seed(0)
     return bns.Model(Net().to(torch.bfloat16), "velocity", bns.schedules.CondOT(), ({dim},),
                      name="user-bf16")
+
+class Sampler:
+    def __init__(self):
+        self.net = Net()
+
+    def velocity(self, x, t):
+        return self.net(x, t)
+
+def method():
+    torch.manual_seed(0)
+    return bns.Model(Sampler().velocity, "velocity", bns.schedules.CondOT(), ({dim},),
+                     name="user-method")
+
+class Denoiser(nn.Module):  # k-diffusion's convention: D(x, sigma), the denoised x
+    def __init__(self):
+        super().__init__()
+        self.net = Net()
+
+    def forward(self, x, sigma):
+        c = 1 / (sigma**2 + 1).sqrt()
+        return x - sigma[:, None] * self.net(x * c[:, None], sigma.log() / 4)
+
+def kdiffusion():
+    from bns.integrations.k_diffusion import model_from_denoiser
+
+    torch.manual_seed(0)
+    return model_from_denoiser(Denoiser(), 0.02, 80.0, ({dim},), name="user-kdiffusion")
+
+class Wrapper(nn.Module):  # flow_matching's ModelWrapper convention: model(x=, t=, **extras)
+    def __init__(self):
+        super().__init__()
+        self.net = Net()
+
+    def forward(self, x, t, **extras):
+        return self.net(x, t.expand(x.shape[0]))
+
+def flowmatching():
+    from bns.integrations.flow_matching import model_from_wrapper
+
+    torch.manual_seed(0)
+    return model_from_wrapper(Wrapper(), ({dim},), name="user-flowmatching")
 """
 
 
-@pytest.mark.parametrize("factory", ["module", "closure", "bf16"])
+@pytest.mark.parametrize(
+    "factory", ["module", "closure", "bf16", "method", "kdiffusion", "flowmatching"]
+)
 def test_user_network_through_the_command_line(factory, tmp_path, capsys):
     src = tmp_path / "user_model.py"
     src.write_text(textwrap.dedent(_FACTORY.format(dim=DIM)))
@@ -248,6 +296,10 @@ def test_user_network_through_the_command_line(factory, tmp_path, capsys):
     assert main(["sample", *common, "--solver", str(out), "--n", "3", "--out", str(pt)]) == 0
     x = torch.load(pt)
     assert x.shape == (3, DIM) and x.dtype == torch.float32 and torch.all(torch.isfinite(x))
+    js = tmp_path / "r.json"
+    ev = ["eval", *common, "--solver", str(out), "--baselines", "euler", "--nfe", "4"]
+    assert main(ev + ["--test-pairs", "4", "--json", str(js)]) == 0, capsys.readouterr().err
+    assert {r["solver"] for r in json.loads(js.read_text())["rows"]} == {"euler", "bns"}
 
 
 def test_cli_dtype_casts_a_builtin_model(tmp_path, capsys):
@@ -268,3 +320,47 @@ def test_cli_dtype_casts_a_builtin_model(tmp_path, capsys):
     from bns.ground_truth import default_tolerance
 
     assert default_tolerance(torch.bfloat16) > 1e-5
+
+
+# A network held in a module-level global, called by a plain function: the most common script.
+_GLOBAL_NET = nn.Sequential(nn.Linear(DIM + 1, 16), nn.Dropout(0.5), nn.Linear(16, DIM))
+
+
+def _global_velocity(x, t):
+    return _GLOBAL_NET(torch.cat([x, t[:, None].to(x.dtype)], 1))
+
+
+def test_a_function_calling_a_global_network_is_found_frozen_and_fingerprinted():
+    model = bns.Model(_global_velocity, "velocity", "condot", (DIM,))
+    assert model.modules == [_GLOBAL_NET] and model.device == torch.device("cpu")
+    before = model.fingerprint()
+    _GLOBAL_NET.train()
+    x0 = torch.randn(4, DIM)
+    a = bns.ground_truth(model, x0)
+    b = bns.ground_truth(model, x0)
+    assert torch.equal(a, b) and _GLOBAL_NET.training  # dropout off meanwhile, restored after
+    with torch.no_grad():
+        _GLOBAL_NET[0].weight.data[0, 0] += 1e-3  # through .data: no version counter bump
+    try:
+        assert model.fingerprint() != before
+    finally:
+        with torch.no_grad():
+            _GLOBAL_NET[0].weight.data[0, 0] -= 1e-3
+
+
+def test_a_schedule_by_name_and_a_clear_error_for_a_wrong_one():
+    model = bns.Model(_global_velocity, "velocity", "vp", (DIM,))
+    assert isinstance(model.schedule, bns.schedules.VP)
+    with pytest.raises(ValueError, match="unknown scheduler 'vpp'"):
+        bns.Model(_global_velocity, "velocity", "vpp", (DIM,))
+    with pytest.raises(ValueError, match="schedule must be"):
+        bns.Model(_global_velocity, "velocity", 3, (DIM,))
+
+
+def test_the_precision_of_a_bf16_network_called_in_float32_is_bf16():
+    net = nn.Linear(DIM, DIM).to(torch.bfloat16)
+    model = bns.Model(
+        lambda x, t: net(x.to(torch.bfloat16)), "velocity", "condot", (DIM,), dtype=torch.float32
+    )
+    assert model.dtype == torch.float32 and model.precision == torch.bfloat16
+    assert bns.default_tolerance(model.precision) == 1e-4

@@ -10,7 +10,7 @@ Only torch is needed to import bns; integrations are imported lazily.
 
 from . import grids, metrics, schedules, solvers, transforms
 from .config import DistillConfig, TrainingError
-from .ground_truth import ground_truth
+from .ground_truth import default_tolerance, ground_truth
 from .guidance_range import GuidanceRangeSolver, distill_guidance_range
 from .model import Model, ModelError
 from .solver import NSSolver, SolverFileError, Velocity, sample
@@ -26,6 +26,7 @@ __all__ = [
     "sample",
     "Velocity",
     "ground_truth",
+    "default_tolerance",
     "distill",
     "distill_guidance_range",
     "GuidanceRangeSolver",

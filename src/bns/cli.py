@@ -141,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--test-pairs", type=int, default=1024)
     e.add_argument(
+        "--gt-batch-size", type=int, default=128, help="pairs per ground-truth solve (default: 128)"
+    )
+    e.add_argument(
+        "--eval-batch-size", type=int, default=256, help="pairs sampled at a time (default: 256)"
+    )
+    e.add_argument(
         "--end",
         choices=ENDS,
         help="where the baselines and the ground truth end (default: where the solvers end;"
@@ -422,16 +428,21 @@ def cmd_eval(args) -> int:
         kinds[name] = "bns"
     if not entries:
         raise CLIError("nothing to evaluate: no solver reaches the requested NFEs")
+    for name in ("test_pairs", "gt_batch_size", "eval_batch_size"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be a positive integer")
     pair_kw = dict(seed=args.seed, guidance=args.guidance, cache=_cache(args), end=end)
+    pair_kw.update(batch_size=args.gt_batch_size)
     test = make_pairs(model, args.test_pairs, "test", progress=not args.quiet, **pair_kw)
-    rows = evaluate(model, entries, test, args.guidance, kinds=kinds, progress=not args.quiet)
+    eval_kw = dict(kinds=kinds, batch_size=args.eval_batch_size)
+    rows = evaluate(model, entries, test, args.guidance, progress=not args.quiet, **eval_kw)
     seen_rows = None
     if _held_out_labels(model):
         # The same test noise on the training prompts: how far the solver generalizes.
         seen = make_pairs(
             model, args.test_pairs, "test", progress=not args.quiet, labels="train", **pair_kw
         )
-        seen_rows = evaluate(model, entries, seen, args.guidance, kinds=kinds, progress=False)
+        seen_rows = evaluate(model, entries, seen, args.guidance, progress=False, **eval_kw)
     if not world(model.device).main:
         return 0  # rank 0 alone writes the results and speaks
     fid_info: dict[str, Any] = {}

@@ -13,11 +13,9 @@ import math
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
+from .errors import TrainingError
+
 __all__ = ["DistillConfig", "TrainingError", "parse_precondition", "add_config_arguments"]
-
-
-class TrainingError(RuntimeError):
-    """Distillation could not run (bad settings, a checkpoint that does not fit, ...)."""
 
 
 def parse_precondition(text: str | float | None) -> float | str | None:
@@ -42,6 +40,13 @@ def _opt(default: Any, help: str, **meta: Any) -> Any:
 def _one_of(names: Any) -> str:
     names = list(names)
     return f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+_GN_HELP = (
+    "Gauss-Newton (Levenberg-Marquardt) steps after the Adam steps, each validated: exact"
+    " forward-mode Jacobians of the solver's output, about P x gn_batch_size sample runs"
+    " each (P the family's parameters); log-mse or mse loss"
+)
 
 
 @dataclass
@@ -96,6 +101,8 @@ class DistillConfig:
     coef_lr_scale: float = _opt(
         8.0, "learning rate of the coefficients a, b relative to lr, times the mean step"
     )
+    gn_steps: int = _opt(0, _GN_HELP)
+    gn_batch_size: int = _opt(64, "pairs per Gauss-Newton step")
     val_every: int = _opt(25, "steps between validations")
     patience: int = _opt(20, "validation rounds without improvement before stopping")
     max_skips: int = _opt(20, "non-finite steps tolerated before stopping")
@@ -105,8 +112,8 @@ class DistillConfig:
     )
     rtol: float | None = _opt(
         None,
-        "ground-truth relative tolerance (default: 1e-5, or what a half-precision network can"
-        " resolve: see bns.ground_truth.default_tolerance)",
+        "ground-truth relative tolerance; none: 1e-5, or what a half-precision network can"
+        " resolve (bns.default_tolerance)",
     )
     atol: float | None = _opt(None, "ground-truth absolute tolerance (default: as rtol)")
     gt_batch_size: int = _opt(128, "pairs per ground-truth solve")
@@ -124,11 +131,12 @@ class DistillConfig:
     def check(self) -> None:
         """Raise TrainingError on settings no run can use."""
         positive = ("nfe", "train_pairs", "val_pairs", "init_pairs", "batch_size", "val_every")
+        positive += ("gn_batch_size",)
         for name in positive:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise TrainingError(f"{name} must be a positive integer, got {v!r}")
-        for name in ("steps", "micro_batch", "warmup", "patience", "max_skips"):
+        for name in ("steps", "gn_steps", "micro_batch", "warmup", "patience", "max_skips"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise TrainingError(f"{name} must be a non-negative integer, got {v!r}")
@@ -139,11 +147,19 @@ class DistillConfig:
             v = getattr(self, name)
             if v is not None and not (math.isfinite(v) and v > 0):
                 raise TrainingError(f"{name} must be a finite number > 0, got {v!r}")
+        from .families import FAMILIES
         from .loss import LOSSES  # imported here: the config module stays free of the trainer
         from .solvers.ends import ENDS
 
+        if self.family not in FAMILIES:
+            known = ", ".join(FAMILIES)
+            raise TrainingError(f"unknown solver family {self.family!r}; known: {known}")
         if self.loss not in LOSSES:
             raise TrainingError(f"loss must be {_one_of(LOSSES)}, got {self.loss!r}")
+        if self.gn_steps > 0 and self.loss not in ("log-mse", "mse"):
+            raise TrainingError(
+                f"Gauss-Newton steps need a sum-of-squares loss (log-mse or mse), not {self.loss}"
+            )
         if self.end not in ENDS:
             raise TrainingError(f"end must be {_one_of(ENDS)}, got {self.end!r}")
         if not math.isfinite(self.guidance):

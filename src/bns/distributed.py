@@ -41,7 +41,7 @@ from typing import Any, NoReturn
 import torch
 from torch import Tensor
 
-from .config import TrainingError
+from .errors import TrainingError
 
 __all__ = [
     "World",
@@ -185,7 +185,15 @@ def _start(dist: Any, device: torch.device | str | None) -> None:
     cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
     if cuda:
         index = device.index if device is not None and device.index is not None else None
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) if index is None else index)
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if index is not None and index != local and torch.cuda.device_count() > 1:
+            # Workers whose networks all sit on cuda:0 share one GPU and run no faster.
+            warnings.warn(
+                f"bns: worker of local rank {local} runs on cuda:{index}; put each worker's"
+                f" network on its own GPU (model.to('cuda:{local}')) to use them all",
+                stacklevel=3,
+            )
+        torch.cuda.set_device(local if index is None else index)
         backend = "cpu:gloo,cuda:nccl"
     else:
         # torchrun sets OMP_NUM_THREADS=1 by default: an equal share uses the machine.

@@ -92,8 +92,10 @@ def evaluate(
     data_range: float = 2.0,
     kinds: dict[str, str] | None = None,
     progress: bool = False,
+    batch_size: int = 256,
 ) -> list[dict[str, Any]]:
-    """One row per ``(name, nfe, solver)``: PSNR mean, std, median and 5/95% quantiles."""
+    """One row per ``(name, nfe, solver)``: PSNR mean, std, median and 5/95% quantiles;
+    ``batch_size`` pairs are sampled at a time."""
     from tqdm.auto import tqdm
 
     from .distributed import world
@@ -102,7 +104,7 @@ def evaluate(
     per = model.forwards_per_evaluation(guidance)
     quiet = not progress or not world(model.device).main  # rank 0 alone shows progress
     for name, nfe, solver in tqdm(entries, desc="evaluate", disable=quiet, leave=False):
-        p = evaluate_psnr(model, solver, test, guidance, data_range=data_range).double()
+        p = evaluate_psnr(model, solver, test, guidance, batch_size, data_range).double()
         q = torch.quantile(p, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64))
         rows.append(
             {

@@ -67,6 +67,9 @@ class Family(nn.Module):
     """
 
     name = "family"
+    # Whether the family can end with a step to the data (end="data"): a free last row. The
+    # restricted families keep their classical last step, so they end on the model's range.
+    ends_on_data = False
 
     def __init__(self, init: NSSolver) -> None:
         super().__init__()
@@ -79,6 +82,10 @@ class Family(nn.Module):
 
     def solver(self) -> NSSolver:
         raise NotImplementedError
+
+    def forward(self) -> NSSolver:
+        """:meth:`solver` (so that ``torch.func.functional_call`` can run the map)."""
+        return self.solver()
 
     def param_groups(self, lr: float, coef_lr: float) -> list[dict[str, Any]]:
         """Adam parameter groups: ``lr_mult`` scales the schedule's learning rate per group."""
@@ -99,6 +106,7 @@ class BNSFamily(Family):
     (``n`` values) and the lower triangle of ``b``: ``(n^2 + 5n - 2) / 2`` free numbers."""
 
     name = "bns"
+    ends_on_data = True
 
     def __init__(self, init: NSSolver) -> None:
         super().__init__(init)

@@ -46,7 +46,8 @@ def ground_truth(
     every sample meets the tolerances (a plain RMS over the batch would let one sample drift).
     The state is kept in ``dtype`` (float64 by default) on ``x0``'s device; the network runs in
     its own dtype (``model.dtype``). ``rtol`` and ``atol`` default to
-    :func:`default_tolerance` of that dtype (``atol`` to ``rtol`` when only that is given).
+    :func:`default_tolerance` of its precision (``model.precision``; ``atol`` to ``rtol``
+    when only that is given).
 
     Returns ``x(t_max)`` with the shape of ``x0``; with ``return_stats`` also
     ``{"nfe": velocity evaluations for the batch, "forwards": network forwards per sample}``.
@@ -55,7 +56,7 @@ def ground_truth(
 
     from .model import frozen
 
-    rtol = default_tolerance(model.dtype) if rtol is None else float(rtol)
+    rtol = default_tolerance(model.precision) if rtol is None else float(rtol)
     atol = rtol if atol is None else float(atol)
     b = x0.shape[0]
     t_min, t_max = model.t_range

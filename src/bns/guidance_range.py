@@ -29,11 +29,11 @@ from ._io import atomic_write_text
 from .config import DistillConfig, TrainingError
 from .evaluate import evaluate_psnr
 from .families import BNSFamily, _increasing
-from .loss import log_mse
+from .loss import LOSSES
 from .model import Model, frozen
 from .pairs import Pairs, make_pairs
 from .solver import NSSolver, SolverFileError, sample
-from .train import _candidates, choose_initial_solver, coef_lr_multiplier
+from .train import candidate_solvers, choose_initial_solver, coef_lr_multiplier, lr_factor
 
 __all__ = ["GuidanceRangeSolver", "distill_guidance_range", "FORMAT"]
 
@@ -175,7 +175,11 @@ def distill_guidance_range(
     ``max(guidances)`` on pairs at each of ``guidances``.
 
     The options of :class:`bns.DistillConfig` apply (``steps``, ``batch_size``, ``lr``, pair
-    counts, ``init``...); each step trains on every scale, ``batch_size`` shared among them.
+    counts, ``init``, ``loss``, ``micro_batch``, ``grad_checkpoint``, batch sizes, ``max_skips``);
+    each step trains on every scale, ``batch_size`` shared among them. It runs on the
+    network's device, ends on the model's range and trains the full family with Adam alone
+    (other ``family``, ``end=data`` or ``gn_steps`` are refused); it keeps the best iterate
+    without the revert rule (``revert_db`` and ``patience`` do not apply).
     The initial solver is the classical solver with the best mean validation PSNR over the
     scales, at every ``w``.
     Validation is the mean PSNR over the scales; the best iterate is kept.
@@ -190,6 +194,12 @@ def distill_guidance_range(
     mid = math.exp((math.log(ws[0]) + math.log(ws[-1])) / 2)
     cfg = (config or DistillConfig(nfe=int(nfe))).replace(nfe=int(nfe), guidance=mid, **overrides)
     cfg.check()
+    refused = {"family": "bns", "gn_steps": 0}
+    for name, only in refused.items():
+        if getattr(cfg, name) != only:
+            raise TrainingError(f"a guidance-range solver takes {name} {only} only")
+    if cfg.end == "data":
+        raise TrainingError("a guidance-range solver ends on the model's range (end range)")
     with frozen(model):
         if pairs is None:
             kw = dict(seed=cfg.seed, rtol=cfg.rtol, atol=cfg.atol, cache=cache, progress=progress)
@@ -203,6 +213,8 @@ def distill_guidance_range(
             }
         if sorted(pairs) != ws:
             raise TrainingError(f"pairs are given for {sorted(pairs)}, not for {ws}")
+        device = model.device
+        pairs = {w: (tr.to(device), va.to(device)) for w, (tr, va) in pairs.items()}
         init = _initial_solver(model, cfg, ws, pairs)
         return _train(model, cfg, ws, pairs, init, int(degree), progress)
 
@@ -210,7 +222,7 @@ def distill_guidance_range(
 def _initial_solver(model, cfg, ws, pairs) -> NSSolver:
     """The candidate of ``cfg.init`` with the best mean validation PSNR over the scales."""
     cfg = cfg.replace(end="range")
-    candidates = _candidates(model, cfg)
+    candidates = candidate_solvers(model, cfg)
     if len(candidates) == 1:
         return candidates[0]
     total: dict[str, float] = {}
@@ -248,7 +260,16 @@ def _train(model, cfg, ws, pairs, init, degree, progress):
     def validate() -> float:
         with torch.no_grad():
             scores = [
-                float(evaluate_psnr(model, solver_at(w).detach(), pairs[w][1], w).mean())
+                float(
+                    evaluate_psnr(
+                        model,
+                        solver_at(w).detach(),
+                        pairs[w][1],
+                        w,
+                        cfg.eval_batch_size,
+                        cfg.data_range,
+                    ).mean()
+                )
                 for w in ws
             ]
         return sum(scores) / len(scores)
@@ -258,27 +279,38 @@ def _train(model, cfg, ws, pairs, init, degree, progress):
     history["step"].append(0)
     history["val_psnr"].append(best)
     best_coefs = {k: v.detach().clone() for k, v in coefs.items()}
-    best_step, t0 = 0, time.perf_counter()
+    best_step, skipped, t0 = 0, 0, time.perf_counter()
     for step in range(1, cfg.steps + 1):
-        scale = 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-        scale = min(1.0, step / max(cfg.warmup, 1)) * (cfg.lr_final + (1 - cfg.lr_final) * scale)
+        scale = lr_factor(cfg, step - 1)  # the schedule of bns.distill, step for step
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * scale
         # Every scale in every step, the batch shared among them: one consistent gradient for
         # the whole range (taking the scales in turn lets Adam chase each one's gradient).
-        opt.zero_grad()
-        losses = []
+        params = list(coefs.values())
+        grads = [torch.zeros_like(p) for p in params]
+        loss = 0.0
         for w in ws:
             train = pairs[w][0]
             per = max(1, min(cfg.batch_size // len(ws), len(train)))
-            batch = train[torch.randint(len(train), (per,), generator=gen)]
-            x = sample(model, batch.x0, solver_at(w), batch.y, w)
-            losses.append(log_mse(x, batch.x1).mean())
-        loss = torch.stack(losses).mean()
-        if not torch.isfinite(loss):
+            batch = train[torch.randint(len(train), (per,), generator=gen).to(train.x0.device)]
+            size = cfg.micro_batch or per  # micro-batches: the same gradient, less memory
+            for s0 in range(0, per, size):
+                part = batch[s0 : s0 + size]
+                x = sample(model, part.x0, solver_at(w), part.y, w, checkpoint=cfg.grad_checkpoint)
+                term = LOSSES[cfg.loss](x, part.x1).sum() / (per * len(ws))
+                # gradients of the solver's numbers alone: no network weight gets a .grad
+                for g, gi in zip(grads, torch.autograd.grad(term, params)):
+                    g += gi
+                loss += float(term.detach())
+        if not (math.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)):
+            skipped += 1
+            if skipped > cfg.max_skips:
+                break
             continue
-        loss.backward()
+        for p, g in zip(params, grads):
+            p.grad = g
         opt.step()
+        opt.zero_grad(set_to_none=True)
         if step % cfg.val_every == 0 or step == cfg.steps:
             v = validate()
             history["step"].append(step)

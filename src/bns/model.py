@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ._hashing import hash_tensor
-from .schedules import Schedule
+from .schedules import Schedule, schedule_from_config
 
 __all__ = [
     "Model",
@@ -67,11 +67,21 @@ _LEAVES = (str, bytes, int, float, complex, bool, Tensor, type, types.ModuleType
 _FUNCTIONS = (types.FunctionType, types.MethodType, types.BuiltinFunctionType)
 
 
+def _global_names(code: types.CodeType) -> set[str]:
+    """The global names a function's code (and the code of functions nested in it) reads."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return names
+
+
 def reachable_modules(obj: Any, depth: int = 4) -> list[nn.Module]:
     """The ``nn.Module`` objects that a network callable holds, outermost first.
 
     Found through: the object itself, a bound method's owner, a ``functools.partial``'s function
-    and arguments, a closure's cells, ``__wrapped__``, and the attributes of a callable object,
+    and arguments, a closure's cells, the globals a function reads (``net`` in
+    ``def f(x, t): return net(x, t)``), ``__wrapped__``, and the attributes of a callable object,
     down to ``depth`` levels. A module's own submodules are not listed (they belong to it).
     """
     found: dict[int, nn.Module] = {}
@@ -100,6 +110,10 @@ def reachable_modules(obj: Any, depth: int = 4) -> list[nn.Module]:
                     visit(cell.cell_contents, level + 1)
                 except ValueError:  # an empty cell
                     pass
+            if isinstance(o, types.FunctionType):  # a module-level net a function calls
+                for name in _global_names(o.__code__):
+                    if name in o.__globals__:
+                        visit(o.__globals__[name], level + 1)
             if not isinstance(o, _FUNCTIONS) and isinstance(getattr(o, "__dict__", None), dict):
                 for v in vars(o).values():  # a callable object's attributes
                     visit(v, level + 1)
@@ -142,6 +156,24 @@ def _dtype_and_device(modules: list[nn.Module]) -> tuple[torch.dtype | None, tor
     return None, None
 
 
+def _content_check(tensors: list[Tensor]) -> bytes:
+    """Per tensor, its sum and 8 values spread over it, as float64 bytes: one read of every
+    weight and one copy from each device, far cheaper than hashing."""
+    parts: dict[torch.device, list[Tensor]] = {}
+    with torch.no_grad():
+        for v in tensors:
+            v = v.detach()
+            if v.numel() == 0 or v.is_complex():
+                continue
+            flat = v.reshape(-1)
+            k = min(8, flat.numel())
+            idx = torch.arange(k, device=v.device) * (flat.numel() - 1) // max(k - 1, 1)
+            vals = flat[idx].double()
+            total = flat.sum().double()  # in its own dtype: one fast read
+            parts.setdefault(v.device, []).append(torch.cat([total[None], vals]))
+    return b"".join(torch.cat(p).cpu().numpy().tobytes() for p in parts.values())
+
+
 def _conditioning_names(module: nn.Module) -> set[str]:
     """State-dict names of the buffers that modules under ``module`` declare as conditioning
     data (class attribute ``bns_conditioning``)."""
@@ -180,7 +212,8 @@ class Model:
         net: ``net(x, t, y=None) -> f`` with ``x`` of shape ``[B, *sample_shape]``, ``t`` a float
             tensor ``[B]`` in flow time and ``y`` a long tensor ``[B]`` or None.
         prediction: what the net predicts: ``"velocity"``, ``"eps"``, ``"x1"`` (data) or ``"v"``.
-        schedule: the scheduler of the path the net was trained on.
+        schedule: the scheduler of the path the net was trained on, or its name
+            (``"condot"``, ``"vp"``, ``"cosine"``, ``"edm"``: default parameters).
         sample_shape: the shape of one sample, e.g. ``(C, H, W)``.
         t_range: ``(t_min, t_max)`` inside [0, 1] where the net may be evaluated (an epsilon
             model is singular where alpha = 0, a data model where sigma = 0).
@@ -211,7 +244,7 @@ class Model:
         self,
         net: Callable[..., Tensor],
         prediction: str = "velocity",
-        schedule: Schedule | None = None,
+        schedule: Schedule | str | None = None,
         sample_shape: Sequence[int] = (),
         t_range: tuple[float, float] = (0.0, 1.0),
         num_classes: int | None = None,
@@ -223,6 +256,12 @@ class Model:
             raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
         if schedule is None:
             raise ValueError("a Model needs a schedule (e.g. bns.schedules.CondOT())")
+        if isinstance(schedule, str):  # a name: that scheduler with its default parameters
+            schedule = schedule_from_config({"name": schedule})
+        if not isinstance(schedule, Schedule):
+            raise ValueError(
+                f"schedule must be a bns.schedules.Schedule or its name, got {type(schedule).__name__}"
+            )
         t_min, t_max = (float(v) for v in t_range)
         if not (0.0 <= t_min < t_max <= 1.0):
             raise ValueError(f"t_range must satisfy 0 <= t_min < t_max <= 1, got {t_range}")
@@ -263,6 +302,17 @@ class Model:
     def dtype(self) -> torch.dtype:
         """The dtype the network runs in: ``dtype=``, else its weights', else float32."""
         return self._placement()[0]
+
+    @property
+    def precision(self) -> torch.dtype:
+        """The precision the network computes in: the narrower of :attr:`dtype` and its
+        weights' dtype (a bf16 pipeline called in float64 computes in bf16). The default
+        ground-truth tolerance follows it (:func:`bns.default_tolerance`)."""
+        called, _ = self._placement()
+        weights, _ = _dtype_and_device(self.modules)
+        if weights is None or torch.finfo(weights).eps <= torch.finfo(called).eps:
+            return called
+        return weights
 
     @property
     def device(self) -> torch.device | None:
@@ -365,7 +415,8 @@ class Model:
 
         if self.num_classes is not None and y is None:
             y = torch.full((b,), self.null_label, dtype=torch.long, device=x.device)
-        if self.num_classes is not None and guidance != 1.0:
+        guided = self.forwards_per_evaluation(guidance) == 2
+        if guided:
             null = torch.full_like(y, self.null_label)
             f = self._forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
         else:
@@ -373,7 +424,7 @@ class Model:
         # The combination runs in out_dtype even under autocast (only the network is autocast).
         with torch.autocast(x.device.type, enabled=False):
             f = f.to(out_dtype)
-            if self.num_classes is not None and guidance != 1.0:
+            if guided:
                 f_c, f_u = f.chunk(2)
                 # u is affine in f with the same (beta, gamma) for both branches, so guiding f
                 # is the same as guiding u.
@@ -399,8 +450,8 @@ class Model:
 
         Every byte of every weight and buffer counts (sha256, read in place or in 64 MiB chunks
         from a GPU: seconds for a billion weights). Cached, but recomputed whenever a setting or
-        a weight changes (in place, through the tensor's version counter, or by replacing a
-        tensor). A network without tensors is known by its qualified name.
+        a weight changes (in place, through the tensor's version counter or, for writes through
+        ``.data``, a content check of its sum and sampled values; or by replacing a tensor). A network without tensors is known by its qualified name.
         """
         skips = [_conditioning_names(m) for m in self.modules]
         identity = self.settings()
@@ -411,7 +462,9 @@ class Model:
             sorted((k, v) for k, v in m.state_dict(keep_vars=True).items() if k not in skip)
             for m, skip in zip(self.modules, skips)
         ]
-        # Cheap key: the settings and, per tensor, its storage and in-place version counter.
+        # Cheap key: the settings and, per tensor, its storage and in-place version counter,
+        # plus a content check (the sum and a few values) for writes through ``.data``, which
+        # bypass the version counter (as EMA updates do).
         key = (
             settings,
             tuple(
@@ -419,6 +472,7 @@ class Model:
                 for state in states
                 for k, v in state
             ),
+            _content_check([v for state in states for _, v in state]),
         )
         if self._fingerprint is None or self._fingerprint_key != key:
             h = hashlib.sha256()

@@ -216,7 +216,7 @@ def make_pairs(
     per pair index on the CPU (the same on every device); the ground truth is solved on
     ``device`` (default: the model's) in batches of ``batch_size``; the pairs are returned and
     cached as CPU float32 tensors. ``rtol``/``atol`` default to
-    :func:`bns.ground_truth.default_tolerance` of the network's dtype. Under ``torchrun`` every
+    :func:`bns.default_tolerance` of the network's dtype. Under ``torchrun`` every
     worker computes its share of the batches and returns all ``n`` pairs.
     """
     from .distributed import all_min, world  # import bns starts no distributed machinery
@@ -225,7 +225,7 @@ def make_pairs(
         raise ValueError(f"need at least one pair, got n = {n}")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    tol = default_tolerance(model.dtype)
+    tol = default_tolerance(model.precision)
     rtol = tol if rtol is None else float(rtol)
     atol = rtol if atol is None else float(atol)
     device = device if device is not None else model.device

@@ -194,7 +194,7 @@ class NSSolver:
     def load(
         cls,
         path: str | os.PathLike,
-        model: Any = None,
+        model: Model | None = None,
         guidance: float | None = None,
         force: bool = False,
     ) -> NSSolver:
@@ -227,7 +227,7 @@ class NSSolver:
         return solver
 
     def check_compatible(
-        self, model: Any = None, guidance: float | None = None, where: str = "solver"
+        self, model: Model | None = None, guidance: float | None = None, where: str = "solver"
     ) -> None:
         """Refuse a solver trained for another model or guidance (see :meth:`load`)."""
         if model is not None:

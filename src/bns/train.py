@@ -28,7 +28,8 @@ import torch
 from .checkpoint import Checkpoint
 from .config import DistillConfig, TrainingError
 from .evaluate import evaluate_psnr
-from .families import Family, make_family, usable_inits
+from .families import FAMILIES, Family, make_family, usable_inits
+from .gauss_newton import gauss_newton_step
 from .loss import loss_and_grad
 from .model import Model, frozen
 from .pairs import Pairs, make_pairs
@@ -36,18 +37,26 @@ from .solver import NSSolver
 from .solvers import init_candidates
 from .solvers.ends import resolve_end
 
-__all__ = ["distill", "DistillConfig", "TrainingError", "choose_initial_solver"]
+__all__ = [
+    "distill",
+    "DistillConfig",
+    "TrainingError",
+    "choose_initial_solver",
+    "candidate_solvers",
+    "lr_factor",
+]
 
 
 def _end(model: Model, cfg: DistillConfig) -> str:
     """``cfg.end`` resolved on the model: ``"range"`` or ``"data"``."""
-    if cfg.end == "auto" and cfg.family != "bns":
+    to_data = FAMILIES[cfg.family].ends_on_data
+    if cfg.end == "auto" and not to_data:
         return "range"  # the restricted families keep their classical last step
     try:
         end = resolve_end(model, cfg.end)
     except ValueError as e:
         raise TrainingError(str(e)) from None
-    if end == "data" and cfg.family != "bns":
+    if end == "data" and not to_data:
         raise TrainingError(
             f"family {cfg.family} ends on the model's range only; pass end range (--end range)"
             " or use family bns"
@@ -55,7 +64,8 @@ def _end(model: Model, cfg: DistillConfig) -> str:
     return end
 
 
-def _candidates(model: Model, cfg: DistillConfig) -> list[NSSolver]:
+def candidate_solvers(model: Model, cfg: DistillConfig) -> list[NSSolver]:
+    """The initial solvers ``cfg.init`` allows that ``cfg.family`` can start from."""
     try:
         candidates = init_candidates(model, cfg.nfe, cfg.init, cfg.precondition, _end(model, cfg))
         return usable_inits(cfg.family, candidates)  # those the family can start from
@@ -68,7 +78,7 @@ def choose_initial_solver(
 ) -> tuple[NSSolver, dict[str, float], int]:
     """The initial solver ``cfg.init`` allows that is best on the first ``cfg.init_pairs``
     validation pairs; also every candidate's PSNR and the network forwards spent measuring."""
-    candidates = candidates or _candidates(model, cfg)
+    candidates = candidates or candidate_solvers(model, cfg)
     if len(candidates) == 1:
         return candidates[0], {}, 0
     subset = val[: cfg.init_pairs]
@@ -133,7 +143,7 @@ def distill(
             f"the network is on {model.device}, not on {device}: move it there first"
             " (model.to(device))"
         )
-    candidates = _candidates(model, cfg)  # bad settings fail before any ground truth
+    candidates = candidate_solvers(model, cfg)  # bad settings fail before any ground truth
     with frozen(model):
         return _distill(
             model,
@@ -206,10 +216,31 @@ def coef_lr_multiplier(model: Model, cfg: DistillConfig) -> float:
     return cfg.coef_lr_scale * (model.t_range[1] - model.t_range[0]) / cfg.nfe
 
 
+def lr_factor(cfg: DistillConfig, step: int) -> float:
+    """The learning rate of ``step`` relative to ``cfg.lr``: linear warm-up over
+    ``cfg.warmup`` steps, then a cosine decay to ``cfg.lr_final`` at ``cfg.steps``."""
+    cos = 0.5 * (1 + math.cos(math.pi * min(step / max(cfg.steps, 1), 1.0)))
+    warm = min(1.0, (step + 1) / cfg.warmup) if cfg.warmup > 0 else 1.0
+    return warm * (cfg.lr_final + (1 - cfg.lr_final) * cos)
+
+
+def _gauss_newton(loop: _Loop) -> float:
+    """One Gauss-Newton step of ``loop`` on ``gn_batch_size`` training pairs drawn without
+    replacement; the damping ``gn_lam`` carries over (and into checkpoints)."""
+    cfg = loop.cfg
+    idx = torch.randperm(len(loop.train), generator=loop.gen)[: cfg.gn_batch_size]
+    loss, loop.gn_lam, forwards = gauss_newton_step(
+        loop.family, loop.model, loop.train, idx, cfg, loop.gn_lam
+    )
+    loop.forwards += forwards
+    return loss
+
+
 class _Loop:
     """The optimization: learning-rate schedule, validation, best/revert, checkpoint state."""
 
     SCALARS = ("step", "lr_scale", "skipped", "reverts", "bad_rounds", "elapsed", "forwards")
+    SCALARS += ("gn_lam",)
 
     def __init__(self, model, cfg, family: Family, init, train, val, callback) -> None:
         self.model, self.cfg, self.family, self.init = model, cfg, family, init
@@ -219,7 +250,7 @@ class _Loop:
         self.opt = torch.optim.Adam(family.param_groups(cfg.lr, coef), lr=cfg.lr)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.step = self.skipped = self.reverts = self.bad_rounds = self.forwards = 0
-        self.lr_scale, self.elapsed = 1.0, 0.0
+        self.lr_scale, self.elapsed, self.gn_lam = 1.0, 0.0, 1e-3
         self.history: dict[str, list] = {"step": [], "train_loss": [], "val_psnr": [], "lr": []}
         self.best, self.best_psnr, self.best_step = init.detach(), -math.inf, 0
         self.best_params = self._params_copy()
@@ -228,10 +259,7 @@ class _Loop:
         return {k: v.detach().clone() for k, v in self.family.state_dict().items()}
 
     def _lr(self, step: int) -> float:
-        c = self.cfg
-        cos = 0.5 * (1 + math.cos(math.pi * min(step / max(c.steps, 1), 1.0)))
-        warm = min(1.0, (step + 1) / c.warmup) if c.warmup > 0 else 1.0
-        return c.lr * self.lr_scale * warm * (c.lr_final + (1 - c.lr_final) * cos)
+        return self.cfg.lr * self.lr_scale * lr_factor(self.cfg, step)
 
     def _validate(self, loss: float) -> None:
         f0, cfg = self.model.forwards, self.cfg
@@ -265,6 +293,8 @@ class _Loop:
         from .distributed import data_parallel
 
         cfg = self.cfg
+        if self.step >= cfg.steps:  # the Gauss-Newton steps, after Adam's
+            return _gauss_newton(self)
         for group in self.opt.param_groups:
             group["lr"] = self._lr(self.step) * group["lr_mult"]
         idx = torch.randint(len(self.train), (cfg.batch_size,), generator=self.gen)
@@ -294,19 +324,27 @@ class _Loop:
         cfg = self.cfg
         if not self.history["step"]:
             self._validate(math.nan)
+        last = cfg.steps + cfg.gn_steps
         bar = tqdm(
-            total=cfg.steps,
+            total=last,
             initial=self.step,
             desc=f"distill nfe={cfg.nfe}",
             unit="step",
             disable=not progress,
             leave=False,
         )
-        while self.step < cfg.steps and self.bad_rounds < cfg.patience:
+        while self.step < last:
+            if self.bad_rounds >= cfg.patience:
+                if self.step >= cfg.steps:
+                    break
+                # Adam has stalled: on to the Gauss-Newton steps (if any).
+                bar.update(cfg.steps - self.step)
+                self.step, self.bad_rounds = cfg.steps, 0
+                continue
             t_start = time.perf_counter()
             loss = self._train_step()
             self.step += 1
-            at_round = self.step % cfg.val_every == 0 or self.step == cfg.steps
+            at_round = self.step % cfg.val_every == 0 or self.step >= cfg.steps
             if at_round:
                 self._validate(loss)
                 bar.set_postfix(val=f"{self.history['val_psnr'][-1]:.2f}dB")

@@ -12,7 +12,7 @@ the new time ``r``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
@@ -23,6 +23,10 @@ from .ends import with_data_end
 from .exponential import ddim, dpm_solver_pp, unipc
 from .multistep import adams_bashforth, ipndm
 from .runge_kutta import euler, heun, midpoint, rk4
+
+if TYPE_CHECKING:
+    from ..model import Model
+    from ..schedules import Schedule
 
 __all__ = [
     "euler",
@@ -82,7 +86,7 @@ def _steps_of(name: str, nfe: int) -> int:
 _FLOW_SCHEDULES = ("condot", "cosine")
 
 
-def _best_grid(name: str, schedule: Any, t_range: tuple[float, float]) -> str:
+def _best_grid(name: str, schedule: Schedule | None, t_range: tuple[float, float]) -> str:
     """The default grid of solver ``name`` on a model (measured; see :func:`by_name`)."""
     import torch
 
@@ -100,7 +104,7 @@ def preconditionable(name: str) -> bool:
 
 
 def by_name(
-    name: str, nfe: int, model: Any, grid: str = "best", precondition: float | None = None
+    name: str, nfe: int, model: Model, grid: str = "best", precondition: float | None = None
 ) -> NSSolver:
     """Build the classical solver ``name`` with exactly ``nfe`` velocity evaluations on
     ``model.t_range``.
