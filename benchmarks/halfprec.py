@@ -175,7 +175,7 @@ def markdown(res: dict) -> str:
     lines += [
         f"Loosest tolerance within {res['slack_db']:g} dB of the best PSNR any tolerance reaches: "
         + ", ".join(f"{d} {'n/a' if v is None else f'{v:g}'}" for d, v in s.items())
-        + ". Current defaults (bns.ground_truth.default_tolerance): "
+        + ". Current defaults (bns.default_tolerance): "
         + ", ".join(f"{d} {v:g}" for d, v in res["defaults"].items())
         + ".",
         "",

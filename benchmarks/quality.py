@@ -65,6 +65,8 @@ def run(args: argparse.Namespace) -> dict:
             val_every=args.val_every,
             precondition=args.precondition,
             seed=args.seed,
+            gn_steps=args.gn_steps,
+            gn_batch_size=args.gn_batch_size,
             progress=not args.quiet,
         )
         distill_info[nfe] = {
@@ -115,6 +117,8 @@ def run(args: argparse.Namespace) -> dict:
             "steps": args.steps,
             "lr": args.lr,
             "batch_size": args.batch_size,
+            "gn_steps": args.gn_steps,
+            "gn_batch_size": args.gn_batch_size,
             "init": args.init,
             "precondition": args.precondition,
             "seed": args.seed,
@@ -140,6 +144,8 @@ def main() -> None:
     p.add_argument("--init", default="best", help="initial solver: best or a solver name")
     p.add_argument("--batch-size", type=int, default=40)
     p.add_argument("--val-every", type=int, default=25)
+    p.add_argument("--gn-steps", type=int, default=0, help="Gauss-Newton steps after Adam's")
+    p.add_argument("--gn-batch-size", type=int, default=64)
     p.add_argument(
         "--precondition",
         default="auto",

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -279,10 +280,30 @@ def _to_data(model: Model, pairs: Pairs, guidance: float, batch_size: int, devic
 
 def _write_if_longer(path: Path, key: dict, tensors: dict[str, Tensor], nfe: float) -> None:
     """Write the cache file unless it holds as many pairs already (another job may have just
-    written more: a cache file never shrinks)."""
-    current = _read_cache(path, key)
-    if current is None or current["tensors"]["x0"].shape[0] < tensors["x0"].shape[0]:
-        _write_cache(path, key, tensors, nfe)
+    written more: a cache file never shrinks). The read and the write hold a lock on the folder, so two jobs
+    cannot both read the short file and then write in turn."""
+    with _locked(path):
+        current = _read_cache(path, key)
+        if current is None or current["tensors"]["x0"].shape[0] < tensors["x0"].shape[0]:
+            _write_cache(path, key, tensors, nfe)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on the folder of ``path`` (POSIX ``flock`` on the directory itself,
+    so no lock file is left behind; no lock where that is not available)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: writes stay atomic, only the never-shrinks rule is lost
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 class _Shards:
