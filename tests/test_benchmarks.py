@@ -119,3 +119,28 @@ def test_scale_benchmark_tiny(tmp_path, one_thread):
     assert set(two["efficiency"]) == {"ground_truth", "distill_step", "end_to_end"}
     assert all(math.isfinite(v) and v > 0 for v in two["efficiency"].values())
     assert "| 2 |" in (tmp_path / "scale_cpu.md").read_text()
+
+
+def test_optimizers_benchmark_tiny(tmp_path):
+    args = ["--model", "gmm", "--nfe", "4", "--configs", "adam:3:0,gn:0:2,adam+gn:2:1"]
+    _run_benchmark(
+        tmp_path,
+        "optimizers.py",
+        *args,
+        "--train-pairs",
+        "24",
+        "--val-pairs",
+        "16",
+        "--test-pairs",
+        "16",
+        "--gn-batch-size",
+        "16",
+    )
+    res = json.loads((tmp_path / "optimizers_gmm_g1.json").read_text())
+    runs = {r["config"]: r for r in res["runs"]}
+    assert set(runs) == {"adam", "gn", "adam+gn"}
+    assert runs["gn"]["steps_run"] == 2 and runs["adam+gn"]["steps_run"] == 3
+    for r in runs.values():  # the best iterate is never below the initial solver
+        assert r["val_psnr"] >= r["init_val_psnr"] and math.isfinite(r["test_psnr"])
+        assert r["best_classical_2n"][1] > r["best_classical"][1]
+    assert "| 4 | gn |" in (tmp_path / "optimizers_gmm_g1.md").read_text()

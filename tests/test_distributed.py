@@ -53,7 +53,7 @@ class Net(nn.Module):
     def forward(self, x, t, y=None):
         if os.environ.get("NET_SLEEP"):
             time.sleep(float(os.environ["NET_SLEEP"]))
-        if os.environ.get("NET_FAIL_RANK") == os.environ.get("RANK"):
+        if os.environ.get("NET_FAIL_RANK", "none") == os.environ.get("RANK"):
             raise RuntimeError("out of memory in the user's network")
         return self.l2(torch.tanh(self.l1(torch.cat([x, t[:, None].to(x.dtype)], 1))))
 
@@ -78,6 +78,7 @@ def run(cache):
     model = net()
     solver, hist = bns.distill(model, 4, init="euler", train_pairs=48, val_pairs=24,
                                steps=10, val_every=5, batch_size=8, gt_batch_size=8,
+                               gn_steps=2, gn_batch_size=12,
                                cache=cache, progress=False)
     test = make_pairs(model, 20, "test", batch_size=8, cache=cache, progress=False)
     entries = baseline_solvers(model, [4], ["euler", "midpoint"]) + [("bns", 4, solver)]

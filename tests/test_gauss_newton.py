@@ -170,8 +170,7 @@ class _NoJvp(torch.autograd.Function):
         return g
 
 
-def test_a_network_without_forward_mode_gets_one_clear_error(user_pairs):
-    _, train, val = user_pairs
+def test_a_network_without_forward_mode_fails_before_any_ground_truth(tmp_path):
     model = _model()
     inner = model.net
 
@@ -186,8 +185,13 @@ def test_a_network_without_forward_mode_gets_one_clear_error(user_pairs):
         t_range=(0.0, 0.99),
         num_classes=3,
     )
+    kw = dict(cache=tmp_path, progress=False, guidance=2.0, train_pairs=8, val_pairs=8)
     with pytest.raises(TrainingError, match="forward mode.*gn_steps=0"):
-        distill(wrapped, 4, steps=0, gn_steps=1, pairs=(train, val), progress=False, guidance=2.0)
+        distill(wrapped, 4, steps=5, gn_steps=1, **kw)
+    assert not list(tmp_path.iterdir()) and wrapped.forwards == 0  # nothing was solved
+    assert all(p.requires_grad for p in inner.parameters())  # restored
+    solver, _ = distill(wrapped, 4, steps=1, gn_steps=0, init="euler", **kw)  # Adam alone runs
+    assert solver.nfe == 4
 
 
 def test_gauss_newton_through_the_command_line(user_pairs, tmp_path):

@@ -44,8 +44,8 @@ def _one_of(names: Any) -> str:
 
 _GN_HELP = (
     "Gauss-Newton (Levenberg-Marquardt) steps after the Adam steps, each validated: exact"
-    " forward-mode Jacobians of the solver's output, about P x gn_batch_size sample runs"
-    " each (P the family's parameters); log-mse or mse loss"
+    " forward-mode Jacobians of the solver's output, about n^2/4 x gn_batch_size sample runs"
+    " each and n^2/2 x micro_batch (or gn_batch_size) samples of memory; log-mse or mse loss"
 )
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "normal_equations",
     "levenberg_marquardt",
     "gauss_newton_step",
+    "check_forward_mode",
     "GN_LOSSES",
 ]
 
@@ -68,13 +69,24 @@ def coefficient_jacobian(
     Columns of coefficients the sampler never reads (``b`` above the diagonal, the last time)
     are zero. ``max_stack`` bounds the samples in one stacked network call.
     """
+    xn, jac, index = _active_jacobian(model, solver, x0, y, guidance, max_stack)
+    n = solver.nfe
+    full = jac.new_zeros(*jac.shape[:2], (n + 1) + n + n * n)
+    full[:, :, index] = jac
+    return xn, full
+
+
+def _active_jacobian(model, solver, x0, y, guidance, max_stack):
+    """``x_n``, the Jacobian's columns of the coefficients the sampler reads (``[B, D, Qa]``:
+    times ``t_0 .. t_{n-1}``, ``a``, the lower triangle of ``b``) and their positions in
+    ``theta``."""
     with warnings.catch_warnings():
         # torch's first forward-mode call scripts its decompositions, with a warning of its own
         warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated")
-        return _coefficient_jacobian(model, solver, x0, y, guidance, max_stack)
+        return _jacobian_columns(model, solver, x0, y, guidance, max_stack)
 
 
-def _coefficient_jacobian(model, solver, x0, y, guidance, max_stack):
+def _jacobian_columns(model, solver, x0, y, guidance, max_stack):
     n = solver.nfe
     B = x0.shape[0]
     acc = torch.promote_types(x0.dtype, torch.float32)
@@ -97,23 +109,25 @@ def _coefficient_jacobian(model, solver, x0, y, guidance, max_stack):
             nxt = a[i] * flat0 + sum(b[i, j] * us[j] for j in range(i + 1))
             x = nxt.reshape(shape)
     D = flat0.shape[1]
-    Q = (n + 1) + n + n * n
-    jac = torch.zeros(B, D, Q, dtype=acc, device=x0.device)
+    # The columns the sampler reads: times t_0..t_{n-1}, then a, then b's lower triangle.
+    index = list(range(n)) + [(n + 1) + i for i in range(n)]
+    index += [(n + 1) + n + i * n + j for i in range(n) for j in range(i + 1)]
+    column = {q: c for c, q in enumerate(index)}
+    jac = torch.zeros(B, D, len(index), dtype=acc, device=x0.device)
 
     # Tangents by start step: (column, dx at the start step, known du history {j: du_j}).
     starts: dict[int, list[tuple[int, Tensor, dict[int, Tensor]]]] = {}
     for i in range(n):
-        col_a = (n + 1) + i
-        starts.setdefault(i + 1, []).append((col_a, flat0, {}))
+        starts.setdefault(i + 1, []).append((column[(n + 1) + i], flat0, {}))
         for j in range(i + 1):
-            starts[i + 1].append(((n + 1) + n + i * n + j, us[j], {}))
+            starts[i + 1].append((column[(n + 1) + n + i * n + j], us[j], {}))
     for k in range(n):  # the time of evaluation k: du_k = d u / d t at (x_k, t_k)
         with torch.no_grad(), fwAD.dual_level():
             t_dual = fwAD.make_dual(times[k], torch.ones_like(times[k]))
             du = fwAD.unpack_dual(velocity(xs[k], t_dual, y)).tangent
-        if du is None:  # the velocity does not depend on t
+        if du is None:  # the velocity does not depend on t: a zero column
             continue
-        starts.setdefault(k + 1, []).append((k, b[k, k] * du, {k: du}))
+        starts.setdefault(k + 1, []).append((column[k], b[k, k] * du, {k: du}))
 
     for s, cols in sorted(starts.items()):
         if s == n:  # tangents of x_n itself
@@ -140,7 +154,7 @@ def _coefficient_jacobian(model, solver, x0, y, guidance, max_stack):
                 dx = sum(b[m, j] * du_hist[j] for j in du_hist if j <= m)
             for q, (col, _, _) in enumerate(chunk):
                 jac[:, :, col] = dx[q * B : (q + 1) * B]
-    return x.reshape(B, -1), jac
+    return x.reshape(B, -1), jac, torch.tensor(index)
 
 
 def normal_equations(
@@ -172,7 +186,9 @@ def normal_equations(
     total = 0.0
     for s0 in range(0, n_pairs, size):
         part = batch[s0 : s0 + size]
-        xn, jac = coefficient_jacobian(model, solver.detach(), part.x0, part.y, guidance, max_stack)
+        xn, jac, index = _active_jacobian(
+            model, solver.detach(), part.x0, part.y, guidance, max_stack
+        )
         r = (xn - part.x1.reshape(xn.shape).to(xn.dtype)).double()
         D = r.shape[1]
         msq = (r * r).mean(1)
@@ -182,11 +198,17 @@ def normal_equations(
         else:
             total += float(msq.sum())
             w = torch.full_like(msq, 2.0 / D)
-        jp = jac.double() @ dcoef.to(jac.device)  # [b, D, P]
-        sw = w.sqrt()[:, None, None]
-        jw = (jp * sw).reshape(-1, P)
-        H += (jw.T @ jw).to(H.device)
-        g += (jw.T @ (r[..., None] * sw).reshape(-1)).to(g.device)
+        # The coefficients' normal equations, one sample at a time in float64 (memory of one
+        # sample's Jacobian), then the family's through the chain rule.
+        h = torch.zeros(len(index), len(index), dtype=torch.float64, device=jac.device)
+        gt = torch.zeros(len(index), dtype=torch.float64, device=jac.device)
+        for k in range(jac.shape[0]):
+            jk = jac[k].double()
+            h += w[k] * (jk.T @ jk)
+            gt += w[k] * (jk.T @ r[k])
+        dc = dcoef[index.to(dcoef.device)].to(jac.device)
+        H += (dc.T @ h @ dc).to(H.device)
+        g += (dc.T @ gt).to(g.device)
     return total / n_pairs, H / n_pairs, g / n_pairs
 
 
@@ -243,6 +265,34 @@ def levenberg_marquardt(
     return loss0, lam
 
 
+def _raise_if_no_forward_mode(e: Exception) -> None:
+    if any(k in str(e).lower() for k in ("forward ad", "forward mode", "forward-mode", "jvp")):
+        raise TrainingError(
+            "Gauss-Newton steps differentiate the network in forward mode, which it does not"
+            f" support ({str(e).splitlines()[0]}); pass gn_steps=0 (--gn-steps 0)"
+        ) from None
+
+
+def check_forward_mode(model: Model, guidance: float, device: torch.device | None) -> None:
+    """One forward-mode evaluation of the network on one noise sample, before any ground
+    truth or training: a network that cannot be differentiated in forward mode fails now,
+    with :class:`TrainingError`, not after the Adam steps."""
+    x = torch.randn(1, *model.sample_shape, device=device)
+    t = torch.tensor(model.t_range[0], dtype=torch.float64)
+    y = None if model.num_classes is None else torch.zeros(1, dtype=torch.long, device=device)
+    forwards = model.forwards
+    try:
+        with warnings.catch_warnings(), torch.no_grad(), fwAD.dual_level():
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated")
+            xd = fwAD.make_dual(x, torch.ones_like(x))
+            model.velocity(xd, fwAD.make_dual(t, torch.ones_like(t)), y, guidance)
+    except (RuntimeError, NotImplementedError) as e:
+        _raise_if_no_forward_mode(e)
+        raise
+    finally:
+        model.forwards = forwards  # a check, not work
+
+
 def gauss_newton_step(
     family: Family, model: Model, train: Pairs, idx: Tensor, cfg: DistillConfig, lam: float
 ) -> tuple[float, float, int]:
@@ -262,14 +312,7 @@ def gauss_newton_step(
                 family, model, batch, cfg.guidance, loss=cfg.loss, micro_batch=cfg.micro_batch
             )
         except (RuntimeError, NotImplementedError) as e:
-            if any(
-                k in str(e).lower() for k in ("forward ad", "forward mode", "forward-mode", "jvp")
-            ):
-                raise TrainingError(
-                    f"Gauss-Newton steps differentiate the network in forward mode, which it"
-                    f" does not support ({str(e).splitlines()[0]}); pass gn_steps=0"
-                    " (--gn-steps 0)"
-                ) from None
+            _raise_if_no_forward_mode(e)
             raise
         ok = math.isfinite(loss) and bool(torch.isfinite(H).all() and torch.isfinite(g).all())
         return (loss, [H.cpu(), g.cpu()]) if ok else (math.nan, None)

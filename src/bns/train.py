@@ -29,7 +29,7 @@ from .checkpoint import Checkpoint
 from .config import DistillConfig, TrainingError
 from .evaluate import evaluate_psnr
 from .families import FAMILIES, Family, make_family, usable_inits
-from .gauss_newton import gauss_newton_step
+from .gauss_newton import check_forward_mode, gauss_newton_step
 from .loss import loss_and_grad
 from .model import Model, frozen
 from .pairs import Pairs, make_pairs
@@ -144,6 +144,9 @@ def distill(
             " (model.to(device))"
         )
     candidates = candidate_solvers(model, cfg)  # bad settings fail before any ground truth
+    if cfg.gn_steps > 0:
+        with frozen(model):
+            check_forward_mode(model, cfg.guidance, device)
     with frozen(model):
         return _distill(
             model,
