@@ -17,7 +17,7 @@ Sections:
   class-conditional U-Net with random weights (``TinyUNet``), batch 32;
 - sampling: an NS solver with dense coefficients (the cost of any trained BNS solver) through
   ``bns.sample`` against a plain Euler loop at the same NFE, interleaved repeats, medians;
-- protocol (``--protocol``): 520 train / 1024 val / 1024 test pairs, up to 1500 steps with
+- protocol (``--protocol``): 520 train / 1024 val / 1024 test pairs, the default optimizer with
   patience, ``init="best"``; per (model, guidance, NFE) the BNS test PSNR, the best classical
   solver at NFE and at 2 x NFE, and the wall time including all the ground truth.
 
@@ -81,7 +81,7 @@ class Sizes:
     train_pairs: int = 520
     val_pairs: int = 1024
     test_pairs: int = 1024
-    steps: int = 1500
+    steps: int | None = None  # None: bns's default optimizer (Gauss-Newton steps)
     patience: int = 20
 
 
@@ -100,6 +100,10 @@ TINY = Sizes(
     steps=2,
     patience=1,
 )
+
+
+def _steps_text(steps: int | None) -> str:
+    return "the default optimizer" if steps is None else f"up to {steps} Adam steps"
 
 
 class Clock:
@@ -441,7 +445,7 @@ def markdown(res: dict) -> str:
         p = res["sizes"]
         lines += [
             f"Protocol: {p['train_pairs']} train / {p['val_pairs']} val / {p['test_pairs']}"
-            f" test pairs, up to {p['steps']} steps, patience {p['patience']} validations,"
+            f" test pairs, {_steps_text(p['steps'])}, patience {p['patience']} validations,"
             " init best; PSNR in dB against dopri5 on the test pairs; ground truth counts all"
             " three splits.",
             "",

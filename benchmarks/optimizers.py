@@ -3,8 +3,8 @@
     python benchmarks/optimizers.py --model fmnist-vp --nfe 6,8 \
         --configs adam:400:0,gn:0:12,adam+gn:200:8
 
-Each config ``NAME:ADAM_STEPS:GN_STEPS`` distills a BNS solver at each NFE from the same
-initial solver (``--init best``) on the same pairs; the table gives the validation and test
+Each config ``NAME:ADAM_STEPS:GN_STEPS[:INIT]`` distills a BNS solver at each NFE from the
+initial solver INIT (default ``best``) on the same pairs; the table gives the validation and test
 PSNR, the network forwards and seconds spent in distillation, the step of the best
 validation, and the best classical solver at NFE n and 2n on the same test pairs (is n beating
 2n?). Writes ``benchmarks/results/optimizers_<model>_g<guidance><tag>.json`` and ``.md``.
@@ -27,11 +27,12 @@ from bns.specs import load_model
 from bns.train import distill
 
 
-def _configs(text: str) -> list[tuple[str, int, int]]:
+def _configs(text: str) -> list[tuple[str, int, int, str]]:
+    """``NAME:ADAM_STEPS:GN_STEPS[:INIT]`` items, comma-separated (INIT default ``best``)."""
     out = []
     for item in text.split(","):
-        name, adam, gn = item.split(":")
-        out.append((name, int(adam), int(gn)))
+        name, adam, gn, *init = item.split(":")
+        out.append((name, int(adam), int(gn), init[0] if init else "best"))
     return out
 
 
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> dict:
     test = make_pairs(model, args.test_pairs, "test", **kw)
     entries, runs = [], []
     for nfe in args.nfe:
-        for name, adam, gn in args.configs:
+        for name, adam, gn, init in args.configs:
             t0 = time.perf_counter()
             solver, hist = distill(
                 model,
@@ -55,6 +56,7 @@ def run(args: argparse.Namespace) -> dict:
                 gn_steps=gn,
                 gn_batch_size=args.gn_batch_size,
                 batch_size=args.batch_size,
+                init=init,
                 progress=False,
             )
             runs.append(
@@ -81,7 +83,7 @@ def run(args: argparse.Namespace) -> dict:
                 file=sys.stderr,
                 flush=True,
             )
-    kinds = {name: "bns" for name, _, _ in args.configs}
+    kinds = {c[0]: "bns" for c in args.configs}
     nfes = sorted({n for n in args.nfe} | {2 * n for n in args.nfe})
     rows = evaluate(
         model, entries + baseline_solvers(model, nfes, end=end), test, args.guidance, kinds=kinds
@@ -104,7 +106,6 @@ def run(args: argparse.Namespace) -> dict:
             "batch_size": args.batch_size,
             "gn_batch_size": args.gn_batch_size,
             "end": end,
-            "init": "best",
         },
         "machine": machine(),
         "command": " ".join(["python", "benchmarks/optimizers.py", *sys.argv[1:]]),

@@ -86,6 +86,7 @@ def worker(args: argparse.Namespace) -> None:
     gt_s, train = _timed(lambda: make_pairs(model, args.gt_pairs, "train", **kw), sync)
     val = make_pairs(model, args.gt_batch, "val", **kw)
     cfg = DistillConfig(nfe=args.nfe, guidance=args.guidance, batch_size=args.batch_size)
+    cfg = cfg.replace(steps=args.steps, gn_steps=0)  # timed Adam steps
     init = initial_solver(model, args.nfe, "midpoint")
     loop = _Loop(model, cfg, make_family("bns", init), init, train, val, None)
     loop._train_step()  # warm-up

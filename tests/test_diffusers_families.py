@@ -902,3 +902,44 @@ def test_cli_distill_on_every_other_saved_family(tmp_path, family, tok, monkeypa
     assert solver.nfe == 2 and solver.meta["guidance"] == 2.0
     model = model_from_pipeline(str(tmp_path / family), prompts=["a cow", "an owl"], **options)
     bns.NSSolver.load(tmp_path / "solver.json", model=model)  # the same model, other prompts
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_gauss_newton_runs_through_attention_and_is_exact(family, request, tmp_path):
+    """Fused attention kernels have no forward-mode formula; the Gauss-Newton steps run
+    attention through the math kernel, so a UNet and a transformer get exact Jacobians."""
+    import warnings
+
+    from bns.gauss_newton import coefficient_jacobian
+    from bns.solver import NSSolver, sample
+    from bns.solvers import init_candidates
+
+    model = model_from_pipeline(request.getfixturevalue(family), prompts=PROMPTS)
+    s = init_candidates(model, 2, "euler", None, "range")[0]
+    x0 = _noise((1, *model.sample_shape), 3)
+    y = torch.tensor([1])
+    xn, jac = coefficient_jacobian(model, s, x0, y, 2.0)
+    n = s.nfe
+
+    def fn(theta):
+        t, a, b = theta[: n + 1], theta[n + 1 : 2 * n + 1], theta[2 * n + 1 :].reshape(n, n)
+        return sample(model, x0, NSSolver(t, a, b), y, 2.0).reshape(1, -1)
+
+    theta = torch.cat([s.times, s.a, s.b.reshape(-1)]).detach()
+    ref = torch.autograd.functional.jacobian(fn, theta)
+    assert (jac - ref).abs().max() <= 1e-4 * ref.abs().max()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to Adam
+        solver, hist = bns.distill(
+            model,
+            2,
+            guidance=2.0,
+            train_pairs=4,
+            val_pairs=4,
+            init_pairs=4,
+            gn_batch_size=4,
+            init="euler",
+            cache=tmp_path,
+            progress=False,
+        )
+    assert solver.meta["config"]["gn_steps"] == 12 and hist["best_val_psnr"] >= hist["val_psnr"][0]

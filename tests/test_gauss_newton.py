@@ -241,3 +241,45 @@ def test_gauss_newton_through_the_command_line(user_pairs, tmp_path):
     assert meta["val_psnr"] > meta["init_candidates_psnr"].get("midpoint", -math.inf) or (
         meta["best_step"] > 0
     )
+
+
+def test_steps_resolve_to_gauss_newton_by_default_and_to_adam_when_asked():
+    from bns.config import AUTO_ADAM_STEPS, AUTO_GN_STEPS, resolve_steps
+
+    cfg = bns.DistillConfig(nfe=4)
+    yes, no = (lambda: True), (lambda: False)
+    assert (resolve_steps(cfg, yes).steps, resolve_steps(cfg, yes).gn_steps) == (0, AUTO_GN_STEPS)
+    assert (resolve_steps(cfg, no).steps, resolve_steps(cfg, no).gn_steps) == (AUTO_ADAM_STEPS, 0)
+    l1 = cfg.replace(loss="l1")
+    assert (resolve_steps(l1, yes).steps, resolve_steps(l1, yes).gn_steps) == (AUTO_ADAM_STEPS, 0)
+    both = [(None, 3, (0, 3)), (7, None, (7, 0)), (None, 0, (AUTO_ADAM_STEPS, 0)), (5, 2, (5, 2))]
+    for steps, gn, want in both:
+        got = resolve_steps(cfg.replace(steps=steps, gn_steps=gn), no)
+        assert (got.steps, got.gn_steps) == want
+
+
+def test_the_default_distillation_is_gauss_newton_or_adam_without_forward_mode(
+    user_pairs, monkeypatch
+):
+    _, train, val = user_pairs
+    kw = dict(pairs=(train, val), progress=False, guidance=2.0, gn_batch_size=16)
+    solver, hist = distill(_model(), 4, **kw)
+    assert solver.meta["config"]["steps"] == 0 and solver.meta["config"]["gn_steps"] == 12
+    assert hist["steps_run"] <= 12 and hist["best_val_psnr"] > hist["val_psnr"][0] + 1.0
+    monkeypatch.setattr(bns.config, "AUTO_ADAM_STEPS", 3)
+    inner = _model().net
+
+    def closure(x, t, y):
+        return _NoJvp.apply(inner(x, t, y))
+
+    wrapped = bns.Model(
+        closure,
+        prediction="eps",
+        schedule="vp",
+        sample_shape=(6,),
+        t_range=(0.0, 0.99),
+        num_classes=3,
+    )
+    with pytest.warns(UserWarning, match="forward mode.*Adam steps instead"):
+        solver, hist = distill(wrapped, 4, **kw)
+    assert solver.meta["config"]["steps"] == 3 and solver.meta["config"]["gn_steps"] == 0

@@ -307,7 +307,8 @@ def _distill_guidance_range(args, model: Any, cfg: Any, t0: float) -> int:
     print(
         f"bns distill: {model.name} nfe={cfg.nfe} guidance {lo:g} to {hi:g}: mean validation"
         f" PSNR {hist['best_val_psnr']:.2f} dB (init {rs.meta['init']} {hist['val_psnr'][0]:.2f}"
-        f" dB), best step {hist['best_step']} of {cfg.steps}, {time.perf_counter() - t0:.1f} s"
+        f" dB), best step {hist['best_step']} of {rs.meta['steps_run']},"
+        f" {time.perf_counter() - t0:.1f} s"
         f" -> {args.out}"
     )
     return 0

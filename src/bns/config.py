@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
 from .errors import TrainingError
 
-__all__ = ["DistillConfig", "TrainingError", "parse_precondition", "add_config_arguments"]
+__all__ = [
+    "DistillConfig",
+    "TrainingError",
+    "parse_precondition",
+    "add_config_arguments",
+    "resolve_steps",
+]
 
 
 def parse_precondition(text: str | float | None) -> float | str | None:
@@ -42,10 +49,18 @@ def _one_of(names: Any) -> str:
     return f"{', '.join(names[:-1])} or {names[-1]}"
 
 
+# What runs when neither ``steps`` nor ``gn_steps`` is given (benchmarks/results/optimizers_*):
+# Gauss-Newton steps from the initial solver where the network can be differentiated in
+# forward mode, else Adam steps.
+AUTO_GN_STEPS = 12
+AUTO_ADAM_STEPS = 1000
+
 _GN_HELP = (
     "Gauss-Newton (Levenberg-Marquardt) steps after the Adam steps, each validated: exact"
     " forward-mode Jacobians of the solver's output, about n^2/4 x gn_batch_size sample runs"
-    " each and n^2/2 x micro_batch (or gn_batch_size) samples of memory; log-mse or mse loss"
+    " each and n^2/2 x micro_batch (or gn_batch_size) samples of memory; log-mse or mse loss."
+    f" auto: {AUTO_GN_STEPS} when neither steps nor gn_steps is given and the network supports"
+    " forward mode, else 0"
 )
 
 
@@ -87,7 +102,12 @@ class DistillConfig:
     train_pairs: int = _opt(520, "ground-truth pairs to train on")
     val_pairs: int = _opt(1024, "ground-truth pairs to validate on (the best step is kept)")
     init_pairs: int = _opt(256, "validation pairs that rank the candidates of --init best")
-    steps: int = _opt(1000, "optimization steps (at most)")
+    steps: int | None = _opt(
+        None,
+        f"Adam steps (at most). auto: {AUTO_ADAM_STEPS} when Adam runs alone (gn_steps given"
+        " as 0, or a network without forward mode), 0 when Gauss-Newton steps run",
+        shown_default="auto",
+    )
     batch_size: int = _opt(40, "pairs per optimization step")
     micro_batch: int = _opt(
         0, "pairs per forward/backward pass (gradients accumulated; 0 = the whole batch)"
@@ -101,7 +121,7 @@ class DistillConfig:
     coef_lr_scale: float = _opt(
         8.0, "learning rate of the coefficients a, b relative to lr, times the mean step"
     )
-    gn_steps: int = _opt(0, _GN_HELP)
+    gn_steps: int | None = _opt(None, _GN_HELP, shown_default="auto")
     gn_batch_size: int = _opt(64, "pairs per Gauss-Newton step")
     val_every: int = _opt(25, "steps between validations")
     patience: int = _opt(20, "validation rounds without improvement before stopping")
@@ -130,47 +150,69 @@ class DistillConfig:
 
     def check(self) -> None:
         """Raise TrainingError on settings no run can use."""
-        positive = ("nfe", "train_pairs", "val_pairs", "init_pairs", "batch_size", "val_every")
-        positive += ("gn_batch_size",)
-        for name in positive:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise TrainingError(f"{name} must be a positive integer, got {v!r}")
-        for name in ("steps", "gn_steps", "micro_batch", "warmup", "patience", "max_skips"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise TrainingError(f"{name} must be a non-negative integer, got {v!r}")
-        for name in ("lr", "data_range", "gt_batch_size", "eval_batch_size"):
-            if not getattr(self, name) > 0:
-                raise TrainingError(f"{name} must be positive, got {getattr(self, name)!r}")
-        for name in ("rtol", "atol"):
-            v = getattr(self, name)
-            if v is not None and not (math.isfinite(v) and v > 0):
-                raise TrainingError(f"{name} must be a finite number > 0, got {v!r}")
-        from .families import FAMILIES
-        from .loss import LOSSES  # imported here: the config module stays free of the trainer
-        from .solvers.ends import ENDS
-
-        if self.family not in FAMILIES:
-            known = ", ".join(FAMILIES)
-            raise TrainingError(f"unknown solver family {self.family!r}; known: {known}")
-        if self.loss not in LOSSES:
-            raise TrainingError(f"loss must be {_one_of(LOSSES)}, got {self.loss!r}")
-        if self.gn_steps > 0 and self.loss not in ("log-mse", "mse"):
-            raise TrainingError(
-                f"Gauss-Newton steps need a sum-of-squares loss (log-mse or mse), not {self.loss}"
-            )
-        if self.end not in ENDS:
-            raise TrainingError(f"end must be {_one_of(ENDS)}, got {self.end!r}")
-        if not math.isfinite(self.guidance):
-            raise TrainingError(f"guidance must be finite, got {self.guidance}")
-        try:
-            self.precondition = parse_precondition(self.precondition)
-        except ValueError as e:
-            raise TrainingError(str(e)) from None
+        _check(self)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _check(cfg: DistillConfig) -> None:
+    """Raise TrainingError on settings no run can use."""
+    positive = ("nfe", "train_pairs", "val_pairs", "init_pairs", "batch_size", "val_every")
+    positive += ("gn_batch_size",)
+    for name in positive:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise TrainingError(f"{name} must be a positive integer, got {v!r}")
+    for name in ("steps", "gn_steps", "micro_batch", "warmup", "patience", "max_skips"):
+        v = getattr(cfg, name)
+        if v is None and name in ("steps", "gn_steps"):
+            continue  # auto: see resolve_steps
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise TrainingError(f"{name} must be a non-negative integer, got {v!r}")
+    for name in ("lr", "data_range", "gt_batch_size", "eval_batch_size"):
+        if not getattr(cfg, name) > 0:
+            raise TrainingError(f"{name} must be positive, got {getattr(cfg, name)!r}")
+    for name in ("rtol", "atol"):
+        v = getattr(cfg, name)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise TrainingError(f"{name} must be a finite number > 0, got {v!r}")
+    from .families import FAMILIES
+    from .loss import LOSSES  # imported here: the config module stays free of the trainer
+    from .solvers.ends import ENDS
+
+    if cfg.family not in FAMILIES:
+        known = ", ".join(FAMILIES)
+        raise TrainingError(f"unknown solver family {cfg.family!r}; known: {known}")
+    if cfg.loss not in LOSSES:
+        raise TrainingError(f"loss must be {_one_of(LOSSES)}, got {cfg.loss!r}")
+    if cfg.gn_steps and cfg.loss not in ("log-mse", "mse"):
+        raise TrainingError(
+            f"Gauss-Newton steps need a sum-of-squares loss (log-mse or mse), not {cfg.loss}"
+        )
+    if cfg.end not in ENDS:
+        raise TrainingError(f"end must be {_one_of(ENDS)}, got {cfg.end!r}")
+    if not math.isfinite(cfg.guidance):
+        raise TrainingError(f"guidance must be finite, got {cfg.guidance}")
+    try:
+        cfg.precondition = parse_precondition(cfg.precondition)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+
+
+def resolve_steps(cfg: DistillConfig, forward_mode: Callable[[], bool]) -> DistillConfig:
+    """``steps`` and ``gn_steps`` as numbers. Neither given: Gauss-Newton steps alone
+    (``AUTO_GN_STEPS``) if ``forward_mode()`` says the network supports forward-mode
+    differentiation, else Adam alone (``AUTO_ADAM_STEPS``). ``steps`` alone: Adam alone.
+    ``gn_steps`` alone: Gauss-Newton alone, or Adam alone with its default for 0. A loss
+    that is not a sum of squares means Adam."""
+    if cfg.steps is not None:
+        return replace(cfg, gn_steps=cfg.gn_steps or 0)
+    if cfg.gn_steps is not None:  # --gn-steps 0 alone: Adam alone, with its default
+        return replace(cfg, steps=0 if cfg.gn_steps else AUTO_ADAM_STEPS)
+    if cfg.loss in ("log-mse", "mse") and forward_mode():
+        return replace(cfg, steps=0, gn_steps=AUTO_GN_STEPS)
+    return replace(cfg, steps=AUTO_ADAM_STEPS, gn_steps=0)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
@@ -187,7 +229,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
         default = None if f.default is MISSING else f.default
         help_text = f.metadata["help"]
         if f.default is not MISSING:
-            help_text += f" (default: {'none' if default is None else default})"
+            shown = f.metadata.get("shown_default", "none" if default is None else default)
+            help_text += f" (default: {shown})"
         if isinstance(default, bool):
             parser.add_argument(
                 flag, action="store_true", default=argparse.SUPPRESS, help=help_text

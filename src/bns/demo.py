@@ -21,7 +21,7 @@ class DemoSizes:
     train_pairs: int
     val_pairs: int
     test_pairs: int
-    steps: int
+    steps: int | None  # None: the default optimizer (Gauss-Newton steps where possible)
     batch_size: int
     val_every: int
     nfes: tuple[int, ...]
@@ -31,7 +31,7 @@ FULL = DemoSizes(
     train_pairs=256,
     val_pairs=128,
     test_pairs=256,
-    steps=500,
+    steps=None,
     batch_size=24,
     val_every=25,
     nfes=(4, 6, 8, 10, 12, 16),
@@ -172,7 +172,13 @@ def _reusable(path, model, guidance, settings):
         solver = NSSolver.load(path, model=model, guidance=guidance)
     except SolverFileError:
         return None
+    from .config import AUTO_ADAM_STEPS, AUTO_GN_STEPS
+
     cfg = solver.meta.get("config", {})
-    if all(cfg.get(k) == v for k, v in settings.items()):
-        return solver
-    return None
+    if not all(cfg.get(k) == v for k, v in settings.items() if v is not None):
+        return None
+    if settings.get("steps") is None:  # the default optimizer: either automatic choice
+        steps = (cfg.get("steps"), cfg.get("gn_steps"))
+        if steps not in ((0, AUTO_GN_STEPS), (AUTO_ADAM_STEPS, 0)):
+            return None
+    return solver

@@ -22,9 +22,10 @@ current iterate (iteratively reweighted least squares).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -53,6 +54,26 @@ GN_LOSSES = ("log-mse", "mse")
 def _coefficients(solver: NSSolver) -> Tensor:
     """The flat coefficient vector ``theta = (times, a, b)`` of an NS solver."""
     return torch.cat([solver.times, solver.a, solver.b.reshape(-1)])
+
+
+@contextlib.contextmanager
+def _forward_mode() -> Iterator[None]:
+    """A forward-mode region: no autograd graph, a dual level, and attention through the math
+    kernel of ``scaled_dot_product_attention`` (the fused flash and memory-efficient kernels
+    have no forward-mode formula, and every diffusers UNet and transformer calls them)."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(warnings.catch_warnings())
+        # torch's first forward-mode call scripts its decompositions, with a warning of its own
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated")
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(fwAD.dual_level())
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+        except ImportError:  # an older torch: its default kernels
+            pass
+        else:
+            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        yield
 
 
 def coefficient_jacobian(
@@ -122,7 +143,7 @@ def _jacobian_columns(model, solver, x0, y, guidance, max_stack):
         for j in range(i + 1):
             starts[i + 1].append((column[(n + 1) + n + i * n + j], us[j], {}))
     for k in range(n):  # the time of evaluation k: du_k = d u / d t at (x_k, t_k)
-        with torch.no_grad(), fwAD.dual_level():
+        with _forward_mode():
             t_dual = fwAD.make_dual(times[k], torch.ones_like(times[k]))
             du = fwAD.unpack_dual(velocity(xs[k], t_dual, y)).tangent
         if du is None:  # the velocity does not depend on t: a zero column
@@ -145,7 +166,7 @@ def _jacobian_columns(model, solver, x0, y, guidance, max_stack):
             for j in {j for h in hist for j in h}:
                 du_hist[j] = torch.cat([h.get(j, torch.zeros_like(flat0)) for h in hist])
             for m in range(s, n):
-                with torch.no_grad(), fwAD.dual_level():
+                with _forward_mode():
                     xd = fwAD.make_dual(
                         xs[m].to(acc).repeat(c, *[1] * (xs[m].dim() - 1)),
                         dx.reshape(c * B, *shape[1:]),
@@ -282,8 +303,7 @@ def check_forward_mode(model: Model, guidance: float, device: torch.device | Non
     y = None if model.num_classes is None else torch.zeros(1, dtype=torch.long, device=device)
     forwards = model.forwards
     try:
-        with warnings.catch_warnings(), torch.no_grad(), fwAD.dual_level():
-            warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated")
+        with _forward_mode():
             xd = fwAD.make_dual(x, torch.ones_like(x))
             model.velocity(xd, fwAD.make_dual(t, torch.ones_like(t)), y, guidance)
     except (RuntimeError, NotImplementedError) as e:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ._io import atomic_write_text
-from .config import DistillConfig, TrainingError
+from .config import DistillConfig, TrainingError, resolve_steps
 from .evaluate import evaluate_psnr
 from .families import BNSFamily, _increasing
 from .loss import LOSSES
@@ -194,6 +194,7 @@ def distill_guidance_range(
     mid = math.exp((math.log(ws[0]) + math.log(ws[-1])) / 2)
     cfg = (config or DistillConfig(nfe=int(nfe))).replace(nfe=int(nfe), guidance=mid, **overrides)
     cfg.check()
+    cfg = resolve_steps(cfg, lambda: False)  # Adam alone (refused below if asked otherwise)
     refused = {"family": "bns", "gn_steps": 0}
     for name, only in refused.items():
         if getattr(cfg, name) != only:

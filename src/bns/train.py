@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .checkpoint import Checkpoint
-from .config import DistillConfig, TrainingError
+from .config import DistillConfig, TrainingError, resolve_steps
 from .evaluate import evaluate_psnr
 from .families import FAMILIES, Family, make_family, usable_inits
 from .gauss_newton import check_forward_mode, gauss_newton_step
@@ -144,9 +144,10 @@ def distill(
             " (model.to(device))"
         )
     candidates = candidate_solvers(model, cfg)  # bad settings fail before any ground truth
-    if cfg.gn_steps > 0:
-        with frozen(model):
+    with frozen(model):
+        if cfg.gn_steps:  # asked for: a network without forward mode fails now, clearly
             check_forward_mode(model, cfg.guidance, device)
+        cfg = resolve_steps(cfg, lambda: _forward_mode(model, cfg, device))
     with frozen(model):
         return _distill(
             model,
@@ -202,6 +203,19 @@ def _distill(
     return solver, _history(loop)
 
 
+def _forward_mode(model: Model, cfg: DistillConfig, device: torch.device) -> bool:
+    """Whether the network supports forward-mode differentiation (the automatic choice of
+    Gauss-Newton steps); if not, a warning says Adam runs instead."""
+    try:
+        check_forward_mode(model, cfg.guidance, device)
+    except TrainingError as e:
+        warnings.warn(
+            f"bns: {str(e).split(';')[0]}: distilling with Adam steps instead", stacklevel=4
+        )
+        return False
+    return True
+
+
 def _same_device(a: torch.device, b: torch.device) -> bool:
     """Whether two devices are one, an index left out meaning "any" (``cuda`` and ``cuda:0``)."""
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
@@ -231,6 +245,8 @@ def _gauss_newton(loop: _Loop) -> float:
     """One Gauss-Newton step of ``loop`` on ``gn_batch_size`` training pairs drawn without
     replacement; the damping ``gn_lam`` carries over (and into checkpoints)."""
     cfg = loop.cfg
+    if loop.step == cfg.steps > 0:  # after Adam: from its best iterate, not its last
+        loop.family.load_state_dict(loop.best_params)
     idx = torch.randperm(len(loop.train), generator=loop.gen)[: cfg.gn_batch_size]
     loss, loop.gn_lam, forwards = gauss_newton_step(
         loop.family, loop.model, loop.train, idx, cfg, loop.gn_lam
