@@ -283,3 +283,25 @@ def test_the_default_distillation_is_gauss_newton_or_adam_without_forward_mode(
     with pytest.warns(UserWarning, match="forward mode.*Adam steps instead"):
         solver, hist = distill(wrapped, 4, **kw)
     assert solver.meta["config"]["steps"] == 3 and solver.meta["config"]["gn_steps"] == 0
+
+
+def test_an_interrupted_gauss_newton_run_resumes_to_the_same_solver(user_pairs, tmp_path):
+    _, train, val = user_pairs
+    kw = dict(pairs=(train, val), progress=False, guidance=2.0, gn_steps=4, gn_batch_size=16)
+    whole, _ = distill(_model(), 4, **kw)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(step, record):
+        if step == 3:
+            raise Stop
+
+    ckpt = tmp_path / "run.ckpt"
+    with pytest.raises(Stop):
+        distill(_model(), 4, checkpoint_path=ckpt, callback=stop_at_3, **kw)
+    assert ckpt.exists()
+    resumed, hist = distill(_model(), 4, checkpoint_path=ckpt, resume=True, **kw)
+    assert hist["steps_run"] == 4
+    for name in ("times", "a", "b"):
+        assert torch.equal(getattr(whole, name), getattr(resumed, name))
