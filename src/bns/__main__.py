@@ -1,7 +1,5 @@
 """``python -m bns``: the command line (also what ``torchrun -m bns`` runs)."""
 
-import sys
+from .cli import run
 
-from .cli import main
-
-sys.exit(main())
+run()

@@ -565,6 +565,18 @@ def cmd_demo(args) -> int:
 COMMANDS = {"distill": cmd_distill, "eval": cmd_eval, "sample": cmd_sample, "demo": cmd_demo}
 
 
+def run() -> None:
+    """The ``bns`` and ``python -m bns`` entry point: :func:`main`, then the process exits
+    (under torchrun, a worker of a job bns started ends as :func:`bns.distributed.end_command`
+    says)."""
+    rc = main()
+    if "bns.distributed" in sys.modules:  # only a multi-worker job loaded it
+        from .distributed import end_command
+
+        rc = end_command(rc)
+    sys.exit(rc)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -588,4 +600,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import math
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import warnings
@@ -120,6 +122,7 @@ class _Job:
         self.faulted = False  # a worker failed, died or hung: the group is not to be trusted
         self.stop = threading.Event()  # set at exit: the heartbeat thread ends
         self.beat: threading.Thread | None = None
+        self.started = False  # bns started the process group (not the user's program)
 
 
 _JOB = _Job()
@@ -200,6 +203,7 @@ def _start(dist: Any, device: torch.device | str | None) -> None:
         torch.set_num_threads(_threads())
         backend = "gloo"
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s()))
+    _JOB.started = True
     atexit.register(_close, dist)
     if threading.current_thread() is threading.main_thread():
         # The launcher stops the others with SIGTERM when a worker dies: say who and why.
@@ -212,6 +216,30 @@ def _close(dist: Any) -> None:
     if dist.is_initialized() and not _JOB.faulted:
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
+
+
+def end_command(rc: int) -> int:
+    """End a command-line worker of a job bns started: every worker reaches the end (a
+    barrier), output is flushed, and the process leaves without interpreter finalization.
+
+    Finalizing an interpreter whose threads sit in the process group's C++ code has aborted
+    finished workers now and then ("terminate called without an active exception"); the job's
+    work is done and written by then, so nothing is lost by leaving at once. Outside such a
+    job (the Python API, one process) this returns ``rc``."""
+    import torch.distributed as dist
+
+    if not (_JOB.started and _JOB.ready and not _JOB.faulted and dist.is_initialized()):
+        return rc
+    try:
+        if rc == 0:  # a failed worker leaves at once: the others see it go (as before)
+            _collective("the end of the job", dist.barrier)
+    finally:
+        _stop_heartbeat()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        logging.shutdown()
+        os._exit(rc)
 
 
 def _setup(dist: Any, rank: int, size: int) -> None:
