@@ -305,3 +305,26 @@ def test_an_interrupted_gauss_newton_run_resumes_to_the_same_solver(user_pairs, 
     assert hist["steps_run"] == 4
     for name in ("times", "a", "b"):
         assert torch.equal(getattr(whole, name), getattr(resumed, name))
+
+
+def test_gauss_newton_steps_that_never_help_return_the_initial_solver(user_pairs, monkeypatch):
+    """The best-iterate rule with Gauss-Newton: steps that only make things worse leave the
+    initial solver, bit for bit."""
+    import bns.gauss_newton as gn
+
+    _, train, val = user_pairs
+
+    def harmful(params, loss0, H, g, batch_loss, lam, max_tries=8):
+        with torch.no_grad():
+            for p in params:
+                p += 0.5 * torch.randn_like(p)
+        return loss0, lam
+
+    monkeypatch.setattr(gn, "levenberg_marquardt", harmful)
+    model = _model()
+    kw = dict(pairs=(train, val), progress=False, guidance=2.0, init="midpoint")
+    solver, hist = distill(model, 4, gn_steps=3, gn_batch_size=16, **kw)
+    init, _ = distill(model, 4, steps=0, **kw)
+    assert hist["best_step"] == 0 and max(hist["val_psnr"][1:]) < hist["val_psnr"][0]
+    for name in ("times", "a", "b"):
+        assert torch.equal(getattr(solver, name), getattr(init, name))
