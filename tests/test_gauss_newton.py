@@ -41,7 +41,7 @@ class TinyEps(nn.Module):
         ts = t.reshape(-1, 1).expand(x.shape[0], 1) * 1000.0
         freqs = torch.exp(torch.linspace(-6, 0, 4, device=x.device))[None]
         temb = torch.cat([torch.sin(ts * freqs), torch.cos(ts * freqs)], 1)
-        return self.net(torch.cat([x, temb, self.emb(y)], 1))
+        return self.net(torch.cat([x, temb.to(x.dtype), self.emb(y)], 1))
 
 
 def _model(dtype=None):
@@ -170,14 +170,14 @@ class _NoJvp(torch.autograd.Function):
         return g
 
 
-def test_a_network_without_forward_mode_fails_before_any_ground_truth(tmp_path):
-    model = _model()
-    inner = model.net
+def _without_forward_mode() -> tuple[bns.Model, nn.Module]:
+    """A user's closure around the network with a custom op that has no ``jvp``."""
+    inner = _model().net
 
     def closure(x, t, y):
         return _NoJvp.apply(inner(x, t, y))
 
-    wrapped = bns.Model(
+    model = bns.Model(
         closure,
         prediction="eps",
         schedule="vp",
@@ -185,6 +185,11 @@ def test_a_network_without_forward_mode_fails_before_any_ground_truth(tmp_path):
         t_range=(0.0, 0.99),
         num_classes=3,
     )
+    return model, inner
+
+
+def test_a_network_without_forward_mode_fails_before_any_ground_truth(tmp_path):
+    wrapped, inner = _without_forward_mode()
     kw = dict(cache=tmp_path, progress=False, guidance=2.0, train_pairs=8, val_pairs=8)
     with pytest.raises(TrainingError, match="forward mode.*gn_steps=0"):
         distill(wrapped, 4, steps=5, gn_steps=1, **kw)
@@ -267,19 +272,7 @@ def test_the_default_distillation_is_gauss_newton_or_adam_without_forward_mode(
     assert solver.meta["config"]["steps"] == 0 and solver.meta["config"]["gn_steps"] == 12
     assert hist["steps_run"] <= 12 and hist["best_val_psnr"] > hist["val_psnr"][0] + 1.0
     monkeypatch.setattr(bns.config, "AUTO_ADAM_STEPS", 3)
-    inner = _model().net
-
-    def closure(x, t, y):
-        return _NoJvp.apply(inner(x, t, y))
-
-    wrapped = bns.Model(
-        closure,
-        prediction="eps",
-        schedule="vp",
-        sample_shape=(6,),
-        t_range=(0.0, 0.99),
-        num_classes=3,
-    )
+    wrapped, _ = _without_forward_mode()
     with pytest.warns(UserWarning, match="forward mode.*Adam steps instead"):
         solver, hist = distill(wrapped, 4, **kw)
     assert solver.meta["config"]["steps"] == 3 and solver.meta["config"]["gn_steps"] == 0
@@ -328,3 +321,14 @@ def test_gauss_newton_steps_that_never_help_return_the_initial_solver(user_pairs
     assert hist["best_step"] == 0 and max(hist["val_psnr"][1:]) < hist["val_psnr"][0]
     for name in ("times", "a", "b"):
         assert torch.equal(getattr(solver, name), getattr(init, name))
+
+
+def test_gauss_newton_on_a_bf16_network_keeps_float32_states(tmp_path):
+    model = _model(torch.bfloat16)  # bf16 weights, no dtype=
+    kw = dict(cache=tmp_path, progress=False, guidance=2.0, train_pairs=16, val_pairs=16)
+    solver, hist = distill(model, 4, gn_steps=2, gn_batch_size=8, init="midpoint", **kw)
+    assert hist["best_val_psnr"] >= hist["val_psnr"][0] and solver.times.dtype == F64
+    x0 = torch.randn(3, 6)
+    xn, jac = coefficient_jacobian(model, solver, x0, torch.tensor([0, 1, 2]), 2.0)
+    assert xn.dtype == torch.float32 and jac.dtype == torch.float32
+    assert all(p.grad is None and p.dtype == torch.bfloat16 for p in model.net.parameters())

@@ -177,8 +177,9 @@ def _check(cfg: DistillConfig) -> None:
         v = getattr(cfg, name)
         if v is not None and not (math.isfinite(v) and v > 0):
             raise TrainingError(f"{name} must be a finite number > 0, got {v!r}")
+    # imported here: the config module stays free of the trainer
     from .families import FAMILIES
-    from .loss import LOSSES  # imported here: the config module stays free of the trainer
+    from .loss import LOSSES, SUM_OF_SQUARES
     from .solvers.ends import ENDS
 
     if cfg.family not in FAMILIES:
@@ -186,7 +187,7 @@ def _check(cfg: DistillConfig) -> None:
         raise TrainingError(f"unknown solver family {cfg.family!r}; known: {known}")
     if cfg.loss not in LOSSES:
         raise TrainingError(f"loss must be {_one_of(LOSSES)}, got {cfg.loss!r}")
-    if cfg.gn_steps and cfg.loss not in ("log-mse", "mse"):
+    if cfg.gn_steps and cfg.loss not in SUM_OF_SQUARES:
         raise TrainingError(
             f"Gauss-Newton steps need a sum-of-squares loss (log-mse or mse), not {cfg.loss}"
         )
@@ -210,7 +211,9 @@ def resolve_steps(cfg: DistillConfig, forward_mode: Callable[[], bool]) -> Disti
         return replace(cfg, gn_steps=cfg.gn_steps or 0)
     if cfg.gn_steps is not None:  # --gn-steps 0 alone: Adam alone, with its default
         return replace(cfg, steps=0 if cfg.gn_steps else AUTO_ADAM_STEPS)
-    if cfg.loss in ("log-mse", "mse") and forward_mode():
+    from .loss import SUM_OF_SQUARES  # imported here: the config stays free of the trainer
+
+    if cfg.loss in SUM_OF_SQUARES and forward_mode():
         return replace(cfg, steps=0, gn_steps=AUTO_GN_STEPS)
     return replace(cfg, steps=AUTO_ADAM_STEPS, gn_steps=0)
 

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .config import DistillConfig, TrainingError
 from .families import Family
-from .loss import LOSSES
+from .loss import LOSSES, SUM_OF_SQUARES
 from .model import Model
 from .pairs import Pairs
 from .solver import NSSolver, sample
@@ -47,8 +47,7 @@ __all__ = [
     "GN_LOSSES",
 ]
 
-# The losses that are (reweighted) sums of squares.
-GN_LOSSES = ("log-mse", "mse")
+GN_LOSSES = SUM_OF_SQUARES  # the losses Gauss-Newton steps can minimize
 
 
 def _coefficients(solver: NSSolver) -> Tensor:

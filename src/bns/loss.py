@@ -19,7 +19,7 @@ from .model import Model
 from .pairs import Pairs
 from .solver import sample
 
-__all__ = ["log_mse", "mse", "l1", "LOSSES", "solver_loss", "loss_and_grad"]
+__all__ = ["log_mse", "mse", "l1", "LOSSES", "SUM_OF_SQUARES", "solver_loss", "loss_and_grad"]
 
 
 def log_mse(x: Tensor, ref: Tensor) -> Tensor:
@@ -41,6 +41,8 @@ def l1(x: Tensor, ref: Tensor) -> Tensor:
 
 # The per-sample losses distillation can minimize (DistillConfig.loss), by name.
 LOSSES = {"log-mse": log_mse, "mse": mse, "l1": l1}
+# Those that are (reweighted) sums of squares: what Gauss-Newton steps can minimize.
+SUM_OF_SQUARES = ("log-mse", "mse")
 
 
 def solver_loss(

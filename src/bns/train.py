@@ -147,7 +147,7 @@ def distill(
     with frozen(model):
         if cfg.gn_steps:  # asked for: a network without forward mode fails now, clearly
             check_forward_mode(model, cfg.guidance, device)
-        cfg = resolve_steps(cfg, lambda: _forward_mode(model, cfg, device))
+        cfg = resolve_steps(cfg, lambda: _supports_forward_mode(model, cfg, device))
     with frozen(model):
         return _distill(
             model,
@@ -203,7 +203,7 @@ def _distill(
     return solver, _history(loop)
 
 
-def _forward_mode(model: Model, cfg: DistillConfig, device: torch.device) -> bool:
+def _supports_forward_mode(model: Model, cfg: DistillConfig, device: torch.device) -> bool:
     """Whether the network supports forward-mode differentiation (the automatic choice of
     Gauss-Newton steps); if not, a warning says Adam runs instead."""
     try:
