@@ -125,7 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
         " these scales (its parameters a smooth function of log w); sample and eval then take"
         " any --guidance in the range",
     )
-    d.add_argument("--out", type=Path, required=True, help="the solver file to write (JSON)")
+    d.add_argument(
+        "--estimate",
+        action="store_true",
+        help="print what the run would cost, phase by phase (network forwards, JVPs, predicted"
+        " seconds on this device), from a few timed calls of the network; solves nothing",
+    )
+    d.add_argument("--out", type=Path, help="the solver file to write (JSON)")
 
     e = sub.add_parser("eval", help="PSNR of solvers against ground truth on held-out pairs")
     _add_model(e)
@@ -334,6 +340,10 @@ def cmd_distill(args) -> int:
     from .solver import NSSolver
     from .train import distill
 
+    if args.estimate:
+        return _estimate(args)
+    if args.out is None:
+        raise CLIError("--out is required (the solver file to write), or pass --estimate")
     if args.out.exists() and not (args.overwrite or args.resume):
         raise CLIError(f"{args.out} exists; pass --overwrite to replace it")
     if args.out.exists() and args.out.is_dir():
@@ -363,11 +373,46 @@ def cmd_distill(args) -> int:
     if not world(model.device).main:
         return 0  # rank 0 alone speaks
     init_psnr = hist["val_psnr"][0]
+    from .cost import Ledger
+
+    print(Ledger.from_dict(solver.meta["cost"]).table("bns distill: cost"))
+    if hist.get("stopped_by_budget"):
+        print(f"bns distill: stopped before crossing the budget ({cfg.budget})")
     print(
         f"bns distill: {model.name} nfe={cfg.nfe} guidance={cfg.guidance:g}: validation PSNR"
         f" {hist['best_val_psnr']:.2f} dB (init {solver.meta['init']} {init_psnr:.2f} dB,"
         f" {hist['best_val_psnr'] - init_psnr:+.2f} dB), best step {hist['best_step']} of"
         f" {hist['steps_run']}, {time.perf_counter() - t0:.1f} s -> {args.out}"
+    )
+    return 0
+
+
+def _estimate(args) -> int:
+    from .config import DistillConfig, config_from_args
+    from .estimate import estimate_cost
+
+    model = _model(args)
+    cfg = DistillConfig(**config_from_args(args))
+    if args.guidance_range is not None:
+        raise CLIError("--estimate is for one guidance scale: leave out --guidance-range")
+    t0 = time.perf_counter()
+    ledger, used = estimate_cost(model, config=cfg, cache=_cache(args), return_config=True)
+    took = time.perf_counter() - t0
+    steps = (
+        f"{used.gn_steps} Gauss-Newton steps of {used.gn_batch_size} pairs" if used.gn_steps else ""
+    )
+    if used.steps:
+        steps = f"{used.steps} Adam steps" + (f", then {steps}" if steps else "")
+    print(
+        f"bns distill --estimate: {model.name} nfe={used.nfe} guidance={used.guidance:g} on"
+        f" {model.device or 'cpu'}: {used.train_pairs} train / {used.val_pairs} validation pairs,"
+        f" {steps}" + (f" (fitted to the budget {used.budget})" if used.budget else "")
+    )
+    print(ledger.table("predicted cost"))
+    print(
+        f"bns distill --estimate: at most {ledger.total.seconds:,.0f} s; optimizer and validation"
+        " assume every step runs (the stopping rule usually ends sooner); cached ground truth"
+        f" costs nothing. Measured in {took:.1f} s."
     )
     return 0
 

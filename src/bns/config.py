@@ -40,6 +40,12 @@ def parse_precondition(text: str | float | None) -> float | str | None:
     return value
 
 
+def _parse_budget(text: str | None) -> str | None:
+    from .budget import check_budget_text  # the parser lives with the ladder
+
+    return check_budget_text(text)
+
+
 def _opt(default: Any, help: str, **meta: Any) -> Any:
     return field(default=default, metadata={"help": help, **meta})
 
@@ -123,6 +129,13 @@ class DistillConfig:
     )
     gn_steps: int | None = _opt(None, _GN_HELP, shown_default="auto")
     gn_batch_size: int = _opt(64, "pairs per Gauss-Newton step")
+    gn_patience: int = _opt(
+        2,
+        "stop the Gauss-Newton steps after this many in a row that raise the best validation"
+        " PSNR by less than gn_min_gain dB (a step Levenberg-Marquardt rejects counts as one,"
+        " and is not validated); 0 = run them all",
+    )
+    gn_min_gain: float = _opt(0.1, "validated gain (dB) that counts as progress (gn_patience)")
     val_every: int = _opt(25, "steps between validations")
     patience: int = _opt(20, "validation rounds without improvement before stopping")
     max_skips: int = _opt(20, "non-finite steps tolerated before stopping")
@@ -136,6 +149,15 @@ class DistillConfig:
         " resolve (bns.default_tolerance)",
     )
     atol: float | None = _opt(None, "ground-truth absolute tolerance (default: as rtol)")
+    budget: str | None = _opt(
+        None,
+        "fit the run to a number of network evaluations (forwards + JVPs: 200k, 1.5M) or a"
+        " duration (90s, 10m, 1h), ground truth included: it chooses train_pairs, val_pairs,"
+        " init_pairs, gn_batch_size and gn_steps (or steps) from the estimate, stops the optimizer"
+        " before the budget is crossed and returns the best solver so far",
+        parse=_parse_budget,
+        metavar="N|DURATION",
+    )
     gt_batch_size: int = _opt(128, "pairs per ground-truth solve")
     eval_batch_size: int = _opt(256, "pairs per validation batch")
     data_range: float = _opt(2.0, "data range R of the PSNR, 10 log10(R^2 / MSE)")
@@ -164,7 +186,15 @@ def _check(cfg: DistillConfig) -> None:
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise TrainingError(f"{name} must be a positive integer, got {v!r}")
-    for name in ("steps", "gn_steps", "micro_batch", "warmup", "patience", "max_skips"):
+    for name in (
+        "steps",
+        "gn_steps",
+        "micro_batch",
+        "warmup",
+        "patience",
+        "max_skips",
+        "gn_patience",
+    ):
         v = getattr(cfg, name)
         if v is None and name in ("steps", "gn_steps"):
             continue  # auto: see resolve_steps
@@ -193,10 +223,13 @@ def _check(cfg: DistillConfig) -> None:
         )
     if cfg.end not in ENDS:
         raise TrainingError(f"end must be {_one_of(ENDS)}, got {cfg.end!r}")
+    if not (math.isfinite(cfg.gn_min_gain) and cfg.gn_min_gain >= 0):
+        raise TrainingError(f"gn_min_gain must be a finite number >= 0, got {cfg.gn_min_gain!r}")
     if not math.isfinite(cfg.guidance):
         raise TrainingError(f"guidance must be finite, got {cfg.guidance}")
     try:
         cfg.precondition = parse_precondition(cfg.precondition)
+        cfg.budget = _parse_budget(cfg.budget)
     except ValueError as e:
         raise TrainingError(str(e)) from None
 

@@ -32,14 +32,13 @@ def evaluate_psnr(
     model's device (the pairs are moved batch by batch); a CPU float64 tensor ``[N]``.
 
     Under ``torchrun`` each worker measures its contiguous share of the pairs and every worker
-    gets all ``N`` values, in order; ``model.forwards`` then counts the forwards of all.
+    gets all ``N`` values, in order; ``model.forwards`` counts this worker's forwards.
     """
-    from .distributed import all_gather_rows, all_sum, guard, world
+    from .distributed import all_gather_rows, guard, world
 
     w = world(model.device)
     device = model.device
     mine = pairs[w.share(len(pairs))] if w.size > 1 else pairs
-    f0 = model.forwards
     out = [torch.zeros(0, dtype=torch.float64)]
     with guard("evaluation"), torch.no_grad():
         for s in range(0, len(mine), batch_size):
@@ -49,7 +48,6 @@ def evaluate_psnr(
     local = torch.cat(out)
     if w.size == 1:
         return local
-    model.forwards = f0 + int(all_sum(float(model.forwards - f0)))
     return all_gather_rows(local, w.counts(len(pairs)))
 
 

@@ -300,7 +300,7 @@ def check_forward_mode(model: Model, guidance: float, device: torch.device | Non
     x = torch.randn(1, *model.sample_shape, device=device)
     t = torch.tensor(model.t_range[0], dtype=torch.float64)
     y = None if model.num_classes is None else torch.zeros(1, dtype=torch.long, device=device)
-    forwards = model.forwards
+    forwards, jvps = model.forwards, model.jvps
     try:
         with _forward_mode():
             xd = fwAD.make_dual(x, torch.ones_like(x))
@@ -309,7 +309,7 @@ def check_forward_mode(model: Model, guidance: float, device: torch.device | Non
         _raise_if_no_forward_mode(e)
         raise
     finally:
-        model.forwards = forwards  # a check, not work
+        model.forwards, model.jvps = forwards, jvps  # a check, not work
 
 
 def gauss_newton_step(

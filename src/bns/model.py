@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
 from ._hashing import hash_tensor
@@ -33,6 +34,11 @@ __all__ = [
 ]
 
 PREDICTIONS = ("velocity", "eps", "x1", "v")
+
+
+def _is_dual(v: Tensor) -> bool:
+    """Whether ``v`` carries a forward-mode tangent (a JVP evaluation)."""
+    return fwAD.unpack_dual(v).tangent is not None
 
 
 class ModelError(ValueError):
@@ -278,6 +284,7 @@ class Model:
         self._dtype = dtype
         self._modules: list[nn.Module] | None = None
         self.forwards = 0  # network forwards (a guided evaluation counts 2 per sample)
+        self.jvps = 0  # forward-mode (JVP) network calls per sample, not also counted as forwards
         self._fingerprint: str | None = None
         self._fingerprint_key: Any = None
 
@@ -387,7 +394,10 @@ class Model:
             raise ModelError(
                 f"{self.name}: the network returned {shape} for an input of shape {list(x.shape)}"
             )
-        self.forwards += x.shape[0]
+        if _is_dual(x) or _is_dual(t):
+            self.jvps += x.shape[0]
+        else:
+            self.forwards += x.shape[0]
         return f.to(x.device)
 
     def velocity(

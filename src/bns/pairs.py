@@ -38,7 +38,15 @@ from ._io import atomic_write
 from .ground_truth import default_tolerance, ground_truth
 from .model import Model, prediction_coefficients
 
-__all__ = ["Pairs", "make_pairs", "cache_dir", "pair_noise", "SPLITS", "CACHE_VERSION"]
+__all__ = [
+    "Pairs",
+    "make_pairs",
+    "cached_pairs",
+    "cache_dir",
+    "pair_noise",
+    "SPLITS",
+    "CACHE_VERSION",
+]
 
 SPLITS = ("train", "val", "test")
 CACHE_VERSION = 1
@@ -234,10 +242,7 @@ def make_pairs(
     if end not in ("range", "data"):
         raise ValueError(f"end must be range or data, got {end!r}")
     key = _key(model, guidance, seed, split, rtol, atol, labels)
-    folder = None if not cache else cache_dir() if cache is True else Path(cache)
-    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    stem = f"pairs-{model.name}-{split}{'-' + labels if labels else ''}-{name}"
-    path = None if folder is None else folder / f"{stem}.safetensors"
+    folder, stem, path = _cache_place(model, split, key, labels, cache)
     found = _read_cache(path, key) if path is not None else None
     have: dict[str, Tensor] = found["tensors"] if found is not None else {}
     # Every worker extends the same prefix, so that all draw the same batches.
@@ -276,6 +281,37 @@ def _to_data(model: Model, pairs: Pairs, guidance: float, batch_size: int, devic
         x1 = data_prediction(model, x, model.t_range[1], part.y, guidance)
         out.append(x1.float().cpu())
     return Pairs(pairs.x0, torch.cat(out), pairs.y, pairs.nfe_per_sample + 1, "data")
+
+
+def _cache_place(model: Model, split: str, key: dict, labels: str | None, cache) -> tuple:
+    """``(folder, stem, path)`` of the cache file of ``key`` (None, stem, None without a cache)."""
+    folder = None if not cache else cache_dir() if cache is True else Path(cache)
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    stem = f"pairs-{model.name}-{split}{'-' + labels if labels else ''}-{name}"
+    return folder, stem, None if folder is None else folder / f"{stem}.safetensors"
+
+
+def cached_pairs(
+    model: Model,
+    split: str = "train",
+    *,
+    seed: int = 0,
+    guidance: float = 1.0,
+    rtol: float | None = None,
+    atol: float | None = None,
+    cache: bool | str | os.PathLike = True,
+    labels: str | None = None,
+) -> tuple[int, float]:
+    """How many pairs of ``split`` the cache holds for these settings, and their dopri5
+    evaluations per sample (``(0, nan)`` for none); what :func:`make_pairs` would not solve."""
+    rtol = default_tolerance(model.precision) if rtol is None else float(rtol)
+    atol = rtol if atol is None else float(atol)
+    key = _key(model, guidance, seed, split, rtol, atol, labels)
+    _, _, path = _cache_place(model, split, key, labels, cache)
+    found = _read_cache(path, key) if path is not None else None
+    if found is None:
+        return 0, math.nan
+    return int(found["tensors"]["x0"].shape[0]), float(found["nfe"])
 
 
 def _write_if_longer(path: Path, key: dict, tensors: dict[str, Tensor], nfe: float) -> None:

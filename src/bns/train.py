@@ -27,6 +27,7 @@ import torch
 
 from .checkpoint import Checkpoint
 from .config import DistillConfig, TrainingError, resolve_steps
+from .cost import Ledger
 from .evaluate import evaluate_psnr
 from .families import FAMILIES, Family, make_family, usable_inits
 from .gauss_newton import check_forward_mode, gauss_newton_step
@@ -148,6 +149,8 @@ def distill(
         if cfg.gn_steps:  # asked for: a network without forward mode fails now, clearly
             check_forward_mode(model, cfg.guidance, device)
         cfg = resolve_steps(cfg, lambda: _supports_forward_mode(model, cfg, device))
+        if cfg.budget is not None:  # the settings that fit it, from the estimate
+            cfg = _fit_budget(model, cfg, len(candidates), device, cache, pairs is not None)
     with frozen(model):
         return _distill(
             model,
@@ -171,11 +174,14 @@ def _distill(
     main = world(device).main
     progress = progress and main  # rank 0 alone shows progress and writes checkpoints
     end = _end(model, cfg)
+    ledger = Ledger()
     if pairs is None:
         kw = dict(seed=cfg.seed, guidance=cfg.guidance, rtol=cfg.rtol, atol=cfg.atol, cache=cache)
         kw.update(progress=progress, batch_size=cfg.gt_batch_size, device=device, end=end)
-        train = make_pairs(model, cfg.train_pairs, "train", **kw)
-        val = make_pairs(model, cfg.val_pairs, "val", **kw)
+        with ledger.phase("ground_truth_train", model):
+            train = make_pairs(model, cfg.train_pairs, "train", **kw)
+        with ledger.phase("ground_truth_val", model):
+            val = make_pairs(model, cfg.val_pairs, "val", **kw)
     else:
         train, val = pairs
         cfg = cfg.replace(train_pairs=len(train), val_pairs=len(val))  # what was used
@@ -185,11 +191,12 @@ def _distill(
                 f" make them with make_pairs(..., end={end!r}) or pass end={train.end!r}"
             )
     train, val = train.to(device), val.to(device)
-    init, scores, init_forwards = choose_initial_solver(model, cfg, val, candidates)
+    with ledger.phase("ranking", model):
+        init, scores, _ = choose_initial_solver(model, cfg, val, candidates)
     family = make_family(cfg.family, init)
     run_id = _run_id(model, cfg, train, val)
     ckpt = Checkpoint(checkpoint_path, run_id) if checkpoint_path and main else None
-    loop = _Loop(model, cfg, family, init, train, val, callback)
+    loop = _Loop(model, cfg, family, init, train, val, callback, ledger)
     if resume:  # rank 0 reads the checkpoint and sends it to every worker
         state = on_rank0(lambda: ckpt.load() if ckpt is not None else None)
         if state is None and ckpt is not None:
@@ -197,10 +204,24 @@ def _distill(
         elif state is not None:
             _restore_loop(loop, state)
     loop.run(ckpt, progress)
+    cost = loop.ledger.summed_over_workers()  # every worker's share of the work
     solver = loop.best
-    solver.meta = _artifact_meta(model, cfg, end, loop, train, scores, init_forwards)
+    solver.meta = _artifact_meta(model, cfg, end, loop, train, scores, cost)
     solver.validate(t_range=model.t_range, strict=True)
-    return solver, _history(loop)
+    return solver, _history(loop, cost)
+
+
+def _fit_budget(model, cfg, n_candidates, device, cache, pairs_given) -> DistillConfig:
+    from .budget import fit_budget
+    from .estimate import Estimator
+
+    counts = model.forwards, model.jvps
+    try:
+        est = Estimator(model, cfg.guidance, device, cache)
+        cfg, _ = fit_budget(cfg, est, _end(model, cfg), n_candidates, pairs_given)
+    finally:
+        model.forwards, model.jvps = counts  # the estimate's timing calls are not the run's
+    return cfg
 
 
 def _supports_forward_mode(model: Model, cfg: DistillConfig, device: torch.device) -> bool:
@@ -248,27 +269,31 @@ def _gauss_newton(loop: _Loop) -> float:
     if loop.step == cfg.steps > 0:  # after Adam: from its best iterate, not its last
         loop.family.load_state_dict(loop.best_params)
     idx = torch.randperm(len(loop.train), generator=loop.gen)[: cfg.gn_batch_size]
-    loss, loop.gn_lam, forwards = gauss_newton_step(
+    before = loop._params_copy()
+    loss, loop.gn_lam, _ = gauss_newton_step(
         loop.family, loop.model, loop.train, idx, cfg, loop.gn_lam
     )
-    loop.forwards += forwards
+    state = loop.family.state_dict()
+    loop.gn_rejected = all(torch.equal(before[k], state[k]) for k in before)
     return loss
 
 
 class _Loop:
     """The optimization: learning-rate schedule, validation, best/revert, checkpoint state."""
 
-    SCALARS = ("step", "lr_scale", "skipped", "reverts", "bad_rounds", "elapsed", "forwards")
-    SCALARS += ("gn_lam",)
+    SCALARS = ("step", "lr_scale", "skipped", "reverts", "bad_rounds", "elapsed", "gn_lam")
+    SCALARS += ("gn_stall",)
 
-    def __init__(self, model, cfg, family: Family, init, train, val, callback) -> None:
+    def __init__(self, model, cfg, family: Family, init, train, val, callback, ledger) -> None:
         self.model, self.cfg, self.family, self.init = model, cfg, family, init
         self.train, self.val, self.callback = train, val, callback
+        self.ledger = ledger
         torch.manual_seed(cfg.seed)
         coef = coef_lr_multiplier(model, cfg)
         self.opt = torch.optim.Adam(family.param_groups(cfg.lr, coef), lr=cfg.lr)
         self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.step = self.skipped = self.reverts = self.bad_rounds = self.forwards = 0
+        self.step = self.skipped = self.reverts = self.bad_rounds = self.gn_stall = 0
+        self.gn_rejected = self.stopped_by_budget = False
         self.lr_scale, self.elapsed, self.gn_lam = 1.0, 0.0, 1e-3
         self.history: dict[str, list] = {"step": [], "train_loss": [], "val_psnr": [], "lr": []}
         self.best, self.best_psnr, self.best_step = init.detach(), -math.inf, 0
@@ -281,13 +306,12 @@ class _Loop:
         return self.cfg.lr * self.lr_scale * lr_factor(self.cfg, step)
 
     def _validate(self, loss: float) -> None:
-        f0, cfg = self.model.forwards, self.cfg
-        with torch.no_grad():
+        cfg = self.cfg
+        with torch.no_grad(), self.ledger.phase("validation", self.model):
             solver = self.family.solver().detach()
             psnr = evaluate_psnr(
                 self.model, solver, self.val, cfg.guidance, cfg.eval_batch_size, cfg.data_range
             )
-        self.forwards += self.model.forwards - f0
         v = float(psnr.mean())
         for key, value in zip(self.history, (self.step, loss, v, self._lr(self.step))):
             self.history[key].append(value)
@@ -306,7 +330,9 @@ class _Loop:
                 self.lr_scale *= 0.5
                 self.reverts += 1
         if self.callback is not None:
-            self.callback(self.step, {"val_psnr": v, "train_loss": loss, "best": self.best_psnr})
+            record = {"val_psnr": v, "train_loss": loss, "best": self.best_psnr}
+            record.update(solver=solver, cost=self.ledger.to_dict())
+            self.callback(self.step, record)
 
     def _train_step(self) -> float:
         from .distributed import data_parallel
@@ -325,8 +351,7 @@ class _Loop:
             return loss_and_grad(self.family, self.model, batch, cfg.guidance, **kw)
 
         # Each worker takes its share of the global batch; the gradients are summed over them.
-        loss, grads, forwards = data_parallel(step, idx, params, self.model)
-        self.forwards += forwards
+        loss, grads, _ = data_parallel(step, idx, params, self.model)
         if grads is None:
             self.skipped += 1
             self.lr_scale *= 0.5
@@ -352,7 +377,17 @@ class _Loop:
             disable=not progress,
             leave=False,
         )
+        from .budget import parse_budget
+        from .distributed import world
+
+        budget = parse_budget(cfg.budget) if cfg.budget is not None else None
+        workers = world().size if budget is not None and budget.kind == "evaluations" else 1
+        step_cost = 0.0
         while self.step < last:
+            spent = budget.spent(self.ledger.total) * workers if budget is not None else 0.0
+            if budget is not None and spent + step_cost > budget.value:
+                self.stopped_by_budget = True
+                break  # the next step would cross the budget: keep the best so far
             if self.bad_rounds >= cfg.patience:
                 if self.step >= cfg.steps:
                     break
@@ -361,12 +396,21 @@ class _Loop:
                 self.step, self.bad_rounds = cfg.steps, 0
                 continue
             t_start = time.perf_counter()
-            loss = self._train_step()
+            gn = self.step >= cfg.steps
+            with self.ledger.phase("optimizer", self.model):
+                loss = self._train_step()
             self.step += 1
-            at_round = self.step % cfg.val_every == 0 or self.step >= cfg.steps
-            if at_round:
+            at_round = self.step % cfg.val_every == 0 or gn
+            if gn and self.gn_rejected:
+                # Levenberg-Marquardt kept nothing: the solver is the one last validated.
+                self.gn_stall += 1
+                at_round = False
+            elif at_round:
+                best = self.best_psnr
                 self._validate(loss)
                 bar.set_postfix(val=f"{self.history['val_psnr'][-1]:.2f}dB")
+                gain = self.best_psnr - best if math.isfinite(best) else math.inf
+                self.gn_stall = 0 if not gn or gain >= cfg.gn_min_gain else self.gn_stall + 1
             self.elapsed += time.perf_counter() - t_start
             if ckpt is not None and at_round:
                 ckpt.save(_loop_state(self))
@@ -374,6 +418,10 @@ class _Loop:
             if self.skipped > cfg.max_skips:
                 warnings.warn("bns: too many non-finite steps; stopping early", stacklevel=3)
                 break
+            if budget is not None:  # what one more step (and its validation) will cost
+                step_cost = budget.spent(self.ledger.total) * workers - spent
+            if gn and 0 < cfg.gn_patience <= self.gn_stall:
+                break  # the last gn_patience steps gained less than gn_min_gain dB
         bar.close()
 
 
@@ -382,6 +430,7 @@ def _loop_state(loop: _Loop) -> dict[str, Any]:
     scalars = {k: getattr(loop, k) for k in loop.SCALARS}
     best_psnr = loop.best_psnr if math.isfinite(loop.best_psnr) else None
     scalars.update(best_psnr=best_psnr, best_step=loop.best_step, history=loop.history)
+    scalars.update(ledger=loop.ledger.to_dict())
     return {
         "params": loop.family.state_dict(),
         "opt": loop.opt.state_dict(),
@@ -401,19 +450,30 @@ def _restore_loop(loop: _Loop, state: dict[str, Any]) -> None:
         setattr(loop, k, s[k])
     loop.best_psnr = -math.inf if s["best_psnr"] is None else s["best_psnr"]
     loop.best_step, loop.history = s["best_step"], s["history"]
+    done = Ledger.from_dict(
+        s.get("ledger", {})
+    )  # what the interrupted run spent before its checkpoint
+    for name in ("optimizer", "validation"):
+        loop.ledger.phases[name] = done[name]
     loop.best = NSSolver.from_dict(json.loads(state["best"]))
     loop.best_params = state["best_params"]
 
 
-def _history(loop: _Loop) -> dict[str, Any]:
+def _training_evaluations(cost: Ledger) -> int:
+    """Network forwards and JVPs of the optimizer steps and their validations."""
+    return sum(cost[k].forwards + cost[k].jvps for k in ("optimizer", "validation"))
+
+
+def _history(loop: _Loop, cost: Ledger) -> dict[str, Any]:
     h = dict(loop.history)
     h.update(best_step=loop.best_step, best_val_psnr=loop.best_psnr, steps_run=loop.step)
-    h.update(skipped=loop.skipped, reverts=loop.reverts, forwards=loop.forwards)
-    h.update(wall_time_s=loop.elapsed)
+    h.update(skipped=loop.skipped, reverts=loop.reverts, forwards=_training_evaluations(cost))
+    h.update(wall_time_s=loop.elapsed, cost=cost.to_dict())
+    h.update(stopped_by_budget=loop.stopped_by_budget)
     return h
 
 
-def _artifact_meta(model, cfg, end: str, loop: _Loop, train: Pairs, scores, init_forwards) -> dict:
+def _artifact_meta(model, cfg, end: str, loop: _Loop, train: Pairs, scores, cost) -> dict:
     """What the solver file records about how it was made."""
     return {
         "solver": "bns",
@@ -427,14 +487,15 @@ def _artifact_meta(model, cfg, end: str, loop: _Loop, train: Pairs, scores, init
         "network_forwards_per_sample": cfg.nfe * model.forwards_per_evaluation(cfg.guidance),
         "init": loop.init.meta["init"],
         "init_candidates_psnr": {k: v if math.isfinite(v) else None for k, v in scores.items()},
-        "init_forwards": init_forwards,
+        "init_forwards": cost["ranking"].forwards,
         "config": cfg.to_dict(),
         "val_psnr": loop.best_psnr,
         "best_step": loop.best_step,
         "steps_run": loop.step,
-        "train_forwards": loop.forwards,
+        "train_forwards": _training_evaluations(cost),
         "ground_truth_nfe_per_sample": train.nfe_per_sample,
         "wall_time_s": round(loop.elapsed, 3),
         "skipped_steps": loop.skipped,
         "reverts": loop.reverts,
+        "cost": cost.to_dict(),
     }
