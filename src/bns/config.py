@@ -22,6 +22,7 @@ __all__ = [
     "parse_precondition",
     "add_config_arguments",
     "resolve_steps",
+    "auto_gn_batch_size",
 ]
 
 
@@ -61,10 +62,19 @@ def _one_of(names: Any) -> str:
 AUTO_GN_STEPS = 12
 AUTO_ADAM_STEPS = 1000
 
+
+def auto_gn_batch_size(nfe: int) -> int:
+    """The Gauss-Newton batch when none is given: ``256 / nfe`` pairs within [8, 64] (64 at
+    NFE 4, 32 at 8, 16 at 16). One pair costs about ``nfe^3 / 6`` JVPs per step
+    (:func:`bns.estimate.gn_step_work`), so a step costs about ``nfe^2`` JVPs x 43, as many
+    per solver parameter at every NFE (benchmarks/results/gn_scaling_*.md)."""
+    return max(8, min(64, round(256 / max(nfe, 1))))
+
+
 _GN_HELP = (
-    "Gauss-Newton (Levenberg-Marquardt) steps after the Adam steps, each validated: exact"
-    " forward-mode Jacobians of the solver's output, about n^2/4 x gn_batch_size sample runs"
-    " each and n^2/2 x micro_batch (or gn_batch_size) samples of memory; log-mse or mse loss."
+    "Gauss-Newton (Levenberg-Marquardt) steps after the Adam steps (at most: see gn_patience),"
+    " each validated: exact forward-mode Jacobians of the solver's output, about n^3/6 JVPs per"
+    " pair and n^2/2 x micro_batch (or gn_batch_size) samples of memory; log-mse or mse loss."
     f" auto: {AUTO_GN_STEPS} when neither steps nor gn_steps is given and the network supports"
     " forward mode, else 0"
 )
@@ -105,9 +115,9 @@ class DistillConfig:
         "per-sample loss: log-mse (the paper's: mean log of each sample's MSE, i.e. mean"
         " PSNR), mse or l1",
     )
-    train_pairs: int = _opt(520, "ground-truth pairs to train on")
-    val_pairs: int = _opt(1024, "ground-truth pairs to validate on (the best step is kept)")
-    init_pairs: int = _opt(256, "validation pairs that rank the candidates of --init best")
+    train_pairs: int = _opt(128, "ground-truth pairs to train on")
+    val_pairs: int = _opt(128, "ground-truth pairs to validate on (the best step is kept)")
+    init_pairs: int = _opt(64, "validation pairs that rank the candidates of --init best")
     steps: int | None = _opt(
         None,
         f"Adam steps (at most). auto: {AUTO_ADAM_STEPS} when Adam runs alone (gn_steps given"
@@ -128,9 +138,14 @@ class DistillConfig:
         8.0, "learning rate of the coefficients a, b relative to lr, times the mean step"
     )
     gn_steps: int | None = _opt(None, _GN_HELP, shown_default="auto")
-    gn_batch_size: int = _opt(64, "pairs per Gauss-Newton step")
+    gn_batch_size: int | None = _opt(
+        None,
+        "pairs per Gauss-Newton step. auto: 256 / nfe within [8, 64] (a step's JVPs grow as"
+        " nfe^3 / 6 per pair: this keeps its cost growing as nfe^2, like the parameters)",
+        shown_default="auto",
+    )
     gn_patience: int = _opt(
-        2,
+        3,
         "stop the Gauss-Newton steps after this many in a row that raise the best validation"
         " PSNR by less than gn_min_gain dB (a step Levenberg-Marquardt rejects counts as one,"
         " and is not validated); 0 = run them all",
@@ -181,7 +196,8 @@ class DistillConfig:
 def _check(cfg: DistillConfig) -> None:
     """Raise TrainingError on settings no run can use."""
     positive = ("nfe", "train_pairs", "val_pairs", "init_pairs", "batch_size", "val_every")
-    positive += ("gn_batch_size",)
+    if cfg.gn_batch_size is not None:
+        positive += ("gn_batch_size",)
     for name in positive:
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -239,7 +255,9 @@ def resolve_steps(cfg: DistillConfig, forward_mode: Callable[[], bool]) -> Disti
     (``AUTO_GN_STEPS``) if ``forward_mode()`` says the network supports forward-mode
     differentiation, else Adam alone (``AUTO_ADAM_STEPS``). ``steps`` alone: Adam alone.
     ``gn_steps`` alone: Gauss-Newton alone, or Adam alone with its default for 0. A loss
-    that is not a sum of squares means Adam."""
+    that is not a sum of squares means Adam. ``gn_batch_size`` None: :func:`auto_gn_batch_size`."""
+    if cfg.gn_batch_size is None:
+        cfg = replace(cfg, gn_batch_size=auto_gn_batch_size(cfg.nfe))
     if cfg.steps is not None:
         return replace(cfg, gn_steps=cfg.gn_steps or 0)
     if cfg.gn_steps is not None:  # --gn-steps 0 alone: Adam alone, with its default

@@ -282,7 +282,7 @@ class _Loop:
     """The optimization: learning-rate schedule, validation, best/revert, checkpoint state."""
 
     SCALARS = ("step", "lr_scale", "skipped", "reverts", "bad_rounds", "elapsed", "gn_lam")
-    SCALARS += ("gn_stall",)
+    SCALARS += ("gn_stall", "gn_rejections")
 
     def __init__(self, model, cfg, family: Family, init, train, val, callback, ledger) -> None:
         self.model, self.cfg, self.family, self.init = model, cfg, family, init
@@ -293,6 +293,7 @@ class _Loop:
         self.opt = torch.optim.Adam(family.param_groups(cfg.lr, coef), lr=cfg.lr)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.step = self.skipped = self.reverts = self.bad_rounds = self.gn_stall = 0
+        self.gn_rejections = 0
         self.gn_rejected = self.stopped_by_budget = False
         self.lr_scale, self.elapsed, self.gn_lam = 1.0, 0.0, 1e-3
         self.history: dict[str, list] = {"step": [], "train_loss": [], "val_psnr": [], "lr": []}
@@ -400,10 +401,11 @@ class _Loop:
             with self.ledger.phase("optimizer", self.model):
                 loss = self._train_step()
             self.step += 1
-            at_round = self.step % cfg.val_every == 0 or gn
+            at_round = self.step % cfg.val_every == 0 or self.step >= cfg.steps
             if gn and self.gn_rejected:
                 # Levenberg-Marquardt kept nothing: the solver is the one last validated.
                 self.gn_stall += 1
+                self.gn_rejections += 1
                 at_round = False
             elif at_round:
                 best = self.best_psnr
@@ -447,7 +449,7 @@ def _restore_loop(loop: _Loop, state: dict[str, Any]) -> None:
     loop.gen.set_state(state["gen"])
     s = json.loads(state["scalars"])
     for k in loop.SCALARS:
-        setattr(loop, k, s[k])
+        setattr(loop, k, s.get(k, 0))
     loop.best_psnr = -math.inf if s["best_psnr"] is None else s["best_psnr"]
     loop.best_step, loop.history = s["best_step"], s["history"]
     done = Ledger.from_dict(
@@ -469,7 +471,7 @@ def _history(loop: _Loop, cost: Ledger) -> dict[str, Any]:
     h.update(best_step=loop.best_step, best_val_psnr=loop.best_psnr, steps_run=loop.step)
     h.update(skipped=loop.skipped, reverts=loop.reverts, forwards=_training_evaluations(cost))
     h.update(wall_time_s=loop.elapsed, cost=cost.to_dict())
-    h.update(stopped_by_budget=loop.stopped_by_budget)
+    h.update(stopped_by_budget=loop.stopped_by_budget, gn_rejected=loop.gn_rejections)
     return h
 
 
