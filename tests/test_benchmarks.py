@@ -9,6 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+from bns.estimate import gn_step_work
+from bns.ground_truth import default_tolerance
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -69,6 +74,64 @@ def test_gpu_benchmark_tiny_on_cpu(tmp_path):
     assert all(t["pass"] is None for t in res["targets"].values())  # targets are for GPUs
     md = path.with_suffix(".md").read_text()
     assert "cpu" in md and "torch" in md and "| protocol |" in md
+    # The large section: the real architectures at toy sizes, with guidance, in bf16.
+    large = {r["arch"]: r for r in res["large"]}
+    nfe = res["large_sizes"]["nfe"]
+    assert set(large) == {"sd1.5", "sdxl", "sd3-medium"}
+    assert large["sdxl"]["cls"] == "UNet2DConditionModel" == large["sd1.5"]["cls"]
+    assert large["sd3-medium"]["cls"] == "SD3Transformer2DModel"
+    assert large["sdxl"]["config"]["addition_embed_type"] == "text_time"
+    schedulers = {k: r["sampling"]["scheduler"] for k, r in large.items()}
+    assert schedulers == {
+        "sd1.5": "DPMSolverMultistepScheduler",
+        "sdxl": "DPMSolverMultistepScheduler",
+        "sd3-medium": "FlowMatchEulerDiscreteScheduler",
+    }
+    for r in large.values():
+        assert r["guidance"] > 1 and r["params"] > 0 and r["dtype"] == "bfloat16"
+        gt, gn, adam = r["ground_truth"], r["gn_step"], r["adam_step"]
+        assert gt["tolerance"] == default_tolerance(torch.bfloat16)  # bns's default for bf16
+        assert gt["pairs_per_s"] > 0 and gt["forwards_per_s"] > 0 and gt["nfe_per_sample"] > 0
+        assert gn["nfe"] == nfe and gn["micro_batch"] == 1 and gn["seconds"] > 0
+        assert gn["jvps"] == 2 * gn_step_work(nfe, gn["pairs"])[1]  # guided: 2 forwards each
+        assert 0 <= gn["lm_tries"] <= 8 and gn["peak_gb"] is None  # no CUDA memory on a CPU
+        assert adam["checkpoint"] and adam["micro_batch"] == 1 and adam["seconds"] > 0
+        assert r["sampling"]["bns_s"] > 0 and r["sampling"]["pipeline_s"] > 0
+        proj = r["projected"]
+        assert proj["settings"]["nfe"] == nfe and proj["settings"]["guidance"] == r["guidance"]
+        phases = {k: v for k, v in proj["phases"].items() if k != "total"}
+        assert phases["ground_truth_train"]["seconds"] > 0 and phases["optimizer"]["jvps"] > 0
+        assert proj["total_s"] > 0
+        assert math.isclose(
+            proj["total_s"], sum(v["seconds"] for v in phases.values()), rel_tol=1e-3
+        )
+    assert "| large network (random weights) |" in md and "| projected time to a solver" in md
+    assert "Random weights: these are real costs, not real quality." in md
+
+
+def test_gpu_benchmark_large_configs_are_the_real_networks():
+    """The large section's full-size configs build the real networks: their parameter counts
+    (built on the meta device: no memory, no weights)."""
+    code = (
+        "import sys, json, torch, diffusers; sys.path.insert(0, sys.argv[1]); import gpu\n"
+        "with torch.device('meta'):\n"
+        "    n = {a.key: sum(p.numel() for p in getattr(diffusers, a.cls)(**a.config).parameters())"
+        " for a in gpu.ARCHS}\n"
+        "print(json.dumps(n))"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT / "benchmarks")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    # runwayml/stable-diffusion-v1-5 unet, stabilityai/stable-diffusion-xl-base-1.0 unet,
+    # stabilityai/stable-diffusion-3-medium-diffusers transformer
+    assert counts == {"sd1.5": 859_520_964, "sdxl": 2_567_463_684, "sd3-medium": 2_028_328_000}
 
 
 def _run_benchmark(tmp_path, script: str, *args: str) -> None:

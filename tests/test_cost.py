@@ -234,3 +234,40 @@ def test_ledger_round_trip_and_table():
     text = ledger.table("t")
     assert text.splitlines()[0] == "t:" and "total" in text.splitlines()[-1]
     assert math.isclose(ledger.total.seconds, 1.75)
+
+
+def test_the_automatic_gauss_newton_batch_shrinks_with_the_nfe():
+    from bns.config import auto_gn_batch_size, resolve_steps
+
+    assert [auto_gn_batch_size(n) for n in (2, 4, 8, 12, 16, 20)] == [64, 64, 32, 21, 16, 16]
+    cfg = resolve_steps(bns.DistillConfig(nfe=8), lambda: True)
+    assert (cfg.gn_batch_size, cfg.gn_steps, cfg.steps) == (32, 12, 0)
+    assert resolve_steps(bns.DistillConfig(nfe=8, gn_batch_size=5), lambda: True).gn_batch_size == 5
+    # per pair, a step's JVPs grow as nfe^3 / 6; per step, with the automatic batch, as nfe^2
+    per_step = [gn_step_work(n, auto_gn_batch_size(n))[1] / n**2 for n in (8, 12, 16)]
+    assert max(per_step) / min(per_step) < 1.3
+
+
+def test_a_smaller_forward_mode_stack_gives_the_same_step(tmp_path):
+    from bns.families import make_family
+    from bns.gauss_newton import normal_equations
+    from bns.solvers import initial_solver
+
+    model = _model()
+    pairs = bns.pairs.make_pairs(model, 6, "train", cache=tmp_path, progress=False)
+    family = make_family("bns", initial_solver(model, 4, "midpoint"))
+    big = normal_equations(family, model, pairs, 1.0, max_stack=1024)
+    small = normal_equations(family, model, pairs, 1.0, max_stack=6)  # one column per call
+    assert math.isclose(big[0], small[0], rel_tol=1e-9)
+    torch.testing.assert_close(big[1], small[1], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(big[2], small[2], rtol=1e-6, atol=1e-9)
+    with pytest.raises(bns.TrainingError, match="gn_max_stack"):
+        bns.DistillConfig(nfe=4, gn_max_stack=0).check()
+
+
+def test_a_guidance_range_solver_refuses_a_budget():
+    from bns.guidance_range import distill_guidance_range
+
+    model = load_model("gmm")
+    with pytest.raises(bns.TrainingError, match="no budget"):
+        distill_guidance_range(model, 4, [1.0, 2.0], budget="100k", progress=False)

@@ -64,11 +64,11 @@ AUTO_ADAM_STEPS = 1000
 
 
 def auto_gn_batch_size(nfe: int) -> int:
-    """The Gauss-Newton batch when none is given: ``256 / nfe`` pairs within [8, 64] (64 at
-    NFE 4, 32 at 8, 16 at 16). One pair costs about ``nfe^3 / 6`` JVPs per step
-    (:func:`bns.estimate.gn_step_work`), so a step costs about ``nfe^2`` JVPs x 43, as many
-    per solver parameter at every NFE (benchmarks/results/gn_scaling_*.md)."""
-    return max(8, min(64, round(256 / max(nfe, 1))))
+    """The Gauss-Newton batch when none is given: ``256 / nfe`` pairs within [16, 64] (64 at
+    NFE 4, 32 at 8, 16 from 16 on). One pair costs about ``nfe^3 / 6`` JVPs per step
+    (:func:`bns.estimate.gn_step_work`), so a step costs about ``43 nfe^2`` JVPs: about as
+    many per solver parameter at every NFE (benchmarks/results/gn_scaling_*.md)."""
+    return max(16, min(64, round(256 / max(nfe, 1))))
 
 
 _GN_HELP = (
@@ -140,9 +140,14 @@ class DistillConfig:
     gn_steps: int | None = _opt(None, _GN_HELP, shown_default="auto")
     gn_batch_size: int | None = _opt(
         None,
-        "pairs per Gauss-Newton step. auto: 256 / nfe within [8, 64] (a step's JVPs grow as"
+        "pairs per Gauss-Newton step. auto: 256 / nfe within [16, 64] (a step's JVPs grow as"
         " nfe^3 / 6 per pair: this keeps its cost growing as nfe^2, like the parameters)",
         shown_default="auto",
+    )
+    gn_max_stack: int = _opt(
+        1024,
+        "samples in one forward-mode network call of a Gauss-Newton step (tangent columns x"
+        " pairs, stacked); lower it when a step runs out of memory on a large network",
     )
     gn_patience: int = _opt(
         3,
@@ -196,6 +201,7 @@ class DistillConfig:
 def _check(cfg: DistillConfig) -> None:
     """Raise TrainingError on settings no run can use."""
     positive = ("nfe", "train_pairs", "val_pairs", "init_pairs", "batch_size", "val_every")
+    positive += ("gn_max_stack",)
     if cfg.gn_batch_size is not None:
         positive += ("gn_batch_size",)
     for name in positive:

@@ -56,8 +56,16 @@ class _Clock:
     """Seconds of one velocity evaluation (or JVP, or forward and backward) of ``model`` at a
     batch size, measured on the model's device: the median of a few calls after a warm-up."""
 
-    def __init__(self, model: Model, guidance: float, device: Any, repeats: int = 3) -> None:
+    def __init__(
+        self,
+        model: Model,
+        guidance: float,
+        device: Any,
+        repeats: int = 3,
+        max_timed_batch: int | None = None,
+    ) -> None:
         self.model, self.guidance, self.device, self.repeats = model, guidance, device, repeats
+        self.max_timed_batch = max_timed_batch
         self._memo: dict[tuple[str, int], float] = {}
 
     def _inputs(self, b: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -84,6 +92,9 @@ class _Clock:
 
     def __call__(self, kind: str, b: int) -> float:
         b = max(1, int(b))
+        cap = self.max_timed_batch
+        if cap and b > cap:  # a large network fills the device well below this: scaled
+            return self(kind, cap) * b / cap
         if b > 16:  # timed at the nearest power of two and scaled: few distinct timings
             p = 2 ** round(math.log2(b))
             return self(kind, p) * b / p if p != b else self._timed(kind, b)
@@ -140,9 +151,19 @@ class Estimator:
     solver's evaluations per sample are measured once and shared by every config asked about
     (``--budget`` compares several)."""
 
-    def __init__(self, model: Model, guidance: float, device: Any, cache: Any, repeats: int = 3):
+    def __init__(
+        self,
+        model: Model,
+        guidance: float,
+        device: Any,
+        cache: Any,
+        repeats: int = 3,
+        pilot_pairs: int = PILOT_PAIRS,
+        max_timed_batch: int | None = None,
+    ):
         self.model, self.guidance, self.device, self.cache = model, guidance, device, cache
-        self.clock = _Clock(model, guidance, device, repeats)
+        self.clock = _Clock(model, guidance, device, repeats, max_timed_batch)
+        self.pilot_pairs = pilot_pairs
         self._gt: dict[tuple, tuple[float, float]] = {}  # (split, ...) -> (nfe, overhead)
 
     def _gt_rate(self, cfg: DistillConfig, split: str, missing: int, batch: int, nfe: float):
@@ -155,7 +176,7 @@ class Estimator:
             from .ground_truth import ground_truth
             from .pairs import pair_noise
 
-            k = min(PILOT_PAIRS, batch)
+            k = min(self.pilot_pairs, batch)
             x0, y = pair_noise(self.model, cfg.seed, "train", range(k))
             x0, y = x0.to(self.device), None if y is None else y.to(self.device)
             _warm_up_adaptive_solver(x0)
@@ -229,7 +250,7 @@ class Estimator:
             # tangents stacked (at most 1024 samples per call) through n - s evaluations.
             step += n * clock.rate("jvp", B, chunk)
             for s in range(1, n):
-                stack = min(max(1, 1024 // chunk), s + 2) * chunk
+                stack = min(max(1, cfg.gn_max_stack // chunk), s + 2) * chunk
                 step += (n - s) * clock.rate("jvp", (s + 2) * B, stack)
             opt.seconds += cfg.gn_steps * step
         ledger.phases["optimizer"] = opt
@@ -249,6 +270,8 @@ def estimate_cost(
     cache: Any = True,
     device: torch.device | str | None = None,
     repeats: int = 3,
+    pilot_pairs: int = PILOT_PAIRS,
+    max_timed_batch: int | None = None,
     return_config: bool = False,
     **overrides: Any,
 ) -> Ledger | tuple[Ledger, DistillConfig]:
@@ -260,6 +283,8 @@ def estimate_cost(
     every optimizer step runs (the most the run can spend there). With ``budget=`` set, the
     settings are those the budget chooses (:func:`bns.budget.fit_budget`). ``return_config``
     also returns the settings estimated (steps resolved, the budget's choices made).
+    ``pilot_pairs`` sets the pilot solve's size; ``max_timed_batch`` times no call of more
+    pairs than that (larger ones scale linearly: a large network fills a GPU well below).
     """
     from .train import _end, _supports_forward_mode, candidate_solvers
 
@@ -273,7 +298,9 @@ def estimate_cost(
     try:
         with frozen(model):
             cfg = resolve_steps(cfg, lambda: _supports_forward_mode(model, cfg, device))
-            est = Estimator(model, cfg.guidance, device, cache, repeats)
+            est = Estimator(
+                model, cfg.guidance, device, cache, repeats, pilot_pairs, max_timed_batch
+            )
             end, n_candidates = _end(model, cfg), len(candidate_solvers(model, cfg))
             if cfg.budget is not None:
                 from .budget import fit_budget

@@ -328,7 +328,13 @@ def gauss_newton_step(
         batch = train[part.to(train.x0.device)]
         try:
             loss, H, g = normal_equations(
-                family, model, batch, cfg.guidance, loss=cfg.loss, micro_batch=cfg.micro_batch
+                family,
+                model,
+                batch,
+                cfg.guidance,
+                loss=cfg.loss,
+                micro_batch=cfg.micro_batch,
+                max_stack=cfg.gn_max_stack,
             )
         except (RuntimeError, NotImplementedError) as e:
             _raise_if_no_forward_mode(e)

@@ -201,6 +201,8 @@ def distill_guidance_range(
             raise TrainingError(f"a guidance-range solver takes {name} {only} only")
     if cfg.end == "data":
         raise TrainingError("a guidance-range solver ends on the model's range (end range)")
+    if cfg.budget is not None:
+        raise TrainingError("a guidance-range solver takes no budget: set its steps and pairs")
     with frozen(model):
         if pairs is None:
             kw = dict(seed=cfg.seed, rtol=cfg.rtol, atol=cfg.atol, cache=cache, progress=progress)
