@@ -149,12 +149,21 @@ def test_distill_estimate_and_cost_through_the_command_line(tmp_path, capsys):
     path = tmp_path / "s.json"
     assert main(["distill", *common, "--out", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "bns distill: cost" in out and "total" in out
+    assert "cost of this run:" in out and "total" in out
     cost = json.loads(path.read_text())["meta"]["cost"]
     assert set(cost) >= {"ground_truth_train", "ranking", "optimizer", "validation", "total"}
     assert cost["optimizer"]["jvps"] > 0 and cost["total"]["seconds"] > 0
     assert main(["distill", *common]) == 2
     assert "--out is required" in capsys.readouterr().err
+    # bns eval: the test pairs' ground truth and the evaluation, each with its forwards
+    js = tmp_path / "r.json"
+    ev = ["eval", "--model", f"{src}:closure", "--cache-dir", str(tmp_path / "c"), "--quiet"]
+    ev += ["--solver", str(path), "--baselines", "euler", "--nfe", "4", "--test-pairs", "8"]
+    assert main([*ev, "--json", str(js)]) == 0
+    assert "cost of this evaluation:" in capsys.readouterr().out
+    cost = json.loads(js.read_text())["cost"]
+    assert cost["evaluation"]["forwards"] == 2 * 8 * 4  # two solvers, 8 pairs, NFE 4
+    assert cost["ground_truth_test"]["forwards"] > 0
 
 
 @pytest.mark.parametrize(

@@ -258,6 +258,9 @@ def test_two_workers_give_one_workers_results(tmp_path, user_file, one_thread):
     _assert_same_solver(s1, s2)
     assert s1["meta"]["best_step"] == s2["meta"]["best_step"]
     assert s1["meta"]["train_forwards"] == s2["meta"]["train_forwards"]  # all workers counted
+    for phase, c1 in s1["meta"]["cost"].items():  # the ledger sums every worker's share
+        c2 = s2["meta"]["cost"][phase]
+        assert (c1["forwards"], c1["jvps"]) == (c2["forwards"], c2["jvps"]), phase
     r1, r2 = (json.loads((d / "r.json").read_text())["rows"] for d in (one, two))
     _assert_same_rows(r1, r2)
     # The small network, through the Python API.

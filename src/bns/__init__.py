@@ -10,6 +10,8 @@ Only torch is needed to import bns; integrations are imported lazily.
 
 from . import grids, metrics, schedules, solvers, transforms
 from .config import DistillConfig, TrainingError
+from .cost import Ledger
+from .estimate import estimate_cost
 from .ground_truth import default_tolerance, ground_truth
 from .guidance_range import GuidanceRangeSolver, distill_guidance_range
 from .model import Model, ModelError
@@ -32,6 +34,8 @@ __all__ = [
     "GuidanceRangeSolver",
     "DistillConfig",
     "TrainingError",
+    "estimate_cost",
+    "Ledger",
     "grids",
     "metrics",
     "schedules",

@@ -375,7 +375,7 @@ def cmd_distill(args) -> int:
     init_psnr = hist["val_psnr"][0]
     from .cost import Ledger
 
-    print(Ledger.from_dict(solver.meta["cost"]).table("bns distill: cost"))
+    print(Ledger.from_dict(solver.meta["cost"]).table("cost of this run"))
     if hist.get("stopped_by_budget"):
         print(f"bns distill: stopped before crossing the budget ({cfg.budget})")
     print(
@@ -477,18 +477,26 @@ def cmd_eval(args) -> int:
     for name in ("test_pairs", "gt_batch_size", "eval_batch_size"):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be a positive integer")
+    from .cost import Ledger
+
+    ledger = Ledger()
     pair_kw = dict(seed=args.seed, guidance=args.guidance, cache=_cache(args), end=end)
     pair_kw.update(batch_size=args.gt_batch_size)
-    test = make_pairs(model, args.test_pairs, "test", progress=not args.quiet, **pair_kw)
+    with ledger.phase("ground_truth_test", model):
+        test = make_pairs(model, args.test_pairs, "test", progress=not args.quiet, **pair_kw)
     eval_kw = dict(kinds=kinds, batch_size=args.eval_batch_size)
-    rows = evaluate(model, entries, test, args.guidance, progress=not args.quiet, **eval_kw)
+    with ledger.phase("evaluation", model):
+        rows = evaluate(model, entries, test, args.guidance, progress=not args.quiet, **eval_kw)
     seen_rows = None
     if _held_out_labels(model):
         # The same test noise on the training prompts: how far the solver generalizes.
-        seen = make_pairs(
-            model, args.test_pairs, "test", progress=not args.quiet, labels="train", **pair_kw
-        )
-        seen_rows = evaluate(model, entries, seen, args.guidance, progress=False, **eval_kw)
+        with ledger.phase("ground_truth_test", model):
+            seen = make_pairs(
+                model, args.test_pairs, "test", progress=not args.quiet, labels="train", **pair_kw
+            )
+        with ledger.phase("evaluation", model):
+            seen_rows = evaluate(model, entries, seen, args.guidance, progress=False, **eval_kw)
+    ledger = ledger.summed_over_workers()
     if not world(model.device).main:
         return 0  # rank 0 alone writes the results and speaks
     fid_info: dict[str, Any] = {}
@@ -507,6 +515,7 @@ def cmd_eval(args) -> int:
             "guidance": args.guidance,
             "model_fingerprint": model.fingerprint(),
             "end": end,
+            "cost": ledger.to_dict(),
             **fid_info,
             **({"rows_train_prompts": seen_rows} if seen_rows is not None else {}),
         },
@@ -548,6 +557,7 @@ def cmd_eval(args) -> int:
                 f"bns eval: {r['solver']} nfe={r['nfe']}: {r['psnr_mean']:.2f} dB vs best classical"
                 f" {b['solver']} {b['psnr_mean']:.2f} dB ({r['psnr_mean'] - b['psnr_mean']:+.2f} dB)"
             )
+    print(ledger.table("cost of this evaluation"))
     print(f"bns eval: {len(rows)} rows -> {args.json}, {table}")
     return 0
 

@@ -278,6 +278,35 @@ def _gauss_newton(loop: _Loop) -> float:
     return loss
 
 
+def _adam(loop: _Loop) -> float:
+    """One Adam step of ``loop`` on ``batch_size`` training pairs drawn with replacement; a
+    non-finite loss or gradient skips it and halves the learning rate."""
+    from .distributed import data_parallel
+
+    cfg = loop.cfg
+    for group in loop.opt.param_groups:
+        group["lr"] = loop._lr(loop.step) * group["lr_mult"]
+    idx = torch.randint(len(loop.train), (cfg.batch_size,), generator=loop.gen)
+    params = [p for p in loop.family.parameters() if p.requires_grad]
+
+    def step(part: torch.Tensor) -> tuple[float, list[torch.Tensor] | None]:
+        kw = dict(micro_batch=cfg.micro_batch, checkpoint=cfg.grad_checkpoint, loss=cfg.loss)
+        batch = loop.train[part.to(loop.train.x0.device)]
+        return loss_and_grad(loop.family, loop.model, batch, cfg.guidance, **kw)
+
+    # Each worker takes its share of the global batch; the gradients are summed over them.
+    loss, grads, _ = data_parallel(step, idx, params, loop.model)
+    if grads is None:
+        loop.skipped += 1
+        loop.lr_scale *= 0.5
+        return math.nan
+    for p, g in zip(params, grads):
+        p.grad = g
+    loop.opt.step()
+    loop.opt.zero_grad(set_to_none=True)
+    return loss
+
+
 class _Loop:
     """The optimization: learning-rate schedule, validation, best/revert, checkpoint state."""
 
@@ -335,34 +364,6 @@ class _Loop:
             record.update(solver=solver, cost=self.ledger.to_dict())
             self.callback(self.step, record)
 
-    def _train_step(self) -> float:
-        from .distributed import data_parallel
-
-        cfg = self.cfg
-        if self.step >= cfg.steps:  # the Gauss-Newton steps, after Adam's
-            return _gauss_newton(self)
-        for group in self.opt.param_groups:
-            group["lr"] = self._lr(self.step) * group["lr_mult"]
-        idx = torch.randint(len(self.train), (cfg.batch_size,), generator=self.gen)
-        params = [p for p in self.family.parameters() if p.requires_grad]
-
-        def step(part: torch.Tensor) -> tuple[float, list[torch.Tensor] | None]:
-            kw = dict(micro_batch=cfg.micro_batch, checkpoint=cfg.grad_checkpoint, loss=cfg.loss)
-            batch = self.train[part.to(self.train.x0.device)]
-            return loss_and_grad(self.family, self.model, batch, cfg.guidance, **kw)
-
-        # Each worker takes its share of the global batch; the gradients are summed over them.
-        loss, grads, _ = data_parallel(step, idx, params, self.model)
-        if grads is None:
-            self.skipped += 1
-            self.lr_scale *= 0.5
-            return math.nan
-        for p, g in zip(params, grads):
-            p.grad = g
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return loss
-
     def run(self, ckpt: Checkpoint | None, progress: bool) -> None:
         from tqdm.auto import tqdm
 
@@ -399,7 +400,8 @@ class _Loop:
             t_start = time.perf_counter()
             gn = self.step >= cfg.steps
             with self.ledger.phase("optimizer", self.model):
-                loss = self._train_step()
+                # the Gauss-Newton steps come after Adam's
+                loss = _gauss_newton(self) if gn else _adam(self)
             self.step += 1
             at_round = self.step % cfg.val_every == 0 or self.step >= cfg.steps
             if gn and self.gn_rejected:
