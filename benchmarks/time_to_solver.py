@@ -362,6 +362,52 @@ def recharge(model_name: str) -> None:
         write(model_name, payload)
 
 
+def summary() -> str:
+    """The previous default against the current one, per model and NFE, from every result file:
+    test PSNR, network evaluations (forwards + JVPs) and seconds, cold cache."""
+    runs: dict[tuple[str, float, int], dict[str, dict]] = {}
+    for path in sorted(RESULTS.glob("time_to_solver_*.json")):
+        payload = json.loads(path.read_text())
+        for r in payload["runs"]:
+            key = (payload["model"], payload["guidance"], r["nfe"])
+            if r["config"] in ("previous", "default"):
+                runs.setdefault(key, {})[r["config"]] = r
+    L = [
+        "| model | NFE | previous: test dB, evaluations, s | default: test dB, evaluations, s |"
+        " evaluations | s | test dB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (model, g, nfe), d in sorted(runs.items()):
+        cells = []
+        for name in ("previous", "default"):
+            r = d.get(name)
+            if r is None:
+                cells.append("not run")
+                continue
+            t = r["total"]
+            cells.append(
+                f"{r['test_psnr']:.2f}, {t['forwards'] + t['jvps']:,.0f}, {t['seconds']:.0f}"
+            )
+        ratio = ["", "", ""]
+        if len(d) == 2:
+            p, n = d["previous"], d["default"]
+            ev = lambda r: r["total"]["forwards"] + r["total"]["jvps"]  # noqa: E731
+            ratio = [
+                f"{ev(n) / ev(p):.2f}",
+                f"{n['total']['seconds'] / p['total']['seconds']:.2f}",
+                f"{n['test_psnr'] - p['test_psnr']:+.2f}",
+            ]
+        name = model if g == 1 else f"{model} (g {g:g})"
+        L.append(f"| {name} | {nfe} | {cells[0]} | {cells[1]} | {' | '.join(ratio)} |")
+    text = "\n".join(L) + "\n"
+    (RESULTS / "time_to_solver_summary.md").write_text(
+        "### Time to a solver: the previous default against the current one (cold cache)\n\n"
+        "Ratios are current / previous; evaluations are network forwards plus JVPs, ground"
+        " truth included. `python benchmarks/time_to_solver.py --summary`.\n\n" + text
+    )
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="gmm")
@@ -374,12 +420,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tolerance-pairs", type=int, default=64)
     ap.add_argument("--cache", default=None, help="the benchmark's ground-truth cache folder")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--summary", action="store_true", help="only write the summary table")
     ap.add_argument(
         "--recharge", action="store_true", help="only charge the ground truth again (recharge())"
     )
     args = ap.parse_args(argv)
     if args.recharge:
         recharge(args.model)
+        return
+    if args.summary:
+        print(summary())
         return
     nfes = [int(v) for v in args.nfe.split(",")]
     model = load_model(args.model)
