@@ -33,7 +33,8 @@ __all__ = ["estimate_cost", "Estimator", "gn_step_work", "PILOT_PAIRS"]
 
 PILOT_PAIRS = 16  # pairs of the one adaptive solve that measures its evaluations per sample
 # A batch of 128 pairs takes more adaptive steps than a pilot of 16 (its steps follow its worst
-# sample): measured on gmm, fmnist-cfg, fmnist-vp and fmnist-ddpm (benchmarks/estimate.py).
+# sample). With this factor the training split's ground truth on gmm and fmnist-cfg is
+# predicted within 3% (benchmarks/results/estimate_*.md); another split can differ by 25%.
 PILOT_TO_BATCH = 1.1
 
 
