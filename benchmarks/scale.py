@@ -70,7 +70,7 @@ def worker(args: argparse.Namespace) -> None:
     from bns.pairs import make_pairs
     from bns.solvers import initial_solver
     from bns.specs import load_model
-    from bns.train import _Loop
+    from bns.train import _adam, _Loop
 
     device = (local_cuda_device() or torch.device("cuda")) if args.device == "cuda" else None
     model = load_model(args.model).to(device=device or torch.device("cpu"))
@@ -89,11 +89,11 @@ def worker(args: argparse.Namespace) -> None:
     cfg = cfg.replace(steps=args.steps, gn_steps=0)  # timed Adam steps
     init = initial_solver(model, args.nfe, "midpoint")
     loop = _Loop(model, cfg, make_family("bns", init), init, train, val, None)
-    loop._train_step()  # warm-up
+    _adam(loop)  # warm-up
 
     def steps() -> None:
         for _ in range(args.steps):
-            loop._train_step()
+            _adam(loop)
 
     step_s, _ = _timed(steps, sync)
     if w.main:

@@ -313,10 +313,10 @@ class _Loop:
     SCALARS = ("step", "lr_scale", "skipped", "reverts", "bad_rounds", "elapsed", "gn_lam")
     SCALARS += ("gn_stall", "gn_rejections")
 
-    def __init__(self, model, cfg, family: Family, init, train, val, callback, ledger) -> None:
+    def __init__(self, model, cfg, family: Family, init, train, val, callback, ledger=None) -> None:
         self.model, self.cfg, self.family, self.init = model, cfg, family, init
         self.train, self.val, self.callback = train, val, callback
-        self.ledger = ledger
+        self.ledger = ledger if ledger is not None else Ledger()
         torch.manual_seed(cfg.seed)
         coef = coef_lr_multiplier(model, cfg)
         self.opt = torch.optim.Adam(family.param_groups(cfg.lr, coef), lr=cfg.lr)
