@@ -431,6 +431,9 @@ class LargeSizes:
     pilot_pairs: int = 1
     max_timed_batch: int = 4
     estimate_repeats: int = 1
+    # ground-truth tolerance: None is bns's default for the dtype; --tiny loosens it (a smoke
+    # test of the code path, not a measurement)
+    rtol: float | None = None
 
 
 LARGE = LargeSizes(
@@ -445,6 +448,7 @@ LARGE_TINY = LargeSizes(
     sample_batch=1,
     sample_repeats=2,
     max_timed_batch=2,
+    rtol=1e-2,
 )
 
 
@@ -567,6 +571,7 @@ def projected_cost(model, guidance, nfe, sizes: LargeSizes, device, max_stack: i
         guidance=guidance,
         micro_batch=sizes.micro_batch,
         gn_max_stack=max_stack,
+        rtol=sizes.rtol,
         cache=False,
         device=device,
         repeats=sizes.estimate_repeats,
@@ -668,14 +673,14 @@ def _guarded(fn, *args) -> dict:
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
 
 
-def large_ground_truth(model, guidance, k, clock) -> dict:
+def large_ground_truth(model, guidance, k, clock, rtol=None) -> dict:
     """One adaptive solve of ``k`` pairs, no cache, at the default tolerance of the network's
     dtype; the row keeps the pairs (``"pairs_data"``) for the steps measured next."""
     x0, y = sampling_inputs(model, k, clock.device)
     with torch.no_grad():
         model.velocity(x0, 0.5, y, guidance)  # warm-up
     f0, t0 = model.forwards, clock()
-    x1, stats = bns.ground_truth(model, x0, y, guidance, return_stats=True)
+    x1, stats = bns.ground_truth(model, x0, y, guidance, rtol=rtol, return_stats=True)
     s = clock() - t0
     return {
         "pairs": k,
@@ -683,7 +688,7 @@ def large_ground_truth(model, guidance, k, clock) -> dict:
         "pairs_per_s": k / s,
         "forwards_per_s": (model.forwards - f0) / s,
         "nfe_per_sample": stats["nfe"],
-        "tolerance": bns.default_tolerance(model.precision),
+        "tolerance": rtol or bns.default_tolerance(model.precision),
         "pairs_data": Pairs(x0.float(), x1.float(), y),
     }
 
@@ -728,7 +733,7 @@ def large_models_section(archs, sizes: LargeSizes, tiny, dtype, clock, done) -> 
             print(f"large {row['arch']} {key}: {row[key]}", file=sys.stderr)
             done(rows)
 
-        gt = _guarded(large_ground_truth, model, w, sizes.gt_pairs[arch.key], clock)
+        gt = _guarded(large_ground_truth, model, w, sizes.gt_pairs[arch.key], clock, sizes.rtol)
         pairs = gt.pop("pairs_data", None)
         row["ground_truth"] = gt
         log("ground_truth")

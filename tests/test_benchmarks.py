@@ -9,10 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 from bns.estimate import gn_step_work
-from bns.ground_truth import default_tolerance
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,7 +87,7 @@ def test_gpu_benchmark_tiny_on_cpu(tmp_path):
     for r in large.values():
         assert r["guidance"] > 1 and r["params"] > 0 and r["dtype"] == "bfloat16"
         gt, gn, adam = r["ground_truth"], r["gn_step"], r["adam_step"]
-        assert gt["tolerance"] == default_tolerance(torch.bfloat16)  # bns's default for bf16
+        assert gt["tolerance"] == 1e-2  # --tiny: loosened (full size: bns's default for bf16)
         assert gt["pairs_per_s"] > 0 and gt["forwards_per_s"] > 0 and gt["nfe_per_sample"] > 0
         assert gn["nfe"] == nfe and gn["micro_batch"] == 1 and gn["seconds"] > 0
         assert gn["jvps"] == 2 * gn_step_work(nfe, gn["pairs"])[1]  # guided: 2 forwards each
