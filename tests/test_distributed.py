@@ -243,13 +243,16 @@ def test_two_workers_give_one_workers_results(tmp_path, user_file, one_thread):
     commands = [
         DISTILL + ["--model", "gmm", "--out", "{out}/s.json"],
         EVAL + ["--model", "gmm", "--solver", "{out}/s.json", "--json", "{out}/r.json"],
+        # a budget: rank 0 fits it, and every worker stops where one worker would
+        ["distill", "--model", "gmm", "--nfe", "4", "--quiet", "--budget", "30k"]
+        + ["--gt-batch-size", "8", "--out", "{out}/b.json"],
     ]
     job = [str(user_file), json.dumps(commands), str(two), str(tmp_path / "two.json")]
     proc = _torchrun(job, _env(two / "cache"), tmp_path / "job")
     _one_worker([[a.format(out=one) for a in argv] for argv in commands], one / "cache")
     ref = _user_module(user_file).run(one / "api")
     out, _ = _finish(proc, tmp_path / "job")
-    assert out.count("bns distill:") == 1 and out.count("rows ->") == 1  # rank 0 alone speaks
+    assert out.count("bns distill:") == 2 and out.count("rows ->") == 1  # rank 0 alone speaks
     got = json.loads((tmp_path / "two.json").read_text())
     # The analytic model, on the command line.
     _assert_same_caches(one / "cache", two / "cache")
@@ -261,6 +264,13 @@ def test_two_workers_give_one_workers_results(tmp_path, user_file, one_thread):
     for phase, c1 in s1["meta"]["cost"].items():  # the ledger sums every worker's share
         c2 = s2["meta"]["cost"][phase]
         assert (c1["forwards"], c1["jvps"]) == (c2["forwards"], c2["jvps"]), phase
+    b1, b2 = (json.loads((d / "b.json").read_text()) for d in (one, two))
+    _assert_same_solver(b1, b2)
+    assert b1["meta"]["config"]["train_pairs"] == 128  # the rung 30k evaluations buy
+    assert b1["meta"]["cost"]["total"] == {
+        **b2["meta"]["cost"]["total"],
+        "seconds": b1["meta"]["cost"]["total"]["seconds"],
+    }
     r1, r2 = (json.loads((d / "r.json").read_text())["rows"] for d in (one, two))
     _assert_same_rows(r1, r2)
     # The small network, through the Python API.

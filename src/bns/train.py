@@ -149,8 +149,11 @@ def distill(
         if cfg.gn_steps:  # asked for: a network without forward mode fails now, clearly
             check_forward_mode(model, cfg.guidance, device)
         cfg = resolve_steps(cfg, lambda: _supports_forward_mode(model, cfg, device))
-        if cfg.budget is not None:  # the settings that fit it, from the estimate
-            cfg = _fit_budget(model, cfg, len(candidates), device, cache, pairs is not None)
+        if cfg.budget is not None:  # the settings that fit it, from rank 0's estimate
+            from .distributed import on_rank0
+
+            args = (model, cfg, len(candidates), device, cache, pairs is not None)
+            cfg = on_rank0(lambda: _fit_budget(*args))
     with frozen(model):
         return _distill(
             model,
@@ -278,6 +281,16 @@ def _gauss_newton(loop: _Loop) -> float:
     return loss
 
 
+def _spent(budget, ledger: Ledger) -> float:
+    """What the run has spent of ``budget`` so far, the same number on every worker: all
+    workers' evaluations, or rank 0's seconds."""
+    from .distributed import all_sum, on_rank0
+
+    if budget.kind == "evaluations":
+        return all_sum(float(ledger.total.forwards + ledger.total.jvps))
+    return on_rank0(lambda: ledger.total.seconds)
+
+
 def _adam(loop: _Loop) -> float:
     """One Adam step of ``loop`` on ``batch_size`` training pairs drawn with replacement; a
     non-finite loss or gradient skips it and halves the learning rate."""
@@ -380,13 +393,11 @@ class _Loop:
             leave=False,
         )
         from .budget import parse_budget
-        from .distributed import world
 
         budget = parse_budget(cfg.budget) if cfg.budget is not None else None
-        workers = world().size if budget is not None and budget.kind == "evaluations" else 1
         step_cost = 0.0
         while self.step < last:
-            spent = budget.spent(self.ledger.total) * workers if budget is not None else 0.0
+            spent = _spent(budget, self.ledger) if budget is not None else 0.0
             if budget is not None and spent + step_cost > budget.value:
                 self.stopped_by_budget = True
                 break  # the next step would cross the budget: keep the best so far
@@ -423,7 +434,7 @@ class _Loop:
                 warnings.warn("bns: too many non-finite steps; stopping early", stacklevel=3)
                 break
             if budget is not None:  # what one more step (and its validation) will cost
-                step_cost = budget.spent(self.ledger.total) * workers - spent
+                step_cost = _spent(budget, self.ledger) - spent
             if gn and 0 < cfg.gn_patience <= self.gn_stall:
                 break  # the last gn_patience steps gained less than gn_min_gain dB
         bar.close()
