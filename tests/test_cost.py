@@ -177,6 +177,8 @@ def test_distill_estimate_and_cost_through_the_command_line(tmp_path, capsys):
         ("10m", "seconds", 600),
         ("10min", "seconds", 600),
         ("1h", "seconds", 3600),
+        ("1.5m", "seconds", 90),  # m: minutes; M: a million
+        ("2K", "evaluations", 2000),
     ],
 )
 def test_budget_texts(text, kind, value):

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Budget", "parse_budget", "fit_budget", "LADDER"]
 
-_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}
+_COUNT = {"": 1, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9}  # "M": a million, "m": minutes
 _TIME = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
 
 
@@ -49,22 +49,22 @@ class Budget:
 
 
 def parse_budget(text: str | float | int) -> Budget:
-    """``"200k"``, ``"1.5M"``, ``"2e5"`` (evaluations) or ``"90s"``, ``"10m"``, ``"1h"``."""
-    raw = str(text).strip().lower().replace("_", "").replace(",", "")
-    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)", raw)
+    """``"200k"``, ``"1.5M"``, ``"2e5"`` (evaluations) or ``"90s"``, ``"10m"``, ``"1h"``
+    (a duration). ``M`` is a million, ``m`` (or ``min``) minutes."""
+    raw = str(text).strip().replace("_", "").replace(",", "")
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)", raw)
     if m is None:
         raise ValueError(
             f"budget must be a number of network evaluations (200000, 200k, 1.5M) or a duration"
             f" (90s, 10m, 1h), got {text!r}"
         )
     number, unit = float(m.group(1)), m.group(2)
-    if unit in ("s", "sec", "min", "h") or (unit == "m" and "." not in raw and number < 1e3):
-        # "10m" is ten minutes; a million evaluations is written "1M" or "1000k"
+    if unit in _TIME:
         kind, value = "seconds", number * _TIME[unit]
-    elif unit in _UNITS:
-        kind, value = "evaluations", number * _UNITS[unit]
+    elif unit in _COUNT:
+        kind, value = "evaluations", number * _COUNT[unit]
     else:
-        raise ValueError(f"unknown budget unit {m.group(2)!r} in {text!r}")
+        raise ValueError(f"unknown budget unit {unit!r} in {text!r} (k, M, G; s, m, h)")
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"budget must be positive, got {text!r}")
     return Budget(kind, value)
