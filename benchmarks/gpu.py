@@ -58,6 +58,7 @@ from torch import nn
 import bns
 import bns.estimate as bns_estimate
 from bns.config import DistillConfig
+from bns.cost import uncounted
 from bns.evaluate import baseline_solvers, best_rows, evaluate
 from bns.families import make_family
 from bns.gauss_newton import _forward_mode, check_forward_mode, gauss_newton_step
@@ -606,8 +607,7 @@ def stack_that_fits(model, guidance, micro, nfe, device) -> int:
     if device.type != "cuda":
         return DEFAULT_MAX_STACK
     cols = nfe + 1
-    counts = model.forwards, model.jvps
-    try:
+    with uncounted(model):  # a probe, not the step's work
         while cols > 1:
             x = torch.randn(cols * micro, *model.sample_shape, device=device)
             y = torch.zeros(len(x), dtype=torch.long, device=device)
@@ -619,8 +619,6 @@ def stack_that_fits(model, guidance, micro, nfe, device) -> int:
                 del x, y
                 torch.cuda.empty_cache()
                 cols //= 2
-    finally:
-        model.forwards, model.jvps = counts  # a probe, not the step's work
     return DEFAULT_MAX_STACK if cols == nfe + 1 else cols * micro
 
 

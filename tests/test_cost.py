@@ -33,7 +33,7 @@ class UserNet(nn.Module):
 
     def forward(self, x, t):
         arg = t[:, None].float() * self.freqs
-        return self.mlp(torch.cat([x, arg.sin(), arg.cos()], 1))
+        return self.mlp(torch.cat([x, arg.sin().to(x.dtype), arg.cos().to(x.dtype)], 1))
 
 
 def _model() -> bns.Model:
@@ -282,3 +282,14 @@ def test_a_guidance_range_solver_refuses_a_budget():
     model = load_model("gmm")
     with pytest.raises(bns.TrainingError, match="no budget"):
         distill_guidance_range(model, 4, [1.0, 2.0], budget="100k", progress=False)
+
+
+def test_a_bf16_network_is_estimated_and_counted(tmp_path):
+    torch.manual_seed(0)
+    net = UserNet().to(torch.bfloat16)  # no dtype=: bns reads it from the weights
+    model = bns.Model(net, "velocity", bns.schedules.CondOT(), (DIM,), name="user-bf16")
+    est = estimate_cost(model, 4, cache=tmp_path, gn_patience=0, **RUN)
+    solver, _ = bns.distill(model, 4, cache=tmp_path, progress=False, gn_patience=0, **RUN)
+    act = Ledger.from_dict(solver.meta["cost"])
+    _close(est, act)
+    assert act["optimizer"].jvps == 3 * gn_step_work(4, 8)[1]

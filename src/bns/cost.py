@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["Phase", "Ledger", "PHASES"]
+__all__ = ["Phase", "Ledger", "PHASES", "uncounted"]
 
 # The phases of a distillation run, in the order they happen.
 PHASES = (
@@ -47,6 +47,17 @@ class Phase:
 
 def _counts(model: Any) -> tuple[int, int]:
     return int(getattr(model, "forwards", 0)), int(getattr(model, "jvps", 0))
+
+
+@contextlib.contextmanager
+def uncounted(model: Any) -> Iterator[None]:
+    """Calls of ``model`` inside the block are not the run's work (a check, a probe, the
+    estimate's timing calls): its forward and JVP counters are restored after it."""
+    forwards, jvps = model.forwards, model.jvps
+    try:
+        yield
+    finally:
+        model.forwards, model.jvps = forwards, jvps
 
 
 class Ledger:

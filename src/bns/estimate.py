@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .config import DistillConfig, resolve_steps
-from .cost import Ledger, Phase
+from .cost import Ledger, Phase, uncounted
 from .model import Model, frozen
 
 __all__ = ["estimate_cost", "Estimator", "gn_step_work", "PILOT_PAIRS"]
@@ -295,19 +295,13 @@ def estimate_cost(
     cfg = cfg.replace(**overrides)
     cfg.check()
     device = torch.device(device) if device is not None else model.device or torch.device("cpu")
-    counts = model.forwards, model.jvps
-    try:
-        with frozen(model):
-            cfg = resolve_steps(cfg, lambda: _supports_forward_mode(model, cfg, device))
-            est = Estimator(
-                model, cfg.guidance, device, cache, repeats, pilot_pairs, max_timed_batch
-            )
-            end, n_candidates = _end(model, cfg), len(candidate_solvers(model, cfg))
-            if cfg.budget is not None:
-                from .budget import fit_budget
+    with frozen(model), uncounted(model):  # an estimate, not work
+        cfg = resolve_steps(cfg, lambda: _supports_forward_mode(model, cfg, device))
+        est = Estimator(model, cfg.guidance, device, cache, repeats, pilot_pairs, max_timed_batch)
+        end, n_candidates = _end(model, cfg), len(candidate_solvers(model, cfg))
+        if cfg.budget is not None:
+            from .budget import fit_budget
 
-                cfg, _ = fit_budget(cfg, est, end, n_candidates)
-            ledger = est.ledger(cfg, end, n_candidates)
-            return (ledger, cfg) if return_config else ledger
-    finally:
-        model.forwards, model.jvps = counts  # an estimate, not work
+            cfg, _ = fit_budget(cfg, est, end, n_candidates)
+        ledger = est.ledger(cfg, end, n_candidates)
+        return (ledger, cfg) if return_config else ledger

@@ -27,7 +27,7 @@ import torch
 
 from .checkpoint import Checkpoint
 from .config import DistillConfig, TrainingError, resolve_steps
-from .cost import Ledger
+from .cost import Ledger, uncounted
 from .evaluate import evaluate_psnr
 from .families import FAMILIES, Family, make_family, usable_inits
 from .gauss_newton import check_forward_mode, gauss_newton_step
@@ -218,13 +218,9 @@ def _fit_budget(model, cfg, n_candidates, device, cache, pairs_given) -> Distill
     from .budget import fit_budget
     from .estimate import Estimator
 
-    counts = model.forwards, model.jvps
-    try:
+    with uncounted(model):  # the estimate's timing calls are not the run's work
         est = Estimator(model, cfg.guidance, device, cache)
-        cfg, _ = fit_budget(cfg, est, _end(model, cfg), n_candidates, pairs_given)
-    finally:
-        model.forwards, model.jvps = counts  # the estimate's timing calls are not the run's
-    return cfg
+        return fit_budget(cfg, est, _end(model, cfg), n_candidates, pairs_given)[0]
 
 
 def _supports_forward_mode(model: Model, cfg: DistillConfig, device: torch.device) -> bool:
