@@ -234,7 +234,7 @@ def test_demo_quick_on_the_analytic_model(env, capsys):
     )
     res = json.loads((out / "results.json").read_text())
     names = {r["solver"] for r in res["rows"]}
-    assert "bns" in names and "init (midpoint)" in names and "euler" in names
+    assert "bns" in names and "init (midpoint@uniform)" in names and "euler" in names
     assert (out / "results.md").exists() and (out / "psnr_vs_nfe.png").exists()
     assert bns.NSSolver.load(out / "bns_nfe8.json").meta["guidance"] == 1.5
 

@@ -74,9 +74,15 @@ def test_the_ledger_of_a_run_matches_the_work_it_did(tmp_path):
     # Ground truth: the adaptive solver's evaluations, read back from the cache.
     assert cost["ground_truth_train"].forwards == round(train.nfe_per_sample * 24)
     assert cost["ground_truth_val"].forwards == round(val.nfe_per_sample * 16)
-    # Ranking: every candidate on init_pairs validation pairs.
-    n_cand = len(solver.meta["init_candidates_psnr"])
-    assert n_cand > 1 and cost["ranking"].forwards == n_cand * 8 * 4
+    # Ranking: every candidate on init_pairs validation pairs, each shared evaluation once.
+    from bns.classical import shared_evaluations
+    from bns.train import candidate_solvers
+
+    cands = candidate_solvers(model, bns.DistillConfig(nfe=4, **RUN))
+    assert len(cands) == len(solver.meta["init_candidates_psnr"]) > 1
+    shared = shared_evaluations(cands)
+    assert shared < sum(c.nfe for c in cands)  # they start at one point, at least
+    assert cost["ranking"].forwards == shared * 8
     # Validation: the initial solver, then each Gauss-Newton step that was kept.
     validated = len(hist["val_psnr"])
     assert cost["validation"].forwards == validated * 16 * 4 and cost["validation"].jvps == 0

@@ -91,7 +91,9 @@ def test_distill_ends_on_the_data_by_default_on_such_a_model(tmp_path):
     solver, _ = bns.distill(model, 4, steps=0, init="ddim", cache=tmp_path, progress=False, **kw)
     assert solver.meta["end"] == "data" and solver.meta["config"]["end"] == "auto"
     # Zero steps return the initial solver: here DDIM with its last step to sigma = 0.
-    init = with_data_end(initial_solver(model, 4, "ddim"), model)
+    label = solver.meta["init"]  # DDIM on the grid that measured best
+    assert label.startswith("ddim@")
+    init = with_data_end(initial_solver(model, 4, "ddim", grid=label.split("@")[1]), model)
     assert torch.allclose(solver.a, init.a, atol=0) and torch.allclose(solver.b, init.b, atol=0)
     # Trained, it beats that start on pairs that end on the data.
     trained, hist = bns.distill(model, 4, steps=20, cache=tmp_path, progress=False, **kw)
@@ -147,8 +149,11 @@ def test_command_line_end_to_end(tmp_path, capsys):
     # eval's rows: against ground truth that ends on the data, baselines ending there too.
     model = ddpm_model()
     test = make_pairs(model, 8, "test", cache=tmp_path / "cache", progress=False, end="data")
-    entries = baseline_solvers(model, [4], ["ddim"], end="data")
     ddim_row = next(r for r in got["rows"] if r["solver"] == "ddim")
+    # its grid, the best of the model's grids on the validation pairs
+    assert ddim_row["grid"] == max(ddim_row["grid_psnr"], key=ddim_row["grid_psnr"].get)
+    assert set(ddim_row["grid_psnr"]) == set(bns.solvers.grid_names(model))
+    entries = baseline_solvers(model, [4], ["ddim"], end="data", grid=ddim_row["grid"])
     psnr = bns.evaluate.evaluate_psnr(model, entries[0][2], test)
     assert abs(ddim_row["psnr_mean"] - float(psnr.mean())) < 1e-6
     # Solvers that end differently, or an --end that is not theirs, are refused.

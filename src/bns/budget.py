@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .config import DistillConfig
     from .cost import Ledger, Phase
     from .estimate import Estimator
+    from .solver import NSSolver
 
 __all__ = ["Budget", "parse_budget", "fit_budget", "LADDER"]
 
@@ -105,7 +106,7 @@ def fit_budget(
     cfg: DistillConfig,
     estimator: Estimator,
     end: str,
-    n_candidates: int,
+    candidates: list[NSSolver],
     pairs_given: bool = False,
 ) -> tuple[DistillConfig, Ledger]:
     """The richest rung of :data:`LADDER` whose predicted cost fits ``cfg.budget`` (its steps
@@ -114,13 +115,13 @@ def fit_budget(
     best = None
     for rung in LADDER:
         trial = _rung(cfg, rung)
-        ledger = estimator.ledger(trial, end, n_candidates, pairs_given)
+        ledger = estimator.ledger(trial, end, candidates, pairs_given)
         if budget.spent(ledger.total) <= budget.value:
             best = trial, ledger
         else:
             break
     if best is None:
-        ledger = estimator.ledger(_rung(cfg, LADDER[0]), end, n_candidates, pairs_given)
+        ledger = estimator.ledger(_rung(cfg, LADDER[0]), end, candidates, pairs_given)
         need = budget.spent(ledger.total)
         unit = "s" if budget.kind == "seconds" else "network evaluations"
         raise TrainingError(

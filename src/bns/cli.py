@@ -145,6 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--nfe", type=_int_list, default=[4, 8, 16], help="NFEs of the baselines, e.g. 4,8,16"
     )
+    e.add_argument(
+        "--grids",
+        default="all",
+        help="grids each baseline may take: all (default: every grid of the model, the best of"
+        " them on --grid-pairs validation pairs), default (a fixed rule, nothing measured), or"
+        " a comma-separated list (uniform,logsnr,edm,linspace,leading,trailing,ays-sd1,...)",
+    )
+    e.add_argument(
+        "--grid-pairs",
+        type=int,
+        default=64,
+        help="validation pairs that choose each baseline's grid (default: 64)",
+    )
     e.add_argument("--test-pairs", type=int, default=1024)
     e.add_argument(
         "--gt-batch-size", type=int, default=128, help="pairs per ground-truth solve (default: 128)"
@@ -449,6 +462,25 @@ def _eval_end(model: Any, solvers: list, paths: list[Path], asked: str | None) -
     return end
 
 
+def _grids(text: str, model) -> tuple[str, ...] | None:
+    """``--grids``: None for the fixed rule, else the grids to measure (all: the model's)."""
+    from .solvers import grid_names
+
+    if text == "default":
+        return None
+    mine = grid_names(model)
+    if text == "all":
+        return mine
+    asked = tuple(_name_list(text))
+    unknown = [g for g in asked if g not in mine]
+    if unknown or not asked:
+        raise CLIError(
+            f"--grids {text}: {', '.join(unknown) or 'nothing'} is not a grid of {model.name};"
+            f" its grids: {', '.join(mine)} (or all, default)"
+        )
+    return asked
+
+
 def cmd_eval(args) -> int:
     from .distributed import world
     from .evaluate import baseline_solvers, best_rows, evaluate
@@ -464,7 +496,28 @@ def cmd_eval(args) -> int:
     solvers = [load_solver(p, model, args.guidance, args.force) for p in args.solver]
     end = _eval_end(model, solvers, args.solver, args.end)
     names = args.baselines if args.baselines is not None else list(SOLVER_NAMES)
-    entries = baseline_solvers(model, args.nfe, names, end)
+    for name in ("test_pairs", "gt_batch_size", "eval_batch_size", "grid_pairs"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be a positive integer")
+    grids = _grids(args.grids, model)
+    from .cost import Ledger
+
+    ledger = Ledger()
+    pair_kw = dict(seed=args.seed, guidance=args.guidance, cache=_cache(args), end=end)
+    pair_kw.update(batch_size=args.gt_batch_size)
+    if grids is None:
+        entries = baseline_solvers(model, args.nfe, names, end)
+    elif not names:
+        entries = []
+    else:  # each baseline on the grid that measures best on validation pairs
+        from .classical import best_classical
+
+        with ledger.phase("ground_truth_val", model):
+            val = make_pairs(model, args.grid_pairs, "val", progress=not args.quiet, **pair_kw)
+        with ledger.phase("grid_search", model):
+            entries = best_classical(
+                model, args.nfe, val, names, grids, args.guidance, end, args.eval_batch_size
+            )
     kinds = {}
     seen_nfe: dict[int, int] = {}
     for path, s in zip(args.solver, solvers):
@@ -474,14 +527,6 @@ def cmd_eval(args) -> int:
         kinds[name] = "bns"
     if not entries:
         raise CLIError("nothing to evaluate: no solver reaches the requested NFEs")
-    for name in ("test_pairs", "gt_batch_size", "eval_batch_size"):
-        if getattr(args, name) < 1:
-            raise CLIError(f"--{name.replace('_', '-')} must be a positive integer")
-    from .cost import Ledger
-
-    ledger = Ledger()
-    pair_kw = dict(seed=args.seed, guidance=args.guidance, cache=_cache(args), end=end)
-    pair_kw.update(batch_size=args.gt_batch_size)
     with ledger.phase("ground_truth_test", model):
         test = make_pairs(model, args.test_pairs, "test", progress=not args.quiet, **pair_kw)
     eval_kw = dict(kinds=kinds, batch_size=args.eval_batch_size)
@@ -555,7 +600,8 @@ def cmd_eval(args) -> int:
             b = best[r["nfe"]]
             print(
                 f"bns eval: {r['solver']} nfe={r['nfe']}: {r['psnr_mean']:.2f} dB vs best classical"
-                f" {b['solver']} {b['psnr_mean']:.2f} dB ({r['psnr_mean'] - b['psnr_mean']:+.2f} dB)"
+                f" {b['solver']}{'@' + b['grid'] if b.get('grid') else ''} {b['psnr_mean']:.2f} dB"
+                f" ({r['psnr_mean'] - b['psnr_mean']:+.2f} dB)"
             )
     print(ledger.table("cost of this evaluation"))
     print(f"bns eval: {len(rows)} rows -> {args.json}, {table}")

@@ -25,9 +25,11 @@ from typing import Any
 
 import torch
 
+from .classical import rank_work
 from .config import DistillConfig, resolve_steps
 from .cost import Ledger, Phase, uncounted
 from .model import Model, frozen
+from .solver import NSSolver
 
 __all__ = ["estimate_cost", "Estimator", "gn_step_work", "PILOT_PAIRS"]
 
@@ -218,7 +220,7 @@ class Estimator:
         return phase
 
     def ledger(
-        self, cfg: DistillConfig, end: str, n_candidates: int, pairs_given: bool = False
+        self, cfg: DistillConfig, end: str, candidates: list[NSSolver], pairs_given: bool = False
     ) -> Ledger:
         """The predicted cost of a run with ``cfg`` (steps resolved) by phase."""
         clock, n = self.clock, cfg.nfe
@@ -228,11 +230,15 @@ class Estimator:
             ledger.phases[f"ground_truth_{split}"] = (
                 Phase() if pairs_given else self.ground_truth(cfg, split, count, end)
             )
-        # Ranking: every candidate on the first init_pairs validation pairs.
-        ranked = min(cfg.init_pairs, cfg.val_pairs) if n_candidates > 1 else 0
+        # Ranking: the candidates on the first init_pairs validation pairs, by successive
+        # halving, shared evaluations once (exact in the first round, a bound in the second).
+        ranked = min(cfg.init_pairs, cfg.val_pairs) if len(candidates) > 1 else 0
+        rounds = rank_work(candidates, ranked) if ranked else []
         ledger.phases["ranking"] = Phase(
-            forwards=n_candidates * ranked * n * fpe,
-            seconds=n_candidates * n * clock.rate("forward", ranked, cfg.eval_batch_size),
+            forwards=sum(evals * m for evals, m in rounds) * fpe,
+            seconds=sum(
+                evals * clock.rate("forward", m, cfg.eval_batch_size) for evals, m in rounds
+            ),
         )
         # The optimizer: Adam steps, then Gauss-Newton steps (each as if it ran and was kept).
         opt = Phase()
@@ -298,10 +304,10 @@ def estimate_cost(
     with frozen(model), uncounted(model):  # an estimate, not work
         cfg = resolve_steps(cfg, lambda: _supports_forward_mode(model, cfg, device))
         est = Estimator(model, cfg.guidance, device, cache, repeats, pilot_pairs, max_timed_batch)
-        end, n_candidates = _end(model, cfg), len(candidate_solvers(model, cfg))
+        end, candidates = _end(model, cfg), candidate_solvers(model, cfg)
         if cfg.budget is not None:
             from .budget import fit_budget
 
-            cfg, _ = fit_budget(cfg, est, end, n_candidates)
-        ledger = est.ledger(cfg, end, n_candidates)
+            cfg, _ = fit_budget(cfg, est, end, candidates)
+        ledger = est.ledger(cfg, end, candidates)
         return (ledger, cfg) if return_config else ledger

@@ -56,10 +56,12 @@ def baseline_solvers(
     nfes: list[int],
     names: tuple[str, ...] | list[str] = SOLVER_NAMES,
     end: str = "range",
+    grid: str = "default",
 ) -> list[tuple[str, int, NSSolver]]:
-    """Each classical solver at each NFE it can reach exactly, on its best grid (with
-    ``end="data"``, its last step the step to sigma = 0, as diffusers' ``final_sigmas_type=
-    "zero"``).
+    """Each classical solver at each NFE it can reach exactly, on one ``grid`` (default: the
+    fixed rule of :func:`bns.solvers.by_name`; :func:`bns.classical.best_classical` measures
+    every grid instead). With ``end="data"`` its last step is the step to sigma = 0, as
+    diffusers' ``final_sigmas_type="zero"``.
 
     An NFE a method cannot reach (midpoint at an odd NFE, RK4 at one not divisible by 4) is
     skipped; an unknown name is an error.
@@ -73,7 +75,7 @@ def baseline_solvers(
     for name in names:
         for nfe in nfes:
             try:
-                solver = by_name(name, nfe, model)
+                solver = by_name(name, nfe, model, grid)
                 if end == "data":
                     solver = with_data_end(solver, model.schedule)
                 out.append((name, nfe, solver))
@@ -104,12 +106,19 @@ def evaluate(
     for name, nfe, solver in tqdm(entries, desc="evaluate", disable=quiet, leave=False):
         p = evaluate_psnr(model, solver, test, guidance, batch_size, data_range).double()
         q = torch.quantile(p, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64))
+        kind = (kinds or {}).get(name, "classical")
+        extra = {}
+        if kind == "classical" and "grid" in solver.meta:  # which grid, and why that one
+            extra = {
+                k: solver.meta[k] for k in ("grid", "grid_psnr", "grid_pairs") if k in solver.meta
+            }
         rows.append(
             {
                 "solver": name,
+                **extra,
                 "nfe": int(nfe),
                 "forwards": int(nfe) * per,
-                "kind": (kinds or {}).get(name, "classical"),
+                "kind": kind,
                 "psnr_mean": float(p.mean()),
                 "psnr_std": float(p.std()) if len(p) > 1 else 0.0,
                 "psnr_median": float(q[1]),

@@ -29,6 +29,10 @@ def markdown_table(rows: list[dict[str, Any]], title: str | None = None) -> str:
         if r["solver"] not in names:
             names.append(r["solver"])
     cell = {(r["solver"], r["nfe"]): r for r in rows}
+
+    def grid(r: dict[str, Any]) -> str:
+        return f" ({r['grid']})" if r.get("grid") else ""
+
     lines = [f"### {title}", ""] if title else []
     lines.append("| solver | " + " | ".join(f"NFE {n}" for n in nfes) + " |")
     lines.append("|---|" + "---|" * len(nfes))
@@ -36,7 +40,7 @@ def markdown_table(rows: list[dict[str, Any]], title: str | None = None) -> str:
         vals = []
         for n in nfes:
             r = cell.get((name, n))
-            vals.append(f"{r['psnr_mean']:.2f} ± {r['psnr_std']:.2f}" if r else "")
+            vals.append(f"{r['psnr_mean']:.2f} ± {r['psnr_std']:.2f}{grid(r)}" if r else "")
         lines.append(f"| {name} | " + " | ".join(vals) + " |")
     best = best_rows(rows, "classical")
     bns_best = best_rows(rows, "bns")
@@ -44,7 +48,10 @@ def markdown_table(rows: list[dict[str, Any]], title: str | None = None) -> str:
         lines.append(
             "| *best classical* | "
             + " | ".join(
-                f"{best[n]['solver']} {best[n]['psnr_mean']:.2f}" if n in best else "" for n in nfes
+                f"{best[n]['solver']}{grid(best[n])} {best[n]['psnr_mean']:.2f}"
+                if n in best
+                else ""
+                for n in nfes
             )
             + " |"
         )

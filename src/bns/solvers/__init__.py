@@ -46,6 +46,7 @@ __all__ = [
     "solver_from_label",
     "SOLVER_NAMES",
     "GRID_NAMES",
+    "grid_names",
 ]
 
 # name -> (evaluations per step, builder(grid, schedule, transform), family). Exponential
@@ -66,7 +67,16 @@ _SOLVERS: dict[str, tuple[int, Callable[[Tensor, Any, Any], NSSolver], str]] = {
 }
 
 SOLVER_NAMES: tuple[str, ...] = tuple(_SOLVERS)
-GRID_NAMES: tuple[str, ...] = ("best", "uniform", "logsnr", "edm")
+# Every grid by_name can build; "default" is a fixed rule (below), "best" its former name.
+GRID_NAMES: tuple[str, ...] = (
+    "default",
+    "uniform",
+    "logsnr",
+    "edm",
+    *_grids.SPACINGS,
+    *(f"ays-{k}" for k in _grids.AYS_NOISE_LEVELS),
+    "best",
+)
 
 
 def _steps_of(name: str, nfe: int) -> int:
@@ -86,8 +96,8 @@ def _steps_of(name: str, nfe: int) -> int:
 _FLOW_SCHEDULES = ("condot", "cosine")
 
 
-def _best_grid(name: str, schedule: Schedule | None, t_range: tuple[float, float]) -> str:
-    """The default grid of solver ``name`` on a model (measured; see :func:`by_name`)."""
+def _default_grid(name: str, schedule: Schedule | None, t_range: tuple[float, float]) -> str:
+    """The rule's grid for solver ``name`` on a model, when nothing is measured (:func:`by_name`)."""
     import torch
 
     ends = schedule.log_snr(torch.tensor(t_range, dtype=torch.float64))
@@ -98,13 +108,51 @@ def _best_grid(name: str, schedule: Schedule | None, t_range: tuple[float, float
     return "uniform" if getattr(schedule, "name", "") in _FLOW_SCHEDULES else "logsnr"
 
 
+def grid_names(model: Model) -> tuple[str, ...]:
+    """The grids a user could pick for ``model``, each of which :func:`by_name` can build.
+
+    Uniform time always; log-SNR and EDM where the log-SNR is finite at both ends of the range;
+    diffusers' timestep spacings on a model with discrete timesteps; the Align Your Steps levels
+    made for the model's noise range (SD 1.x and SDXL's DDPM schedule, SVD's EDM range).
+    """
+    import torch
+
+    from ..schedules import DiscreteVP
+
+    t_range = tuple(model.t_range)
+    schedule = model.schedule
+    out = ["uniform"]
+    if bool(
+        torch.all(torch.isfinite(schedule.log_snr(torch.tensor(t_range, dtype=torch.float64))))
+    ):
+        out += ["logsnr", "edm"]
+        out += [
+            f"ays-{k}" for k in _grids.AYS_NOISE_LEVELS if _grids.ays_applies(k, schedule, t_range)
+        ]
+    if isinstance(schedule, DiscreteVP):
+        out += list(_grids.SPACINGS)
+    return tuple(out)
+
+
+def _grid(kind: str, steps: int, schedule: Schedule, t_range: tuple[float, float]):
+    if kind == "uniform":
+        return _grids.uniform(steps, t_range)
+    if kind == "logsnr":
+        return _grids.logsnr(steps, schedule, t_range)
+    if kind == "edm":
+        return _grids.edm(steps, schedule, t_range)
+    if kind in _grids.SPACINGS:
+        return _grids.spacing(steps, schedule, t_range, kind)
+    return _grids.ays(steps, schedule, t_range, kind.removeprefix("ays-"))
+
+
 def preconditionable(name: str) -> bool:
     """Whether a change of scheduler changes solver ``name`` (not for exponential integrators)."""
     return _SOLVERS[name][2] != "exponential"
 
 
 def by_name(
-    name: str, nfe: int, model: Model, grid: str = "best", precondition: float | None = None
+    name: str, nfe: int, model: Model, grid: str = "default", precondition: float | None = None
 ) -> NSSolver:
     """Build the classical solver ``name`` with exactly ``nfe`` velocity evaluations on
     ``model.t_range``.
@@ -116,12 +164,14 @@ def by_name(
             diffusers' default ``lower_order_final``).
         nfe: velocity evaluations per sample.
         model: a :class:`bns.Model` (its ``schedule`` and ``t_range`` are used).
-        grid: ``"uniform"``, ``"logsnr"``, ``"edm"`` (see :mod:`bns.grids`) or ``"best"``:
-            uniform time wherever an end of the range has an infinite log-SNR (a flow model on
-            [0, 1]: no log-SNR or EDM grid reaches it); otherwise log-SNR for the exponential
-            solvers, and for the time-stepping solvers (Runge-Kutta, Adams-Bashforth, iPNDM)
-            uniform time on CondOT and Cosine schedulers and log-SNR on the others (VP-type).
-            (measured on Gaussian-mixture models: benchmarks/results/grids_gmm.md).
+        grid: one of :func:`grid_names` (``"uniform"``, ``"logsnr"``, ``"edm"``, ``"linspace"``,
+            ``"leading"``, ``"trailing"``, ``"ays-sd1"``, ...; see :mod:`bns.grids`) or
+            ``"default"``, a fixed rule that measures nothing: uniform time wherever an end of
+            the range has an infinite log-SNR, else log-SNR for the exponential solvers, and
+            for the time-stepping solvers uniform time on CondOT and Cosine schedulers and
+            log-SNR on the others. The rule can be far from the best grid of a given model (5
+            to 9 dB at NFE 6 on some VP models): :func:`bns.classical.best_classical` measures
+            every grid instead. ``"best"`` is the rule's former name.
         precondition: ``sigma0`` to run a Runge-Kutta or multistep solver on the model's ODE
             changed to the scheduler ``(r, sigma0 (1 - r))`` (bns-math.md, section 3), on a
             uniform grid in ``r``; None for none.
@@ -148,14 +198,8 @@ def by_name(
         # Pin the ends to the model's range exactly (the transform rounds at the last ulp).
         solver.times[0], solver.times[-1] = t_range
         return solver
-    kind = _best_grid(name, schedule, t_range) if grid == "best" else grid
-    if kind == "uniform":
-        g = _grids.uniform(steps, t_range)
-    elif kind == "logsnr":
-        g = _grids.logsnr(steps, schedule, t_range)
-    else:
-        g = _grids.edm(steps, schedule, t_range)
-    solver = _SOLVERS[name][1](g, schedule, None)
+    kind = _default_grid(name, schedule, t_range) if grid in ("default", "best") else grid
+    solver = _SOLVERS[name][1](_grid(kind, steps, schedule, t_range), schedule, None)
     solver.meta.update({"solver": name, "grid": kind})
     assert solver.nfe == nfe
     return solver
