@@ -60,7 +60,7 @@ def one(model_name: str, guidance: float, nfe: int, batch: int, cache: str) -> d
         est = Estimator(model, guidance, torch.device("cpu"), cache).ledger(
             cfg.replace(steps=0, gn_steps=1, train_pairs=batch, val_pairs=1, init_pairs=1),
             "range",
-            1,
+            [],  # no ranking
             pairs_given=True,
         )
     default_b = auto_gn_batch_size(nfe)

@@ -30,7 +30,7 @@ CORE = [
 ]
 ABOVE_CORE = {"train", "loss", "families", "checkpoint", "config", "evaluate", "report", "cli"}
 ABOVE_CORE |= {"gauss_newton", "guidance_range", "distributed"}
-ABOVE_CORE |= {"demo", "specs", "integrations", "pairs", "cost", "estimate", "budget"}
+ABOVE_CORE |= {"demo", "specs", "integrations", "pairs", "cost", "estimate", "budget", "classical"}
 
 
 def _imports(path: Path) -> set[str]:

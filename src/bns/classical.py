@@ -231,23 +231,26 @@ def best_classical(
     ``pairs`` (validation pairs: choose on them, report on others).
 
     ``solver.meta["grid"]`` names the chosen grid and ``meta["grid_psnr"]`` holds every grid's
-    mean PSNR on ``pairs``. Returns ``(name, nfe, solver)`` like
+    mean PSNR on ``pairs`` (a solver with one grid for the model is not measured). Returns ``(name, nfe, solver)`` like
     :func:`bns.evaluate.baseline_solvers`.
     """
     out = []
     for nfe in nfes:
         cands = candidates(model, nfe, names, grids, end)
-        if not cands:
-            continue
-        scores = [
-            _mean(p) for p in psnr_matrix(model, cands, pairs, guidance, batch_size, data_range)
-        ]
+        per_name = {n: [c for c in cands if c.meta["solver"] == n] for n in names}
+        # A solver with one grid at this NFE has nothing to choose: it is not measured.
+        choose = [c for c in cands if len(per_name[c.meta["solver"]]) > 1]
+        scores = (
+            psnr_matrix(model, choose, pairs, guidance, batch_size, data_range) if choose else []
+        )
+        score_of = {id(c): _mean(p) for c, p in zip(choose, scores)}
         for name in names:
-            mine = [(sc, c) for sc, c in zip(scores, cands) if c.meta["solver"] == name]
-            if not mine:
-                continue
-            score, best = max(mine, key=lambda e: e[0])
-            best.meta["grid_psnr"] = {c.meta["grid"]: round(sc, 4) for sc, c in mine}
-            best.meta["grid_pairs"] = len(pairs)
-            out.append((name, nfe, best))
+            mine = per_name[name]
+            if len(mine) == 1:
+                out.append((name, nfe, mine[0]))
+            elif mine:
+                best = max(mine, key=lambda c: score_of[id(c)])
+                best.meta["grid_psnr"] = {c.meta["grid"]: round(score_of[id(c)], 4) for c in mine}
+                best.meta["grid_pairs"] = len(pairs)
+                out.append((name, nfe, best))
     return out

@@ -88,8 +88,9 @@ class DistillConfig:
     guidance: float = _opt(1.0, "classifier-free guidance scale (1 = none)")
     init: str = _opt(
         "best",
-        "initial solver: best (every classical solver, measured on validation pairs), or a"
-        " solver name (euler, midpoint, ab3, ipndm, unipc2, ...)",
+        "initial solver: best (every classical solver on every grid of the model, measured on"
+        " validation pairs), a solver name (euler, midpoint, ab3, ipndm, unipc2, ...: its grids"
+        " measured) or one solver on one grid (ab3@uniform, unipc2@trailing, midpoint+pc1)",
     )
     precondition: float | str | None = _opt(
         "auto",
@@ -117,7 +118,11 @@ class DistillConfig:
     )
     train_pairs: int = _opt(128, "ground-truth pairs to train on")
     val_pairs: int = _opt(128, "ground-truth pairs to validate on (the best step is kept)")
-    init_pairs: int = _opt(64, "validation pairs that rank the candidates of --init best")
+    init_pairs: int = _opt(
+        64,
+        "validation pairs that rank the candidates of --init best (all on 16 of them, the best"
+        " 8 on all)",
+    )
     steps: int | None = _opt(
         None,
         f"Adam steps (at most). auto: {AUTO_ADAM_STEPS} when Adam runs alone (gn_steps given"

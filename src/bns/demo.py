@@ -54,7 +54,8 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the demo and write ``out/``: results.json, results.md, psnr_vs_nfe.png, samples.png
     and the solver ``bns_nfe{nfe}.json``. Returns the results payload."""
-    from .evaluate import baseline_solvers, best_rows, evaluate
+    from .classical import best_classical
+    from .evaluate import best_rows, evaluate
     from .pairs import make_pairs
     from .report import comparison_grid, markdown_table, plot_psnr_vs_nfe, write_results
     from .solvers import solver_from_label
@@ -114,7 +115,8 @@ def run_demo(
     t0 = time.perf_counter()
     init = solver_from_label(model, nfe, solver.meta.get("init", "midpoint"), end)
     entries = [("bns", nfe, solver), (f"init ({init.meta['init']})", nfe, init)]
-    entries += baseline_solvers(model, list(sz.nfes), end=end)
+    # each baseline on its best grid, chosen on the validation pairs
+    entries += best_classical(model, list(sz.nfes), val[:64], guidance=guidance, end=end)
     kinds = {"bns": "bns", entries[1][0]: "init"}
     rows = evaluate(model, entries, test, guidance, kinds=kinds, progress=progress)
     t_eval = time.perf_counter() - t0
@@ -129,9 +131,17 @@ def run_demo(
         "nfe": nfe,
         "bns_psnr": bns_row["psnr_mean"],
         "best_classical": best_same
-        and {"solver": best_same["solver"], "psnr": best_same["psnr_mean"]},
+        and {
+            "solver": best_same["solver"],
+            "grid": best_same.get("grid"),
+            "psnr": best_same["psnr_mean"],
+        },
         "best_classical_at_2nfe": best_double
-        and {"solver": best_double["solver"], "psnr": best_double["psnr_mean"]},
+        and {
+            "solver": best_double["solver"],
+            "grid": best_double.get("grid"),
+            "psnr": best_double["psnr_mean"],
+        },
         "sizes": asdict(sz),
         "seconds": {
             "ground_truth": round(t_gt, 1),
