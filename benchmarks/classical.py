@@ -228,7 +228,38 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary(paths: list[Path]) -> str:
+    """One table of several result files: per model and NFE, BNS, the measured best classical
+    solver with its grid, diffusers' best, and the gain over the better of the two."""
+    lines = [
+        "| model | NFE | BNS | best classical, measured (grid) | diffusers' best |"
+        " BNS gain | the rule's best (grid) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for path in paths:
+        res = json.loads(Path(path).read_text())
+        for e in res["nfes"]:
+            m, d = e["measured_best"], e.get("diffusers_best")
+            best = max(m["test"], d["psnr_mean"] if d else -1e9)
+            b = e.get("bns")
+            rule = e["rule_best"]
+            cells = [
+                f"`{res['model']}`",
+                str(e["nfe"]),
+                f"**{b['test']:.2f}**" if b else "",
+                f"{m['solver']} ({m['grid']}) {m['test']:.2f}",
+                f"{d['scheduler']} {d['psnr_mean']:.2f}" if d else "",
+                f"{b['test'] - best:+.2f}" if b else "",
+                f"{rule['solver']} ({rule['grid']}) {rule['test']:.2f}",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> dict:
+    if argv is None and "--summary" in sys.argv[1:2]:
+        print(summary([Path(a) for a in sys.argv[2:]]))
+        return {}
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
     p.add_argument("--guidance", type=float, default=1.0)

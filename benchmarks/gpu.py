@@ -57,9 +57,10 @@ from torch import nn
 
 import bns
 import bns.estimate as bns_estimate
+from bns.classical import best_classical
 from bns.config import DistillConfig
 from bns.cost import uncounted
-from bns.evaluate import baseline_solvers, best_rows, evaluate
+from bns.evaluate import best_rows, evaluate
 from bns.families import make_family
 from bns.gauss_newton import _forward_mode, check_forward_mode, gauss_newton_step
 from bns.loss import loss_and_grad
@@ -792,7 +793,10 @@ def protocol_section(specs, nfes, sizes: Sizes, clock: Clock, deadline: float) -
                 progress=False,
             )
             distill_s = clock() - t1
-            entries = [("bns", nfe, solver), *baseline_solvers(model, [nfe, 2 * nfe])]
+            entries = [
+                ("bns", nfe, solver),
+                *best_classical(model, [nfe, 2 * nfe], val[:64], guidance=guidance),
+            ]
             res = evaluate(model, entries, test, guidance, kinds={"bns": "bns"})
             eval_s = clock() - t1 - distill_s
             best = best_rows(res)

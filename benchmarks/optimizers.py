@@ -20,7 +20,8 @@ from pathlib import Path
 
 from quality import RESULTS, machine
 
-from bns.evaluate import baseline_solvers, best_rows, evaluate
+from bns.classical import best_classical
+from bns.evaluate import best_rows, evaluate
 from bns.pairs import make_pairs
 from bns.solvers.ends import resolve_end
 from bns.specs import load_model
@@ -86,7 +87,11 @@ def run(args: argparse.Namespace) -> dict:
     kinds = {c[0]: "bns" for c in args.configs}
     nfes = sorted({n for n in args.nfe} | {2 * n for n in args.nfe})
     rows = evaluate(
-        model, entries + baseline_solvers(model, nfes, end=end), test, args.guidance, kinds=kinds
+        model,
+        entries + best_classical(model, nfes, val[:64], guidance=args.guidance, end=end),
+        test,
+        args.guidance,
+        kinds=kinds,
     )
     best = best_rows(rows)
     for r in runs:

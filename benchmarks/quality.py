@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 import bns
+from bns.classical import best_classical
 from bns.config import DistillConfig
-from bns.evaluate import baseline_solvers, best_rows, evaluate
+from bns.evaluate import best_rows, evaluate
 from bns.pairs import make_pairs
 from bns.report import markdown_table, plot_psnr_vs_nfe, write_results
 from bns.solvers import solver_from_label
@@ -89,7 +90,8 @@ def run(args: argparse.Namespace) -> dict:
                 file=sys.stderr,
             )
     kinds["bns init"] = "init"
-    entries += baseline_solvers(model, args.nfe, end=end)
+    # every classical solver on its best grid, chosen on (at most) 64 validation pairs
+    entries += best_classical(model, args.nfe, val[:64], guidance=args.guidance, end=end)
     rows = evaluate(model, entries, test, args.guidance, kinds=kinds, progress=not args.quiet)
     best, ours = best_rows(rows), best_rows(rows, "bns")
     targets = {}

@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 from quality import RESULTS, machine
 
+from bns.classical import best_classical
 from bns.cli import split_prompts
-from bns.evaluate import baseline_solvers, evaluate
+from bns.evaluate import evaluate
 from bns.integrations.diffusers import BNSScheduler, model_from_pipeline
 from bns.integrations.diffusers.tiny import tiny_pipeline
 from bns.metrics import psnr
@@ -103,7 +104,10 @@ def run(args: argparse.Namespace) -> dict:
                 progress=False,
             )
             t_distill = time.perf_counter() - t0
-            entries = [("bns", nfe, solver), *baseline_solvers(model, [nfe], end=end)]
+            entries = [
+                ("bns", nfe, solver),
+                *best_classical(model, [nfe], val[:64], guidance=w, end=end),
+            ]
             res = evaluate(model, entries, test, w, kinds={"bns": "bns"}, progress=False)
             res_seen = evaluate(model, entries[:1], seen, w, kinds={"bns": "bns"}, progress=False)
             classical = max((r for r in res if r["kind"] != "bns"), key=lambda r: r["psnr_mean"])
