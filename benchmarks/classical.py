@@ -9,6 +9,13 @@ test pairs (where it is reported); the fixed grid rule that the project used bef
 measured; with ``--diffusers``, diffusers' own schedulers on the same noise and ground truth
 (``benchmarks/diffusers_schedulers.py``); with ``--bns``, a BNS solver distilled with the
 default settings. Writes ``classical_<model>_g<guidance>.json`` and ``.md``.
+
+    python benchmarks/classical.py --summary classical_A.json classical_B.json
+    python benchmarks/classical.py --annotate quality_A.json classical_A_range512.json
+
+``--summary`` prints one table of several runs (the README's); ``--annotate`` adds to a
+quality, FID or optimizers result the gains of its BNS solvers over the measured best classical
+solver of a run on the same test pairs.
 """
 
 from __future__ import annotations
@@ -256,9 +263,64 @@ def summary(paths: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _bns_rows(res: dict) -> list[tuple[str, int, float]]:
+    """``(label, nfe, test PSNR)`` of the learned solvers in a quality, FID or optimizers file."""
+    if "runs" in res:  # optimizers.py
+        return [(r["config"], r["nfe"], r["test_psnr"]) for r in res["runs"]]
+    return [(r["solver"], r["nfe"], r["psnr_mean"]) for r in res["rows"] if r["kind"] == "bns"]
+
+
+def annotate(result: Path, classical: Path) -> str:
+    """Append to ``result``'s table (``.md``) and JSON the gains of its learned solvers over
+    the measured best classical solver of ``classical`` (run on the same test pairs)."""
+    res, cls = json.loads(result.read_text()), json.loads(classical.read_text())
+    best = {e["nfe"]: e["measured_best"] for e in cls["nfes"]}
+    lines = [
+        "",
+        f"### Against the measured best classical solver ({classical.name})",
+        "",
+        "The classical rows above took each solver's grid from a fixed rule. Measured over"
+        f" every grid ({', '.join(cls['grids'])}; chosen on {cls['protocol']['grid_pairs']}"
+        f" validation pairs, reported on the same {cls['protocol']['test_pairs']} test pairs):",
+        "",
+        "| solver | NFE | test PSNR | best classical at NFE, measured (grid) | gain | at 2 NFE |",
+        "|---|---|---|---|---|---|",
+    ]
+    notes = []
+    for label, nfe, psnr in _bns_rows(res):
+        if nfe not in best:
+            continue
+        b, b2 = best[nfe], best.get(2 * nfe)
+        two = f"{b2['solver']} ({b2['grid']}) {b2['test']:.2f}" if b2 else ""
+        lines.append(
+            f"| {label} | {nfe} | {psnr:.2f} | {b['solver']} ({b['grid']}) {b['test']:.2f} |"
+            f" {psnr - b['test']:+.2f} | {two} |"
+        )
+        notes.append(
+            {
+                "solver": label,
+                "nfe": nfe,
+                "psnr": psnr,
+                "best_classical": b,
+                "best_classical_2n": b2,
+            }
+        )
+    text = "\n".join(lines) + "\n"
+    md = result.with_suffix(".md")
+    old = md.read_text()
+    cut = old.find("\n### Against the measured best classical solver")
+    md.write_text((old if cut < 0 else old[:cut]) + text)  # rerunning replaces the section
+    res["against_measured_classical"] = {"source": classical.name, "rows": notes}
+    result.write_text(json.dumps(res, indent=1))
+    return text
+
+
 def main(argv=None) -> dict:
     if argv is None and "--summary" in sys.argv[1:2]:
         print(summary([Path(a) for a in sys.argv[2:]]))
+        return {}
+    if argv is None and "--annotate" in sys.argv[1:2]:  # --annotate RESULT.json CLASSICAL.json
+        print(annotate(Path(sys.argv[2]), Path(sys.argv[3])))
         return {}
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
