@@ -63,6 +63,37 @@ def test_tiny_run_writes_results(tmp_path):
     assert best["psnr_mean"] == max(r["psnr_mean"] for r in rows)
     table = (out / "diffusers_gmm_g1.md").read_text()
     assert "diffusers' best" in table and best["scheduler"] in table
+    # benchmarks/classical.py puts that best beside bns's own solvers, on the same pairs only
+    cls = [sys.executable, str(SCRIPT.with_name("classical.py")), "--model", "gmm", "--nfe", "4"]
+    cls += ["--test-pairs", "8", "--grid-pairs", "8", "--out", str(out)]
+    done = subprocess.run(
+        cls + ["--diffusers-json", str(out / "diffusers_gmm_g1.json")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (entry,) = json.loads((out / "classical_gmm_g1.json").read_text())["nfes"]
+    assert entry["diffusers_best"] == {k: best[k] for k in entry["diffusers_best"]}
+    other = subprocess.run(
+        [
+            *cls[:-4],
+            "--test-pairs",
+            "16",
+            "--grid-pairs",
+            "8",
+            "--out",
+            str(out),
+            "--diffusers-json",
+            str(out / "diffusers_gmm_g1.json"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert other.returncode != 0 and "other pairs" in other.stderr
 
 
 @pytest.mark.usefixtures("one_thread")

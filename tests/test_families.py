@@ -66,11 +66,13 @@ def _perturbed(family):
 
 @pytest.mark.parametrize("family,init,pc", CASES)
 def test_each_family_starts_at_its_initial_solver(vp, data, family, init, pc):
-    start = initial_solver(vp, 4, init, pc)
-    _close(make_family(family, start).solver().detach(), start, tol=1e-13)
     solver, hist = distill(
         vp, 4, family=family, init=init, precondition=pc, steps=0, pairs=data, progress=False
     )
+    # init names the method; its grid (or preconditioning) is the one measured best
+    assert solver.meta["init"].startswith(init)
+    start = bns.solvers.solver_from_label(vp, 4, solver.meta["init"])
+    _close(make_family(family, start).solver().detach(), start, tol=1e-13)
     assert torch.equal(solver.times, start.times) and torch.equal(solver.b, start.b)
     assert solver.meta["family"] == family and hist["steps_run"] == 0
 
@@ -101,7 +103,7 @@ def test_a_trained_time_solver_is_the_classical_solver_on_its_grid(vp, data):
         vp, 4, family="time", init="midpoint", precondition=None, steps=10, val_every=5,
         pairs=data, progress=False,
     )  # fmt: skip
-    assert hist["best_step"] > 0 and solver.meta["init"] == "midpoint"
+    assert hist["best_step"] > 0 and solver.meta["init"].startswith("midpoint@")
     _close(solver, bns.solvers.midpoint(solver.times[::2]), tol=1e-14)
 
 
@@ -191,11 +193,19 @@ def test_families_keep_the_initial_solvers_they_can_start_from(vp):
     cands = bns.solvers.init_candidates(vp, 4)
     labels = {f: {c.meta["init"] for c in usable_inits(f, cands)} for f in FAMILIES}
     assert labels["bns"] == {c.meta["init"] for c in cands}
-    assert labels["time"] == {f"{n}{pc}" for n in TimeFamily.METHODS for pc in ("", "+pc1")}
-    assert labels["scale-time"] == {
-        f"{n}{pc}" for n in ScaleTimeFamily.METHODS for pc in ("", "+pc1")
-    }
-    assert labels["multistep"] == {"euler", "midpoint", "ab2", "ab3", "ipndm"}
+    # every grid of the model but diffusers' leading spacing (it starts after t_min), and
+    # preconditioned
+    grids = [g for g in bns.solvers.grid_names(vp) if g != "leading"]
+    assert "leading" in bns.solvers.grid_names(vp) and len(grids) == 5
+
+    def every(methods, pc=True):
+        return {f"{n}@{g}" for n in methods for g in grids} | (
+            {f"{n}+pc1" for n in methods} if pc else set()
+        )
+
+    assert labels["time"] == every(TimeFamily.METHODS)
+    assert labels["scale-time"] == every(ScaleTimeFamily.METHODS)
+    assert labels["multistep"] == every(("euler", "midpoint", "ab2", "ab3", "ipndm"), pc=False)
     with pytest.raises(ValueError, match="family time starts from euler, midpoint"):
         make_family("time", initial_solver(vp, 4, "dpmpp2m"))
 
@@ -226,4 +236,4 @@ def test_the_command_line_distills_a_family(tmp_path, monkeypatch):
     args += ["--train-pairs", "8", "--val-pairs", "8", "--steps", "2", "--quiet", "--out", str(out)]
     assert main(args) == 0
     solver = bns.NSSolver.load(out)
-    assert solver.meta["family"] == "time" and solver.meta["init"] == "midpoint"
+    assert solver.meta["family"] == "time" and solver.meta["init"].startswith("midpoint@")
