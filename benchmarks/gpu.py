@@ -105,6 +105,7 @@ TINY = Sizes(
     gt_pairs=2,
     gt_batches=(2,),
     step_batch=2,
+    step_nfes=(4, 8),  # a smoke test: NFE 16's step is 4 times NFE 8's and tests nothing more
     micro_batch=1,
     step_repeats=1,
     sample_batch={"fmnist-cfg": 2, "unet": 2},
