@@ -267,3 +267,15 @@ def test_eval_reports_each_baseline_on_its_measured_grid(tmp_path, capsys):
     capsys.readouterr()
     assert main(argv + ["--grids", "uniform,karras"]) == 2
     assert "karras is not a grid of" in capsys.readouterr().err
+
+
+def test_eval_on_a_model_with_one_grid_spends_nothing_choosing(tmp_path):
+    from bns.cli import main
+
+    out = tmp_path / "e.json"
+    argv = ["eval", "--model", "gmm", "--baselines", "ab2,unipc2", "--nfe", "4"]
+    argv += ["--test-pairs", "8", "--json", str(out), "--cache-dir", str(tmp_path), "--quiet"]
+    assert main(argv) == 0
+    got = json.loads(out.read_text())
+    assert {r["grid"] for r in got["rows"]} == {"uniform"}  # CondOT on [0, 1]: the only grid
+    assert "ground_truth_val" not in got["cost"] and "grid_search" not in got["cost"]

@@ -505,8 +505,8 @@ def cmd_eval(args) -> int:
     ledger = Ledger()
     pair_kw = dict(seed=args.seed, guidance=args.guidance, cache=_cache(args), end=end)
     pair_kw.update(batch_size=args.gt_batch_size)
-    if grids is None:
-        entries = baseline_solvers(model, args.nfe, names, end)
+    if grids is None or len(grids) == 1:  # nothing to choose: no validation pairs needed
+        entries = baseline_solvers(model, args.nfe, names, end, grids[0] if grids else "default")
     elif not names:
         entries = []
     else:  # each baseline on the grid that measures best on validation pairs

@@ -6,13 +6,13 @@ build a differentiable NSSolver and ``param_groups()`` for the optimizer, and
 class registered in :data:`FAMILIES`; the restricted ones are the learned solvers BNS is
 compared with, trained on the same pairs, loss and validation:
 
-- ``bns``: the full non-stationary family (bns-math.md, section 2).
+- ``bns``: the full non-stationary family (docs/math.md, section 2).
 - ``time``: the time grid of a fixed classical solver (Euler, midpoint, Adams-Bashforth,
   iPNDM, each also preconditioned), its coefficients the classical formula on the learned
   grid (as LD3, GITS, DMN learn grids).
 - ``scale-time``: a scale-time transformation of Euler or midpoint, with ``t_r``, ``t_r'``,
   ``s_r`` and ``s_r'/s_r`` free at every evaluation (the Bespoke solvers, BES, arXiv
-  2310.19075; bns-math.md, section 3).
+  2310.19075; docs/math.md, section 3).
 - ``multistep``: ``x_{i+1} = x_i + sum_{j<=i} c_ij u_j`` with free ``c`` and grid: linear
   multistep coefficients over the whole history, with no ``x_0`` term after the first step
   (as S4S and GAS's generalized solver learn them).

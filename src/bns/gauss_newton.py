@@ -3,7 +3,7 @@
 A BNS solver has under 200 parameters and its loss is a sum of squares per sample, so the
 Gauss-Newton matrix ``H = mean_k w_k J_k^T J_k`` is small (``P x P``) and cheap to solve once
 the Jacobians ``J_k = d x_n / d theta`` are known. Adam, with one noisy gradient per step,
-stalls a few dB under the optimum the family reaches (bns-math.md, section 4); a handful of
+stalls a few dB under the optimum the family reaches (docs/math.md, section 4); a handful of
 damped Gauss-Newton steps from Adam's iterate (or from the initial solver) gets there.
 
 The Jacobian with respect to the NS coefficients is exact forward-mode differentiation,

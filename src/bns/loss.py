@@ -1,6 +1,6 @@
 """The distillation loss: a pure function of a solver family's parameters and a batch.
 
-``loss = mean_k log ||x_n(x_0^k) - x(1; x_0^k)||^2 / D`` (bns-math.md, section 4), end to end
+``loss = mean_k log ||x_n(x_0^k) - x(1; x_0^k)||^2 / D`` (docs/math.md, section 4), end to end
 through every step, the network's inputs and its times. :func:`loss_and_grad` is the only
 thing that micro-batching and data-parallel workers (:mod:`bns.distributed`) wrap: gradients are taken for
 the family's parameters alone with ``torch.autograd.grad``, so no network weight ever gets a

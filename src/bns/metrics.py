@@ -1,4 +1,4 @@
-"""Sample-quality metrics (bns-math.md, section 5): PSNR against ground truth, and the Frechet
+"""Sample-quality metrics (docs/math.md, section 5): PSNR against ground truth, and the Frechet
 distance between two Gaussians that FID (:mod:`bns.fid`) applies to Inception features."""
 
 from __future__ import annotations

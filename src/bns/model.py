@@ -1,7 +1,7 @@
 """`Model`: a network, its prediction type and scheduler, seen as one velocity in flow time.
 
 Every usual network output ``f`` turns into a velocity that is affine in ``x`` and ``f``:
-``u_t(x) = beta_t x + gamma_t f_t(x)`` (bns-math.md, section 1). Classifier-free guidance
+``u_t(x) = beta_t x + gamma_t f_t(x)`` (docs/math.md, section 1). Classifier-free guidance
 combines the conditional and unconditional velocities, ``u = u_0 + w (u_y - u_0)``, in one
 batched network call.
 """

@@ -1,7 +1,7 @@
 """Schedulers of Gaussian paths in flow time.
 
 A scheduler gives ``x_t = alpha_t x_1 + sigma_t eps`` for flow time ``t`` in [0, 1], where
-``t = 0`` is noise and ``t = 1`` is data (bns-math.md, section 1). Every scheduler returns
+``t = 0`` is noise and ``t = 1`` is data (docs/math.md, section 1). Every scheduler returns
 alpha, sigma and their time derivatives together, computed with torch operations so that
 gradients flow through ``t`` (BNS learns its time grid), and knows its log-SNR
 ``lambda_t = log(alpha_t / sigma_t)`` and the inverse map from log-SNR back to time.
@@ -140,7 +140,7 @@ class CondOT(Schedule):
     """Conditional optimal transport / rectified flow: ``alpha = t``, ``sigma = 1 - t``.
 
     ``sigma0`` scales the noise: ``sigma = sigma0 (1 - t)`` (the preconditioning scheduler of
-    bns-math.md, section 3; ``sigma0 = 1`` is plain CondOT).
+    docs/math.md, section 3; ``sigma0 = 1`` is plain CondOT).
     """
 
     name = "condot"

@@ -1,7 +1,7 @@
 """`NSSolver`: a non-stationary solver as pure data, the sampler that runs it, and its file.
 
 An NS solver with ``n`` steps evaluates the velocity at ``n`` points and forms each next point as
-a fixed linear combination of the start point and all velocities so far (bns-math.md, section 2):
+a fixed linear combination of the start point and all velocities so far (docs/math.md, section 2):
 
     u_i = u_{t_i}(x_i),    x_{i+1} = a_i x_0 + sum_{j <= i} b_{i,j} u_j,    i = 0 .. n-1.
 

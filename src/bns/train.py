@@ -1,4 +1,4 @@
-"""Distillation: learn a BNS solver for a model from ground-truth pairs (bns-math.md, section 4).
+"""Distillation: learn a BNS solver for a model from ground-truth pairs (docs/math.md, section 4).
 
 The pieces, each in its own module: the settings (:mod:`bns.config`), the solver family that
 maps free parameters to an NSSolver (:mod:`bns.families`), the pure loss and its gradient

@@ -2,7 +2,7 @@
 
 For an increasing ``t_r`` and a scale ``s_r > 0`` the path ``xbar(r) = s_r x(t_r)`` solves
 ``dxbar/dr = ubar_r(xbar)`` with ``ubar_r(x) = (s_r'/s_r) x + t_r' s_r u_{t_r}(x / s_r)``
-(bns-math.md, section 3). Both ``xbar`` and ``ubar`` are linear in the original points and
+(docs/math.md, section 3). Both ``xbar`` and ``ubar`` are linear in the original points and
 velocities, so a solver run in ``r`` is still an NS solver in ``t``.
 """
 

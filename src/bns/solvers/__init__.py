@@ -173,7 +173,7 @@ def by_name(
             to 9 dB at NFE 6 on some VP models): :func:`bns.classical.best_classical` measures
             every grid instead. ``"best"`` is the rule's former name.
         precondition: ``sigma0`` to run a Runge-Kutta or multistep solver on the model's ODE
-            changed to the scheduler ``(r, sigma0 (1 - r))`` (bns-math.md, section 3), on a
+            changed to the scheduler ``(r, sigma0 (1 - r))`` (docs/math.md, section 3), on a
             uniform grid in ``r``; None for none.
 
     Raises:

@@ -3,7 +3,7 @@
 Every vector a solver builds is represented as a row of float64 coefficients over the basis
 ``(x_0, u_0, u_1, ...)``; each velocity evaluation records its time and point and returns a
 new basis vector. The rows of the evaluated points and of the output give ``a_i`` and
-``b_{i,j}`` exactly (bns-math.md, section 2). The same method code runs on real tensors, so a
+``b_{i,j}`` exactly (docs/math.md, section 2). The same method code runs on real tensors, so a
 classical solver has one implementation and two uses.
 """
 

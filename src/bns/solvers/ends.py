@@ -6,7 +6,7 @@ much noise in every sample when a solver stops at ``t_max``. diffusers' multiste
 instead with a step to sigma = 0 (``final_sigmas_type="zero"``): the last step is the model's
 data prediction at the last evaluated point, ``x_n = x1_hat(x_{n-1}, t_{n-1})``. Since
 ``x1_hat = (u - beta x) / gamma`` is linear in ``x`` and ``u`` (``(beta, gamma)`` of the data
-prediction, bns-math.md, section 1), that step is one more row of an NS solver: ``end="data"``.
+prediction, docs/math.md, section 1), that step is one more row of an NS solver: ``end="data"``.
 
 The ground truth of such a solver ends the same way: the adaptive solution at ``t_max``, then
 the data prediction there (one more network evaluation). With ``end="data"`` the last time of

@@ -4,7 +4,7 @@ These solvers step ``x`` in the log-SNR ``lambda = log(alpha / sigma)`` and comb
 data predictions ``m = x1_hat``. An NS solver only sees velocities, so every data prediction
 is formed from the velocity at the point where it was evaluated,
 ``x1_hat = (u - beta x) / gamma`` with ``(beta, gamma) = prediction_coefficients("x1", schedule, t)``;
-this is exact because ``u = beta x + gamma x1_hat`` on the model's path (bns-math.md, section 1).
+this is exact because ``u = beta x + gamma x1_hat`` on the model's path (docs/math.md, section 1).
 The update formulas follow diffusers' ``DDIMScheduler``, ``DPMSolverMultistepScheduler``
 (``algorithm_type="dpmsolver++"``) and ``UniPCMultistepScheduler`` (``bh2``, ``predict_x0``), which
 the oracle tests run side by side.

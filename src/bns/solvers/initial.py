@@ -1,4 +1,4 @@
-"""The classical solvers a BNS solver can start from (bns-math.md, section 4).
+"""The classical solvers a BNS solver can start from (docs/math.md, section 4).
 
 A BNS solver needs strictly increasing times (its grid is parameterized by positive
 increments), so Heun and RK4, whose stages share times, are no starting points. Every other

@@ -16,7 +16,7 @@ negative prompt once; the embeddings are conditioning data, outside the model's 
 (``prompts={"train": ..., "val": ..., "test": ...}`` gives held-out prompts). The conventions
 of each family, with the diffusers source lines, are in :mod:`._text`.
 
-Conventions (bns-math.md, section 1; flow time ``t``: 0 = noise, 1 = data):
+Conventions (docs/math.md, section 1; flow time ``t``: 0 = noise, 1 = data):
 
 - Flow-matching pipelines (SD3, Flux, Wan: ``FlowMatchEulerDiscreteScheduler``, or UniPC /
   DPM-Solver with ``prediction_type="flow_prediction"`` and ``use_flow_sigmas``) work in
