@@ -102,7 +102,9 @@ def test_distill_eval_sample_end_to_end(env, capsys):
     )
     rows = json.loads(js.read_text())["rows"]
     got = {(r["solver"], r["nfe"]) for r in rows}
-    assert got == {("euler", 2), ("euler", 4), ("midpoint", 2), ("midpoint", 4), ("bns", 4)}
+    # the solver file's row is named by its stem (s.json: "s"), kind "bns"
+    assert got == {("euler", 2), ("euler", 4), ("midpoint", 2), ("midpoint", 4), ("s", 4)}
+    assert {r["solver"] for r in rows if r["kind"] == "bns"} == {"s"}
     for r in rows:
         assert {"solver", "nfe", "psnr_mean", "psnr_std"} <= set(r) and len(r["psnr_samples"]) == 8
     assert (env / "r.md").read_text().count("| euler |") == 1
@@ -371,3 +373,37 @@ def test_eval_batch_sizes_change_memory_not_results(env, tmp_path_factory, monke
     assert main(bad) == 2
     assert "--eval-batch-size must be a positive integer" in capsys.readouterr().err
     assert not (env / "z.json").exists()
+
+
+def test_eval_rows_are_named_by_their_solver_files(env, capsys):
+    """Two solver files in one eval: each row says which file it is (its stem, its folder where
+    stems agree, or --name), and names that would be ambiguous are refused."""
+    import shutil
+
+    s = env / "s.json"
+    assert _distill(env, s) == 0
+    for sub in ("a", "b"):
+        (env / sub).mkdir()
+        shutil.copy(s, env / sub / "s.json")
+    shutil.copy(s, env / "fast.json")
+    base = ["eval", "--model", f"{env / 'm.py'}:small", "--nfe", "4", "--baselines", "euler"]
+    base += ["--test-pairs", "8", "--quiet"]
+
+    def rows(*argv):
+        js = env / "e.json"
+        assert main([*base, *argv, "--json", str(js)]) == 0
+        return [r["solver"] for r in json.loads(js.read_text())["rows"] if r["kind"] == "bns"]
+
+    assert rows("--solver", str(s), str(env / "fast.json")) == ["s", "fast"]
+    assert rows("--solver", str(env / "a" / "s.json"), str(env / "b" / "s.json")) == ["a/s", "b/s"]
+    assert rows("--solver", str(s), str(env / "fast.json"), "--name", "one,two") == ["one", "two"]
+    capsys.readouterr()
+    for argv, says in [
+        (["--solver", str(s), "--name", "x,y"], "one distinct name per --solver file"),
+        (["--solver", str(s), str(s)], "names one file twice"),
+        (["--solver", str(s), "--name", "euler"], "classical solvers' names"),
+    ]:
+        assert main([*base, *argv, "--json", str(env / "x.json")]) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1
+        assert not (env / "x.json").exists()

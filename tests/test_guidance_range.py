@@ -155,7 +155,7 @@ def test_command_line(tmp_path, capsys):
     want = GuidanceRangeSolver.load(out).at(3.0)
     test = make_pairs(model, 8, "test", guidance=3.0, cache=tmp_path / "c", progress=False)
     psnr = bns.evaluate.evaluate_psnr(model, want, test, 3.0).mean()
-    assert abs(next(r for r in rows if r["solver"] == "bns")["psnr_mean"] - float(psnr)) < 1e-6
+    assert abs(next(r for r in rows if r["kind"] == "bns")["psnr_mean"] - float(psnr)) < 1e-6
     # sample takes the solver at its --guidance (a .pt output: the samples themselves).
     pt = tmp_path / "s.pt"
     sample = ["sample", *common, "--solver", str(out), "--guidance", "2.5", "--n", "4"]

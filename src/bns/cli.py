@@ -137,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(e)
     e.add_argument("--solver", type=Path, nargs="*", default=[], help="BNS solver files")
     e.add_argument(
+        "--name",
+        type=_name_list,
+        help="comma-separated row names of the --solver files (default: each file's stem)",
+    )
+    e.add_argument(
         "--baselines",
         type=_name_list,
         default=None,
@@ -462,6 +467,32 @@ def _eval_end(model: Any, solvers: list, paths: list[Path], asked: str | None) -
     return end
 
 
+def _row_names(paths: list[Path], names: list[str] | None) -> list[str]:
+    """eval's row name of each solver file: ``--name``, else the file's stem (its path where
+    two stems agree), so that a table says which file each row is."""
+    from .solvers import SOLVER_NAMES
+
+    if names is not None:
+        if len(names) != len(paths) or len(set(names)) != len(names):
+            raise CLIError(
+                f"--name needs one distinct name per --solver file: {len(paths)} file(s),"
+                f" {len(names)} name(s) {names}"
+            )
+        out = names
+    else:
+        stems = [p.stem for p in paths]
+        out = [p.stem if stems.count(p.stem) == 1 else f"{p.parent.name}/{p.stem}" for p in paths]
+        if len(set(out)) != len(out):
+            raise CLIError(f"--solver names one file twice: {', '.join(map(str, paths))}")
+    clash = [n for n in out if n in SOLVER_NAMES]
+    if clash:
+        raise CLIError(
+            f"solver file row name(s) {clash} are classical solvers' names: rename the file or"
+            " pass --name"
+        )
+    return out
+
+
 def _grids(text: str, model) -> tuple[str, ...] | None:
     """``--grids``: None for the fixed rule, else the grids to measure (all: the model's)."""
     from .solvers import grid_names
@@ -519,10 +550,7 @@ def cmd_eval(args) -> int:
                 model, args.nfe, val, names, grids, args.guidance, end, args.eval_batch_size
             )
     kinds = {}
-    seen_nfe: dict[int, int] = {}
-    for path, s in zip(args.solver, solvers):
-        name = "bns" if s.nfe not in seen_nfe else f"bns:{path.stem}"
-        seen_nfe[s.nfe] = seen_nfe.get(s.nfe, 0) + 1
+    for name, s in zip(_row_names(args.solver, args.name), solvers):
         entries.append((name, s.nfe, s))
         kinds[name] = "bns"
     if not entries:
