@@ -431,3 +431,33 @@ def test_two_jobs_on_one_cache_folder_never_corrupt_it(tmp_path, one_thread):
         assert torch.equal(got["x0"], want.x0[:n]) and torch.equal(got["x1"], want.x1[:n])
         assert torch.equal(got["y"], want.y[:n])
     assert not list((tmp_path / "c").glob("shards/*/*"))
+
+
+WARNING_FILE = """
+import warnings
+import torch
+import bns
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x, t):
+        warnings.warn("the user's network says hello", UserWarning)
+        return -self.w * x
+
+
+def net():
+    return bns.Model(Net(), "velocity", bns.schedules.CondOT(), (4,))
+"""
+
+
+def test_a_warning_prints_once_per_job_not_once_per_worker(tmp_path, one_thread):
+    (tmp_path / "warn.py").write_text(WARNING_FILE)
+    args = ["-m", "bns", "eval", "--model", f"{tmp_path / 'warn.py'}:net", "--baselines", "euler"]
+    args += ["--nfe", "2", "--test-pairs", "4", "--quiet", "--json", str(tmp_path / "e.json")]
+    proc = _torchrun(args, _env(tmp_path / "c"), tmp_path / "w")
+    _, err = _finish(proc, tmp_path / "w")
+    assert err.count("UserWarning: the user's network says hello") == 1, err[-3000:]

@@ -14,7 +14,7 @@ Slurm's ``srun`` with torchrun, or a Kubernetes PyTorchJob):
 - Ground truth is shared out by whole batches (:mod:`bns.pairs`), evaluation by pairs, whose
   per-sample values are gathered (:func:`all_gather_rows`), and distillation by the global
   batch, whose gradients are summed (:func:`data_parallel`).
-- Rank 0 alone writes and prints; the other ranks' ``bns:`` warnings are silenced.
+- Rank 0 alone writes and prints; the other ranks' warnings are silenced (once per job).
 - A fault ends the job with one line that names the rank and why. A worker whose own compute
   raises says so itself (:func:`guard`); a worker that dies, or that makes no progress for the
   timeout, is named by a surviving one, from what each worker keeps in the launcher's store:
@@ -245,7 +245,9 @@ def end_command(rc: int) -> int:
 def _setup(dist: Any, rank: int, size: int) -> None:
     _JOB.ready, _JOB.rank, _JOB.size = True, rank, size
     if rank != 0:
-        warnings.filterwarnings("ignore", message="bns:")  # rank 0 speaks for the job
+        # Rank 0 speaks for the job: every worker runs the same code on the same kind of data,
+        # so a warning (bns's, torch's, the user's network's) would print once per worker.
+        warnings.filterwarnings("ignore")
     try:
         from torch.distributed.distributed_c10d import _get_default_store
 
