@@ -1,0 +1,41 @@
+"""Atomic writes and the temporary files that killed writers leave behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from bns._io import STALE_ANY_S, STALE_DEAD_S, atomic_write_text, remove_stale_tmp
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def _tmp(folder, name: str, pid: int, age: float):
+    path = folder / f".{name}.{pid}.0123abcd.tmp"
+    path.write_text("half a file")
+    t = time.time() - age
+    os.utime(path, (t, t))
+    return path
+
+
+def test_stale_temporary_files_are_removed_and_live_ones_kept(tmp_path):
+    dead, me = _dead_pid(), os.getpid()
+    gone = _tmp(tmp_path, "a.safetensors", dead, STALE_DEAD_S + 60)  # killed writer
+    fresh_dead = _tmp(tmp_path, "b.safetensors", dead, 1)  # maybe another host's, just now
+    writing = _tmp(tmp_path, "c.safetensors", me, STALE_DEAD_S + 60)  # a live writer
+    ancient = _tmp(tmp_path, "d.safetensors", me, STALE_ANY_S + 60)  # nobody writes for an hour
+    other = tmp_path / ".notes.tmp"  # not atomic_write's
+    other.write_text("x")
+    kept = tmp_path / "e.safetensors"
+    atomic_write_text(kept, "whole")
+    assert remove_stale_tmp(tmp_path) == 2
+    assert not gone.exists() and not ancient.exists()
+    assert fresh_dead.exists() and writing.exists() and other.exists()
+    assert kept.read_text() == "whole"
+    assert remove_stale_tmp(tmp_path / "missing") == 0
