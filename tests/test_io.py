@@ -39,3 +39,24 @@ def test_stale_temporary_files_are_removed_and_live_ones_kept(tmp_path):
     assert fresh_dead.exists() and writing.exists() and other.exists()
     assert kept.read_text() == "whole"
     assert remove_stale_tmp(tmp_path / "missing") == 0
+
+
+def test_ground_truth_removes_what_a_killed_writer_left(tmp_path):
+    """A job that starts cleans its cache folder and its shard folder of stale temporary
+    files (a writer killed with SIGKILL runs no cleanup), and keeps everything else."""
+    from bns.models.gmm import gaussian_mixture_model
+    from bns.pairs import make_pairs
+
+    model = gaussian_mixture_model(dim=4, components=2)
+    pairs = make_pairs(model, 4, "test", cache=tmp_path, progress=False)
+    (cache_file,) = tmp_path.glob("pairs-*.safetensors")
+    shards = tmp_path / "shards" / cache_file.stem
+    shards.mkdir(parents=True)
+    dead = _dead_pid()
+    stale = [
+        _tmp(tmp_path, cache_file.name, dead, STALE_DEAD_S + 60),
+        _tmp(shards, "000000000-000000004.safetensors", dead, STALE_DEAD_S + 60),
+    ]
+    again = make_pairs(model, 4, "test", cache=tmp_path, progress=False)
+    assert not any(p.exists() for p in stale)
+    assert cache_file.exists() and bool((again.x1 == pairs.x1).all())

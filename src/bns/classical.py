@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .metrics import psnr
+from .model import in_phase
 from .solver import NSSolver, ns_step
 from .solvers import SOLVER_NAMES, by_name, grid_names, with_data_end
 
@@ -201,6 +202,11 @@ def rank(
     """Mean PSNR of each solver on ``pairs``, by successive halving: all of them on the first
     ``first`` pairs, the ``keep`` best of those on all the pairs. A solver dropped after the
     first round keeps its mean over the first pairs (below every kept one, or nearly)."""
+    with in_phase("ranking of the initial solvers"):
+        return _rank(model, solvers, pairs, guidance, batch_size, data_range, first, keep)
+
+
+def _rank(model, solvers, pairs, guidance, batch_size, data_range, first, keep) -> list[float]:
     if len(solvers) <= keep or len(pairs) <= first:
         return [
             _mean(p) for p in psnr_matrix(model, solvers, pairs, guidance, batch_size, data_range)
@@ -234,6 +240,13 @@ def best_classical(
     mean PSNR on ``pairs`` (a solver with one grid for the model is not measured). Returns ``(name, nfe, solver)`` like
     :func:`bns.evaluate.baseline_solvers`.
     """
+    with in_phase("the choice of each baseline's grid"):
+        return _best_classical(
+            model, nfes, pairs, names, grids, guidance, end, batch_size, data_range
+        )
+
+
+def _best_classical(model, nfes, pairs, names, grids, guidance, end, batch_size, data_range):
     out = []
     for nfe in nfes:
         cands = candidates(model, nfe, names, grids, end)

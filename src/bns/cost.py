@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .model import in_phase
+
 __all__ = ["Phase", "Ledger", "PHASES", "uncounted"]
 
 # The phases of a distillation run, in the order they happen.
@@ -29,6 +31,14 @@ PHASES = (
     "validation",
     "evaluation",
 )
+
+# How an error of the network names the phase it failed in ("... during an optimizer step").
+_LABELS = {
+    "ground_truth_train": "ground truth (train)",
+    "ground_truth_val": "ground truth (val)",
+    "ranking": "ranking of the initial solvers",
+    "optimizer": "an optimizer step",
+}
 
 
 @dataclass
@@ -71,11 +81,13 @@ class Ledger:
 
     @contextlib.contextmanager
     def phase(self, name: str, model: Any) -> Iterator[Phase]:
-        """Add to phase ``name`` what ``model`` runs inside the block (this worker's share)."""
+        """Add to phase ``name`` what ``model`` runs inside the block (this worker's share).
+        A :class:`bns.model.NetworkError` raised inside names this phase."""
         f0, j0 = _counts(model)
         t0 = time.perf_counter()
         try:
-            yield self[name]
+            with in_phase(_LABELS.get(name, name.replace("_", " "))):
+                yield self[name]
         finally:
             f1, j1 = _counts(model)
             self[name].add(Phase(f1 - f0, j1 - j0, time.perf_counter() - t0))

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .metrics import psnr
-from .model import Model
+from .model import Model, in_phase
 from .pairs import Pairs
 from .solver import NSSolver, sample
 from .solvers import SOLVER_NAMES
@@ -40,7 +40,7 @@ def evaluate_psnr(
     device = model.device
     mine = pairs[w.share(len(pairs))] if w.size > 1 else pairs
     out = [torch.zeros(0, dtype=torch.float64)]
-    with guard("evaluation"), torch.no_grad():
+    with guard("evaluation"), in_phase("evaluation"), torch.no_grad():
         for s in range(0, len(mine), batch_size):
             p = mine[s : s + batch_size].to(device)
             x = sample(model, p.x0, solver, p.y, guidance)

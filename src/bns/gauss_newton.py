@@ -35,7 +35,7 @@ from .config import DistillConfig, TrainingError
 from .cost import uncounted
 from .families import Family
 from .loss import LOSSES, SUM_OF_SQUARES
-from .model import Model
+from .model import Model, NetworkError, NonFiniteVelocity, _first_line, in_phase
 from .pairs import Pairs
 from .solver import NSSolver, sample
 
@@ -287,10 +287,14 @@ def levenberg_marquardt(
 
 
 def _raise_if_no_forward_mode(e: Exception) -> None:
-    if any(k in str(e).lower() for k in ("forward ad", "forward mode", "forward-mode", "jvp")):
+    if isinstance(e, NonFiniteVelocity):
+        return  # it ran, and returned NaN or inf
+    # What the network said, not the phase the error names ("during the forward-mode check").
+    text = f"{e.what}{e.detail}" if isinstance(e, NetworkError) else str(e)
+    if any(k in text.lower() for k in ("forward ad", "forward mode", "forward-mode", "jvp")):
         raise TrainingError(
             "Gauss-Newton steps differentiate the network in forward mode, which it does not"
-            f" support ({str(e).splitlines()[0]}); pass gn_steps=0 (--gn-steps 0)"
+            f" support ({_first_line(e.__cause__ or e)}); pass gn_steps=0 (--gn-steps 0)"
         ) from None
 
 
@@ -302,14 +306,15 @@ def check_forward_mode(model: Model, guidance: float, device: torch.device | Non
     t = torch.tensor(model.t_range[0], dtype=torch.float64)
     y = None if model.num_classes is None else torch.zeros(1, dtype=torch.long, device=device)
     try:
-        with uncounted(model), _forward_mode():  # a check, not work
+        with uncounted(model), _forward_mode(), in_phase("the forward-mode check"):
             xd = fwAD.make_dual(x, torch.ones_like(x))
             model.velocity(xd, fwAD.make_dual(t, torch.ones_like(t)), y, guidance)
-    except (RuntimeError, NotImplementedError) as e:
+    except (RuntimeError, NotImplementedError, NetworkError) as e:  # the network's, wrapped
         _raise_if_no_forward_mode(e)
         raise
 
 
+@in_phase("an optimizer step")
 def gauss_newton_step(
     family: Family, model: Model, train: Pairs, idx: Tensor, cfg: DistillConfig, lam: float
 ) -> tuple[float, float, int]:
@@ -334,7 +339,7 @@ def gauss_newton_step(
                 micro_batch=cfg.micro_batch,
                 max_stack=cfg.gn_max_stack,
             )
-        except (RuntimeError, NotImplementedError) as e:
+        except (RuntimeError, NotImplementedError, NetworkError) as e:
             _raise_if_no_forward_mode(e)
             raise
         ok = math.isfinite(loss) and bool(torch.isfinite(H).all() and torch.isfinite(g).all())

@@ -54,7 +54,7 @@ def ground_truth(
     """
     from torchdiffeq import odeint
 
-    from .model import frozen
+    from .model import frozen, in_phase
 
     rtol = default_tolerance(model.precision) if rtol is None else float(rtol)
     atol = rtol if atol is None else float(atol)
@@ -72,7 +72,9 @@ def ground_truth(
         return v.reshape(b, -1).pow(2).mean(1).sqrt().max()
 
     times = torch.tensor([t_min, t_max], dtype=torch.float64, device=x0.device)
-    with torch.no_grad(), frozen(model):
+    # A network that returns NaN or inf raises NetworkError inside odeint, before its step
+    # size collapses ("underflow in dt").
+    with torch.no_grad(), frozen(model), in_phase("ground truth"):
         out = odeint(
             f,
             x0.to(dtype),

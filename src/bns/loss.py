@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .families import Family
-from .model import Model
+from .model import Model, in_phase
 from .pairs import Pairs
 from .solver import sample
 
@@ -72,8 +72,15 @@ def loss_and_grad(
 
     With ``micro_batch = k > 0`` the batch is run ``k`` pairs at a time and the gradients are
     summed: the same result as the whole batch at once, to rounding, in the memory of ``k``.
-    Returns ``(nan, None)`` if the loss or a gradient is not finite.
+    Returns ``(nan, None)`` if the loss or a gradient is not finite (diverged solver
+    coefficients: the step is skipped); a network that returns NaN or inf for finite states
+    raises :class:`bns.model.NonFiniteVelocity` instead.
     """
+    with in_phase("an optimizer step"):
+        return _loss_and_grad(family, model, batch, guidance, micro_batch, checkpoint, loss)
+
+
+def _loss_and_grad(family, model, batch, guidance, micro_batch, checkpoint, loss):
     params = [p for p in family.parameters() if p.requires_grad]
     n = len(batch)
     size = micro_batch if micro_batch > 0 else n

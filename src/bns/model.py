@@ -29,6 +29,9 @@ __all__ = [
     "PREDICTIONS",
     "prediction_coefficients",
     "ModelError",
+    "NetworkError",
+    "NonFiniteVelocity",
+    "in_phase",
     "reachable_modules",
     "frozen",
 ]
@@ -43,6 +46,96 @@ def _is_dual(v: Tensor) -> bool:
 
 class ModelError(ValueError):
     """A model was called with inputs it cannot take, or returned something unusable."""
+
+
+class NetworkError(ModelError):
+    """The network failed where it was called: it raised, or returned something unusable (not
+    a tensor, the wrong shape, not floating point or, :class:`NonFiniteVelocity`, NaN or inf).
+
+    Carries the flow time ``t`` of the call and, once known, the ``phase`` of the run it
+    happened in (set by :func:`in_phase`). The message is one line::
+
+        {model}: {what} at flow time t = {t} during {phase}{detail}
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        what: str,
+        t: float | None = None,
+        detail: str = "",
+        phase: str | None = None,
+    ) -> None:
+        super().__init__(model_name, what, t, detail, phase)
+        self.model_name, self.what, self.t, self.detail = model_name, what, t, detail
+        self.phase = phase
+
+    def __str__(self) -> str:
+        at = "" if self.t is None else f" at flow time t = {self.t:.6g}"
+        during = "" if self.phase is None else f" during {self.phase}"
+        return f"{self.model_name}: {self.what}{at}{during}{self.detail}"
+
+
+class NonFiniteVelocity(NetworkError):
+    """The network returned NaN or inf for finite inputs of a sane size: the network's fault,
+    not the solver's (a diverging solver's non-finite or huge states are not blamed on it)."""
+
+    def __init__(
+        self,
+        model_name: str,
+        kinds: Sequence[str],
+        t: float | None,
+        bad: int,
+        total: int,
+        phase: str | None = None,
+    ) -> None:
+        what = f"the network returned {' and '.join(kinds)}"
+        detail = f" ({bad} of {total} outputs, for finite inputs)"
+        super().__init__(model_name, what, t, detail, phase)
+        self.args = (model_name, tuple(kinds), t, bad, total, phase)  # what pickling replays
+        self.kinds, self.bad, self.total = tuple(kinds), bad, total
+
+
+@contextlib.contextmanager
+def in_phase(phase: str) -> Iterator[None]:
+    """Name ``phase`` (``"sampling"``, ``"validation"``, ...) in a :class:`NetworkError` raised
+    inside the block. Phases nest; the outermost names the error (validation samples, and a
+    network that fails there fails during validation)."""
+    try:
+        yield
+    except NetworkError as e:
+        e.phase = phase
+        raise
+
+
+# torch.OutOfMemoryError (older torch: torch.cuda's): a resource, not the network's fault.
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+def _primal(v: Tensor) -> Tensor:
+    """``v`` without its forward-mode tangent, detached."""
+    return fwAD.unpack_dual(v).primal.detach()
+
+
+def _first_time(t: Tensor, rows: Tensor | None = None) -> float | None:
+    """The flow time of the first row of ``t`` (of the first row where ``rows``), or None."""
+    t = _primal(t).reshape(-1)
+    if rows is not None:
+        t = t[rows.to(t.device)]
+    return float(t[0]) if t.numel() else None
+
+
+def _sane_bound(dtype: torch.dtype) -> float:
+    """The largest input magnitude at which NaN or inf out of the network is blamed on it:
+    1e6 (a float16 network: 256, where squaring it nears its overflow). Beyond that the
+    state has diverged (a solver's fault, e.g. an optimizer step with diverged coefficients,
+    which training skips) and a network may overflow there without being faulty."""
+    return min(1e6, math.sqrt(torch.finfo(dtype).max)) if dtype.is_floating_point else 1e6
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def prediction_coefficients(
@@ -381,24 +474,76 @@ class Model:
             args.append(y.to(device))
         try:
             f = self.net(*args)
-        except RuntimeError as e:
-            if not any(k in str(e) for k in ("dtype", "scalar type", "Double", "Half", "BFloat")):
-                raise
-            raise ModelError(
-                f"{self.name}: the network failed when called in {net_dtype} (inputs x"
-                f" {net_dtype}, t {t_dtype}): {str(e).splitlines()[0]}. Pass dtype= to bns.Model"
-                " to name the dtype it runs in"
+        except (NetworkError, _OOM):
+            raise  # a bns.Model inside said what failed; out of memory is not the network's fault
+        except Exception as e:  # noqa: BLE001 - one clear line that says where it failed
+            line = _first_line(e)
+            if isinstance(e, RuntimeError) and any(
+                k in str(e) for k in ("dtype", "scalar type", "Double", "Half", "BFloat")
+            ):
+                raise NetworkError(
+                    self.name,
+                    f"the network failed when called in {net_dtype} (inputs x {net_dtype},"
+                    f" t {t_dtype})",
+                    _first_time(t),
+                    f": {line}. Pass dtype= to bns.Model to name the dtype it runs in",
+                ) from e
+            raise NetworkError(
+                self.name, f"the network raised {type(e).__name__}", _first_time(t), f": {line}"
             ) from e
         if not isinstance(f, Tensor) or f.shape != x.shape:
             shape = list(f.shape) if isinstance(f, Tensor) else type(f).__name__
-            raise ModelError(
-                f"{self.name}: the network returned {shape} for an input of shape {list(x.shape)}"
+            raise NetworkError(
+                self.name,
+                f"the network returned {shape} for an input of shape {list(x.shape)}",
+                _first_time(t),
+                f" (expected a tensor of shape {list(x.shape)})",
             )
+        if not f.is_floating_point():
+            raise NetworkError(
+                self.name,
+                f"the network returned {str(f.dtype).removeprefix('torch.')} values",
+                _first_time(t),
+                f" (expected a floating point tensor, e.g. {str(net_dtype).removeprefix('torch.')})",
+            )
+        # A network's NaN or inf must stop the run where it happens, not as a solver's failure
+        # later. One sum and one device sync per network call (the only sync of a step in
+        # bns.sample's no-grad path): NaN and inf propagate into the sum, and a sum that
+        # merely overflows goes on to the exact check, which finds nothing. On the CPU the sum
+        # is ~30x cheaper than isfinite(f).all() (measured: 25 us vs 800 us, 64 x 3072 floats).
+        # Under forward mode, on the primal.
+        out = _primal(f)
+        if not bool(torch.isfinite(out.sum(dtype=torch.promote_types(out.dtype, torch.float32)))):
+            self._check_finite(out, args[0], t, net_dtype)
         if _is_dual(x) or _is_dual(t):
             self.jvps += x.shape[0]
         else:
             self.forwards += x.shape[0]
         return f.to(x.device)
+
+    def _check_finite(self, f: Tensor, x: Tensor, t: Tensor, net_dtype: torch.dtype) -> None:
+        """Raise :class:`NonFiniteVelocity` if the network's output ``f`` holds NaN or inf in
+        a row whose input ``x`` is finite and of a sane size (see :func:`_sane_bound`); rows
+        whose input was already non-finite or huge are the solver's doing (training skips such
+        steps). Runs only once an output is known to be non-finite."""
+        b = f.shape[0]
+        if b == 0:
+            return
+        f, x = f.reshape(b, -1), _primal(x).reshape(b, -1)
+        bad = ~torch.isfinite(f).all(1)
+        sane = torch.isfinite(x).all(1)
+        if x.shape[1]:
+            sane &= x.abs().amax(1) <= _sane_bound(net_dtype)
+        blamed = bad & sane
+        if not bool(blamed.any()):
+            return
+        kinds = [
+            k
+            for k, m in (("NaN", torch.isnan(f[blamed])), ("inf", torch.isinf(f[blamed])))
+            if bool(m.any())
+        ]
+        rows = blamed.nonzero()[:, 0]
+        raise NonFiniteVelocity(self.name, kinds, _first_time(t, rows), int(rows.numel()), b)
 
     def velocity(
         self, x: Tensor, t: Tensor | float, y: Tensor | None = None, guidance: float = 1.0

@@ -34,9 +34,9 @@ import torch
 from torch import Tensor
 
 from ._hashing import hash_tensor
-from ._io import atomic_write
+from ._io import atomic_write, remove_stale_tmp
 from .ground_truth import default_tolerance, ground_truth
-from .model import Model, prediction_coefficients
+from .model import Model, NetworkError, in_phase, prediction_coefficients
 
 __all__ = [
     "Pairs",
@@ -243,6 +243,9 @@ def make_pairs(
         raise ValueError(f"end must be range or data, got {end!r}")
     key = _key(model, guidance, seed, split, rtol, atol, labels)
     folder, stem, path = _cache_place(model, split, key, labels, cache)
+    if folder is not None:  # what writers killed mid-write (kill -9) left in this job's places
+        remove_stale_tmp(folder)
+        remove_stale_tmp(folder / "shards" / stem)
     found = _read_cache(path, key) if path is not None else None
     have: dict[str, Tensor] = found["tensors"] if found is not None else {}
     # Every worker extends the same prefix, so that all draw the same batches.
@@ -253,7 +256,15 @@ def make_pairs(
         shards = None if folder is None else _Shards(folder / "shards" / stem, key)
         run = dict(seed=seed, guidance=guidance, rtol=rtol, atol=atol, device=device, labels=labels)
         batches = [(lo, min(lo + batch_size, n)) for lo in range(start, n, batch_size)]
-        new = _solve_batches(model, split, batches, shards, w, progress and w.main, run)
+        try:
+            with in_phase(f"ground truth ({split})"):
+                new = _solve_batches(model, split, batches, shards, w, progress and w.main, run)
+        except NetworkError:
+            # The network failed (NaN, inf, an exception): what it gave before is not kept
+            # either, so a fixed network (same weights, so the same cache key) never reuses it.
+            if shards is not None:
+                shards.remove(batches)
+            raise
         nfe_total += sum(float(t["nfe"]) * (hi - lo) for t, (lo, hi) in zip(new, batches))
         parts = ([have] if have else []) + new
         have = {k: torch.cat([t[k] for t in parts]) for k in parts[-1] if k != "nfe"}
@@ -269,7 +280,10 @@ def make_pairs(
     )
     # The step to sigma = 0 costs one evaluation per pair: done on the cached solutions at
     # t_max, so both ends share one cache (and switching end solves no ODE again).
-    return _to_data(model, pairs, guidance, batch_size, device) if end == "data" else pairs
+    if end == "range":
+        return pairs
+    with in_phase(f"ground truth ({split})"):
+        return _to_data(model, pairs, guidance, batch_size, device)
 
 
 def _to_data(model: Model, pairs: Pairs, guidance: float, batch_size: int, device) -> Pairs:

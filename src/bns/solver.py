@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ._io import atomic_write_text
+from .model import in_phase
 
 if TYPE_CHECKING:
     from .model import Model
@@ -312,7 +313,16 @@ def sample(
     Differentiable with respect to ``x0``, the solver's times and coefficients. With
     ``return_trajectory`` it also returns ``[x_0, x_1, ..., x_n]``. ``checkpoint`` recomputes
     each network call in the backward pass (memory of one step).
+
+    A network that fails (raises, returns NaN or inf for finite states, ...) raises
+    :class:`bns.model.NetworkError` naming the flow time, "during sampling" (or the phase
+    of the run that sampled).
     """
+    with in_phase("sampling"):
+        return _sample(model, x0, solver, y, guidance, return_trajectory, checkpoint)
+
+
+def _sample(model, x0, solver, y, guidance, return_trajectory, checkpoint):
     if callable(getattr(model, "velocity", None)):  # a bns.Model, or anything shaped like one
 
         def velocity(x: Tensor, t: Tensor) -> Tensor:
@@ -360,7 +370,9 @@ def sample(
 def _sample_no_grad(velocity, u0, flat0, shape, times, a, b, traj):
     """The sampler when nothing needs a gradient: the velocities go into one preallocated
     matrix and each step is one matrix-vector product (:func:`ns_step`), with no per-term
-    temporaries (what keeps an NS solver as cheap as Euler at the same NFE)."""
+    temporaries (what keeps an NS solver as cheap as Euler at the same NFE). No step waits
+    for the device but for one check per network call that its output is finite
+    (:meth:`bns.Model._forward`)."""
     n = len(a)
     with torch.no_grad():
         buf = torch.empty((n, flat0.numel()), dtype=flat0.dtype, device=flat0.device)
