@@ -477,6 +477,10 @@ class Model:
         except (NetworkError, _OOM):
             raise  # a bns.Model inside said what failed; out of memory is not the network's fault
         except Exception as e:  # noqa: BLE001 - one clear line that says where it failed
+            if type(e).__module__.split(".")[0] == "bns":
+                # bns's own, raised while the network ran: a torchrun worker lost (the SIGTERM
+                # handler raises in the main thread, wherever it is), a bns.Model inside
+                raise
             line = _first_line(e)
             if isinstance(e, RuntimeError) and any(
                 k in str(e) for k in ("dtype", "scalar type", "Double", "Half", "BFloat")
