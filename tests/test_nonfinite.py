@@ -274,3 +274,9 @@ def test_cli_distill_with_a_nan_network_writes_nothing(tmp_path, capsys):
     assert "during ground truth (train)" in err and _time(err) > 0.5
     assert not out.exists() and not out.with_name("s.json.ckpt").exists()
     assert not cache.exists() or _files(cache) == []
+
+
+def test_the_error_classes_are_part_of_the_public_api():
+    assert bns.NonFiniteVelocity is bns.model.NonFiniteVelocity
+    assert issubclass(bns.NonFiniteVelocity, bns.NetworkError)
+    assert issubclass(bns.NetworkError, bns.ModelError) and issubclass(bns.ModelError, ValueError)

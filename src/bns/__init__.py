@@ -14,7 +14,7 @@ from .cost import Ledger
 from .estimate import estimate_cost
 from .ground_truth import default_tolerance, ground_truth
 from .guidance_range import GuidanceRangeSolver, distill_guidance_range
-from .model import Model, ModelError
+from .model import Model, ModelError, NetworkError, NonFiniteVelocity
 from .solver import NSSolver, SolverFileError, Velocity, sample
 from .train import distill
 
@@ -23,6 +23,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Model",
     "ModelError",
+    "NetworkError",
+    "NonFiniteVelocity",
     "NSSolver",
     "SolverFileError",
     "sample",
