@@ -176,51 +176,11 @@ class SchedulerConfig(NamedTuple):
     options: dict[str, Any] = {}  # never mutated
 
 
-def scheduler_configs(kind: str) -> list[SchedulerConfig]:
-    """Every configuration run on a model of ``kind`` ("vp" or "flow"), in table order."""
-    out: list[SchedulerConfig] = []
+def _multistep_configs(base: dict[str, Any]) -> list[SchedulerConfig]:
+    """DPM-Solver++ and UniPC (orders 2 and 3, default and Karras sigmas, both final sigmas),
+    then DEIS (orders 2 and 3, default and Karras sigmas), each on ``base`` options."""
     finals = ("zero", "sigma_min")
-    if kind == "vp":
-        out.append(SchedulerConfig("DDIM", "DDIMScheduler"))
-        out.append(
-            SchedulerConfig("DDIM clip_sample=False", "DDIMScheduler", {"clip_sample": False})
-        )
-        out.append(
-            SchedulerConfig(
-                "DDIM trailing clip_sample=False",
-                "DDIMScheduler",
-                {"clip_sample": False, "timestep_spacing": "trailing"},
-            )
-        )
-        for cls, short, extra in (
-            ("DPMSolverMultistepScheduler", "DPM++", {"algorithm_type": "dpmsolver++"}),
-            ("UniPCMultistepScheduler", "UniPC", {}),
-        ):
-            for order in (2, 3):
-                for karras in (False, True):
-                    for final in finals:
-                        opts = {**extra, "solver_order": order, "final_sigmas_type": final}
-                        if karras:
-                            opts["use_karras_sigmas"] = True
-                        tag = f"{short} {order}M" + (" karras" if karras else "")
-                        out.append(SchedulerConfig(f"{tag} final={final}", cls, opts))
-        for order in (2, 3):
-            for karras in (False, True):
-                opts = {"solver_order": order, **({"use_karras_sigmas": True} if karras else {})}
-                label = f"DEIS {order}M" + (" karras" if karras else "")
-                out.append(SchedulerConfig(label, "DEISMultistepScheduler", opts))
-        return out
-    if kind != "flow":
-        raise ValueError(f"kind must be vp or flow, got {kind!r}")
-    out.append(SchedulerConfig("FlowMatchEuler", "FlowMatchEulerDiscreteScheduler", {"shift": 1.0}))
-    out.append(
-        SchedulerConfig(
-            "FlowMatchEuler karras",
-            "FlowMatchEulerDiscreteScheduler",
-            {"shift": 1.0, "use_karras_sigmas": True},
-        )
-    )
-    flow = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": 1.0}
+    out = []
     for cls, short, extra in (
         ("DPMSolverMultistepScheduler", "DPM++", {"algorithm_type": "dpmsolver++"}),
         ("UniPCMultistepScheduler", "UniPC", {}),
@@ -228,21 +188,46 @@ def scheduler_configs(kind: str) -> list[SchedulerConfig]:
         for order in (2, 3):
             for karras in (False, True):
                 for final in finals:
-                    opts = {**flow, **extra, "solver_order": order, "final_sigmas_type": final}
+                    opts = {**base, **extra, "solver_order": order, "final_sigmas_type": final}
                     if karras:
                         opts["use_karras_sigmas"] = True
                     tag = f"{short} {order}M" + (" karras" if karras else "")
                     out.append(SchedulerConfig(f"{tag} final={final}", cls, opts))
     for order in (2, 3):
         for karras in (False, True):
-            opts = {
-                **flow,
-                "solver_order": order,
-                **({"use_karras_sigmas": True} if karras else {}),
-            }
+            opts = {**base, "solver_order": order}
+            if karras:
+                opts["use_karras_sigmas"] = True
             label = f"DEIS {order}M" + (" karras" if karras else "")
             out.append(SchedulerConfig(label, "DEISMultistepScheduler", opts))
     return out
+
+
+def scheduler_configs(kind: str) -> list[SchedulerConfig]:
+    """Every configuration run on a model of ``kind`` ("vp" or "flow"), in table order."""
+    if kind == "vp":
+        return [
+            SchedulerConfig("DDIM", "DDIMScheduler"),
+            SchedulerConfig("DDIM clip_sample=False", "DDIMScheduler", {"clip_sample": False}),
+            SchedulerConfig(
+                "DDIM trailing clip_sample=False",
+                "DDIMScheduler",
+                {"clip_sample": False, "timestep_spacing": "trailing"},
+            ),
+            *_multistep_configs({}),
+        ]
+    if kind != "flow":
+        raise ValueError(f"kind must be vp or flow, got {kind!r}")
+    flow = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": 1.0}
+    return [
+        SchedulerConfig("FlowMatchEuler", "FlowMatchEulerDiscreteScheduler", {"shift": 1.0}),
+        SchedulerConfig(
+            "FlowMatchEuler karras",
+            "FlowMatchEulerDiscreteScheduler",
+            {"shift": 1.0, "use_karras_sigmas": True},
+        ),
+        *_multistep_configs(flow),
+    ]
 
 
 def make_scheduler(config: SchedulerConfig, base: dict[str, Any]) -> Any:
