@@ -77,6 +77,9 @@ def describe_scheduler(scheduler: Any) -> dict[str, Any]:
         if prediction not in PREDICTIONS:
             raise DiffusersError(f"BNSScheduler config has prediction_type {prediction!r}")
         ac = config.get("alphas_cumprod")
+        if prediction != "flow" and not ac and config.get("trained_betas") is not None:
+            # A hand-written config may state the schedule by its betas alone.
+            ac = alphas_cumprod_from_betas(config["trained_betas"])[1].tolist()
         if prediction != "flow" and not ac:
             raise DiffusersError(f"a {prediction} BNSScheduler config holds no alphas_cumprod")
         return {
@@ -105,6 +108,29 @@ def describe_scheduler(scheduler: Any) -> dict[str, Any]:
     }
 
 
+def alphas_cumprod_from_betas(trained_betas: Any) -> tuple[Tensor, Tensor]:
+    """``(betas, alphas_cumprod)`` of diffusers' ``trained_betas`` (float32 tensors).
+
+    Computed as diffusers' DDPM-style schedulers compute them (float32 betas, then the float32
+    cumulative product of ``1 - betas``), so that a BNSScheduler and the pipeline's own
+    scheduler given the same betas hold the same ``alphas_cumprod`` to the bit.
+    """
+    try:
+        b = torch.as_tensor(trained_betas, dtype=torch.float64).detach().cpu()
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise DiffusersError(f"trained_betas must be an array of numbers: {e}") from None
+    if b.dim() != 1 or b.numel() < 2 or not torch.all((b > 0) & (b < 1)):
+        raise DiffusersError("trained_betas must be a 1-D array of at least 2 values in (0, 1)")
+    betas = b.to(torch.float32)
+    ac = torch.cumprod(1.0 - betas, dim=0)
+    # Betas within float32 rounding of 0 or 1 give a flat or vanishing product: no VP schedule.
+    if not (torch.all(ac > 0) and torch.all(ac[1:] < ac[:-1]) and ac[0] < 1):
+        raise DiffusersError(
+            "trained_betas give no strictly decreasing alphas_cumprod in (0, 1) in float32"
+        )
+    return betas, ac
+
+
 def bns_schedule(prediction_type: str, alphas_cumprod: Sequence[float] | None) -> Schedule:
     """The bns scheduler of a pipeline: CondOT for flow matching, else DiscreteVP."""
     if prediction_type == "flow":
@@ -120,3 +146,12 @@ def diffusers_timestep(prediction_type: str, num_train_timesteps: int, t: Tensor
     if prediction_type == "flow":
         return (1 - t) * num_train_timesteps
     return (1 - t) * (num_train_timesteps - 1)
+
+
+def flow_time(prediction_type: str, num_train_timesteps: int, timestep: Tensor) -> Tensor:
+    """The flow time of a (fractional) diffusers timestep: the inverse of
+    :func:`diffusers_timestep` (float64)."""
+    k = timestep.to(torch.float64)
+    if prediction_type == "flow":
+        return 1 - k / num_train_timesteps
+    return 1 - k / (num_train_timesteps - 1)

@@ -23,9 +23,11 @@ from ...solver import NSSolver, SolverFileError, ns_step
 from ._conventions import (
     PREDICTIONS,
     DiffusersError,
+    alphas_cumprod_from_betas,
     bns_schedule,
     describe_scheduler,
     diffusers_timestep,
+    flow_time,
 )
 
 __all__ = ["BNSScheduler"]
@@ -71,8 +73,16 @@ class BNSScheduler(SchedulerMixin, ConfigMixin):
         solver: :meth:`bns.NSSolver.to_dict` of the solver.
         prediction_type: what the pipeline's network returns: ``"flow"`` (flow-matching
             ``dx/dsigma``), ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
-        num_train_timesteps: ``N`` of the timestep convention (see the module docstring).
+        num_train_timesteps: ``N`` of the timestep convention (see the module docstring); for
+            a DDPM schedule, the length of ``alphas_cumprod``.
         alphas_cumprod: the DDPM schedule (not for ``"flow"``).
+        trained_betas: the DDPM schedule as diffusers' schedulers take it (not for ``"flow"``):
+            ``alphas_cumprod = cumprod(1 - trained_betas)``, computed in float32 as diffusers
+            does. It fills ``alphas_cumprod`` when that is not given, and must agree with it
+            when it is.
+
+    Where the solver records the model it was trained for (``meta["model_settings"]``), the
+    prediction type and schedule must be that model's.
 
     Example:
         >>> solver = bns.NSSolver.load("dit_nfe8.json")
@@ -90,6 +100,7 @@ class BNSScheduler(SchedulerMixin, ConfigMixin):
         prediction_type: str = "flow",
         num_train_timesteps: int = 1000,
         alphas_cumprod: list[float] | None = None,
+        trained_betas: Sequence[float] | Tensor | None = None,
     ) -> None:
         if solver is None:
             raise DiffusersError(
@@ -104,7 +115,38 @@ class BNSScheduler(SchedulerMixin, ConfigMixin):
             self.solver = NSSolver.from_dict(dict(solver))
         except SolverFileError as e:
             raise DiffusersError(f"BNSScheduler config holds an invalid solver: {e}") from None
-        self.bns_schedule = bns_schedule(prediction_type, alphas_cumprod)
+        betas = None
+        if trained_betas is not None:
+            betas, alphas_cumprod = self._schedule_from_betas(
+                prediction_type, trained_betas, alphas_cumprod
+            )
+        if prediction_type != "flow" and alphas_cumprod is not None:
+            # The timesteps handed to the network are on a grid of num_train_timesteps: it must
+            # be the schedule's own, or the network would see another noise level than bns uses.
+            if len(alphas_cumprod) != num_train_timesteps:
+                raise DiffusersError(
+                    f"num_train_timesteps={num_train_timesteps} but the schedule has"
+                    f" {len(alphas_cumprod)} timesteps (alphas_cumprod / trained_betas)"
+                )
+        try:
+            self.bns_schedule = bns_schedule(prediction_type, alphas_cumprod)
+        except DiffusersError:
+            raise
+        except ValueError as e:
+            raise DiffusersError(f"BNSScheduler config holds an invalid schedule: {e}") from None
+        from_meta = _settings_from_meta(self.solver)
+        if from_meta is not None:
+            # Also for configs built without from_solver (from_config, from_pretrained, direct).
+            source = "its trained_betas" if trained_betas is not None else "the scheduler config"
+            _check_agree(
+                from_meta,
+                {
+                    "prediction_type": prediction_type,
+                    "alphas_cumprod": None if prediction_type == "flow" else alphas_cumprod,
+                },
+                source,
+            )
+        self._set_ddpm_attributes(prediction_type, alphas_cumprod, betas)
         t_max = float(self.solver.times[-1])
         if not (0.0 <= float(self.solver.times[0]) and t_max <= 1.0):
             raise DiffusersError("solver times must lie in [0, 1]")
@@ -116,6 +158,56 @@ class BNSScheduler(SchedulerMixin, ConfigMixin):
         self._x0: Tensor | None = None
         self._us: Tensor | None = None  # [nfe, x.numel()]: the run's velocities
 
+    def _schedule_from_betas(
+        self,
+        prediction_type: str,
+        trained_betas: Sequence[float] | Tensor,
+        alphas_cumprod: list[float] | None,
+    ) -> tuple[Tensor, list[float]]:
+        """The betas (float32) and ``alphas_cumprod`` of ``trained_betas``; both go into the
+        config as plain lists, so that it is JSON and every reader of a BNSScheduler config
+        finds the schedule in ``alphas_cumprod``."""
+        if prediction_type == "flow":
+            raise DiffusersError(
+                "trained_betas describe a DDPM schedule; a flow-matching BNSScheduler"
+                " (prediction_type='flow') has none"
+            )
+        betas, ac = alphas_cumprod_from_betas(trained_betas)
+        if alphas_cumprod is not None:
+            given = torch.tensor(list(alphas_cumprod), dtype=torch.float64)
+            if given.numel() != ac.numel() or not torch.allclose(
+                given, ac.to(torch.float64), rtol=1e-6, atol=0
+            ):
+                raise DiffusersError("trained_betas and alphas_cumprod give different schedules")
+        else:
+            alphas_cumprod = [float(v) for v in ac]
+        # The betas as given (diffusers' configs keep them so), as a JSON list.
+        given_betas = torch.as_tensor(trained_betas, dtype=torch.float64).flatten()
+        self.register_to_config(
+            trained_betas=[float(v) for v in given_betas], alphas_cumprod=list(alphas_cumprod)
+        )
+        return betas, list(alphas_cumprod)
+
+    def _set_ddpm_attributes(
+        self,
+        prediction_type: str,
+        alphas_cumprod: Sequence[float] | None,
+        betas: Tensor | None,
+    ) -> None:
+        """``betas``, ``alphas`` and ``alphas_cumprod`` (float32 tensors) as diffusers' DDPM-style
+        schedulers hold them; None for flow matching, which has no betas."""
+        if prediction_type == "flow" or alphas_cumprod is None:
+            self.betas = self.alphas = self.alphas_cumprod = None
+            return
+        ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
+        if betas is None:
+            # beta_k = 1 - ac_k / ac_{k-1} (ac_{-1} = 1), in float64 before rounding.
+            previous = torch.cat([ac.new_ones(1), ac[:-1]])
+            betas = (1 - ac / previous).to(torch.float32)
+        self.betas = betas
+        self.alphas = 1.0 - betas
+        self.alphas_cumprod = ac.to(torch.float32)
+
     # -- building ---------------------------------------------------------------------------
     @classmethod
     def from_solver(
@@ -125,6 +217,7 @@ class BNSScheduler(SchedulerMixin, ConfigMixin):
         *,
         prediction_type: str | None = None,
         alphas_cumprod: Sequence[float] | Tensor | None = None,
+        trained_betas: Sequence[float] | Tensor | None = None,
         num_train_timesteps: int | None = None,
     ) -> BNSScheduler:
         """A scheduler running ``solver`` (an NSSolver or the path of its JSON file).
@@ -132,7 +225,8 @@ class BNSScheduler(SchedulerMixin, ConfigMixin):
         The pipeline's conventions come from ``scheduler`` (the pipeline's original scheduler or
         its config), else from the model the solver was trained for (``meta["model_settings"]``,
         written by :func:`bns.distill`), else from the keyword arguments. Where both say, they
-        must agree.
+        must agree. ``trained_betas`` gives the DDPM schedule by its betas, as diffusers'
+        schedulers take it.
         """
         if not isinstance(solver, NSSolver):
             solver = NSSolver.load(solver, force=True)
@@ -153,6 +247,12 @@ class BNSScheduler(SchedulerMixin, ConfigMixin):
             ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
             settings["alphas_cumprod"] = [float(v) for v in ac]
             settings["num_train_timesteps"] = ac.numel()
+        if trained_betas is not None:
+            betas = torch.as_tensor(trained_betas, dtype=torch.float64).flatten()
+            settings["trained_betas"] = [float(v) for v in betas]
+            if alphas_cumprod is None:
+                settings["alphas_cumprod"] = None  # from the betas (checked against the meta)
+            settings["num_train_timesteps"] = betas.numel()
         if num_train_timesteps is not None:
             settings["num_train_timesteps"] = int(num_train_timesteps)
         if "prediction_type" not in settings:
@@ -318,10 +418,46 @@ class BNSScheduler(SchedulerMixin, ConfigMixin):
         beta, gamma = prediction_coefficients(PREDICTIONS[prediction], self.bns_schedule, t)
         return beta.to(x.dtype) * x + gamma.to(x.dtype) * f
 
-    def add_noise(self, *args: Any, **kwargs: Any) -> Tensor:
-        raise DiffusersError("BNSScheduler samples from pure noise; img2img is not supported")
+    def add_noise(
+        self, original_samples: Tensor, noise: Tensor, timesteps: Tensor | float
+    ) -> Tensor:
+        """The forward process at diffusers ``timesteps``: ``alpha x + sigma noise``.
 
-    scale_noise = add_noise
+        As diffusers' schedulers: for a DDPM schedule, ``alpha = sqrt(alphas_cumprod[k])`` and
+        ``sigma = sqrt(1 - alphas_cumprod[k])`` at integer timesteps ``k`` (DDPMScheduler's
+        ``add_noise``); for flow matching, ``alpha = 1 - sigma`` with ``sigma = k / N``
+        (FlowMatchEulerDiscreteScheduler's ``scale_noise``). Fractional timesteps (this
+        scheduler's own) take the noise level its steps use there (the bns schedule). One
+        timestep per batch element, or one for all; the result has the sample's device and
+        dtype.
+        """
+        alpha, sigma = self._forward_coefficients(timesteps, original_samples)
+        return alpha * original_samples + sigma * noise
+
+    def scale_noise(self, sample: Tensor, timestep: Tensor | float, noise: Tensor) -> Tensor:
+        """:meth:`add_noise` in the argument order of FlowMatchEulerDiscreteScheduler's
+        ``scale_noise`` (what flow-matching pipelines call)."""
+        return self.add_noise(sample, noise, timestep)
+
+    def _forward_coefficients(
+        self, timesteps: Tensor | float, sample: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        cfg = self.config
+        # In float64 on the CPU (timesteps are few; MPS has no float64), then to the sample's.
+        k = torch.as_tensor(timesteps).detach().to("cpu", torch.float64).flatten()
+        top = cfg.num_train_timesteps - (0 if cfg.prediction_type == "flow" else 1)
+        if k.numel() == 0 or not torch.all((k >= 0) & (k <= top)):
+            got = f"{float(k.min()):g} to {float(k.max()):g}" if k.numel() else "none"
+            raise DiffusersError(
+                f"add_noise takes timesteps in [0, {top}] (num_train_timesteps ="
+                f" {cfg.num_train_timesteps}), got {got}"
+            )
+        v = self.bns_schedule(flow_time(cfg.prediction_type, cfg.num_train_timesteps, k))
+        # One coefficient per batch element (or one for all), broadcast over the other dims.
+        shape = (-1,) + (1,) * (sample.dim() - 1)
+        alpha = v.alpha.reshape(shape).to(device=sample.device, dtype=sample.dtype)
+        sigma = v.sigma.reshape(shape).to(device=sample.device, dtype=sample.dtype)
+        return alpha, sigma
 
 
 def _pipeline_guidance(scheduler: Any, depth: int = 6) -> list[float]:
@@ -362,11 +498,14 @@ def _pipeline_guidance(scheduler: Any, depth: int = 6) -> list[float]:
         del frame
 
 
-def _check_agree(from_meta: dict[str, Any], described: dict[str, Any]) -> None:
+def _check_agree(
+    from_meta: dict[str, Any], described: dict[str, Any], source: str = "the pipeline's scheduler"
+) -> None:
+    """Refuse a prediction type or DDPM schedule (of ``source``) other than the solver's model's."""
     if from_meta["prediction_type"] != described["prediction_type"]:
         raise DiffusersError(
-            f"the solver was trained for a {from_meta['prediction_type']} model but the"
-            f" pipeline's scheduler says {described['prediction_type']}"
+            f"the solver was trained for a {from_meta['prediction_type']} model but"
+            f" {source} says {described['prediction_type']}"
         )
     ac_meta, ac_pipe = from_meta["alphas_cumprod"], described["alphas_cumprod"]
     if ac_meta is not None and ac_pipe is not None:
@@ -377,5 +516,5 @@ def _check_agree(from_meta: dict[str, Any], described: dict[str, Any]) -> None:
             atol=0,
         ):
             raise DiffusersError(
-                "the solver was trained on another alphas_cumprod than the pipeline's scheduler"
+                f"the solver was trained on another alphas_cumprod than that of {source}"
             )
