@@ -21,12 +21,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 import bns
 from bns.cli import main
 from bns.distributed import World
 from bns.models.gmm import gaussian_mixture_model
-from bns.pairs import _owners, make_pairs
+from bns.pairs import _digest, _owners, make_pairs
 
 SRC = Path(bns.__file__).parents[1]
 
@@ -53,9 +54,12 @@ class Net(nn.Module):
     def forward(self, x, t, y=None):
         if os.environ.get("NET_SLEEP"):
             time.sleep(float(os.environ["NET_SLEEP"]))
+        out = self.l2(torch.tanh(self.l1(torch.cat([x, t[:, None].to(x.dtype)], 1))))
         if os.environ.get("NET_FAIL_RANK", "none") == os.environ.get("RANK"):
+            if os.environ.get("NET_FAIL_KIND") == "nan":
+                return torch.where((t > 0.5)[:, None], float("nan"), out)
             raise RuntimeError("out of memory in the user's network")
-        return self.l2(torch.tanh(self.l1(torch.cat([x, t[:, None].to(x.dtype)], 1))))
+        return out
 
 
 def net():
@@ -120,6 +124,7 @@ def _env(cache: Path, **extra: str) -> dict[str, str]:
         "PIDS",
         "GT_LOG",
         "NET_FAIL_RANK",
+        "NET_FAIL_KIND",
     ):
         if name not in extra:
             env.pop(name, None)
@@ -343,18 +348,32 @@ def test_a_killed_worker_ends_the_job_and_a_rerun_reuses_the_finished_shards(
     _assert_same_solver(s1, s2)
 
 
+@pytest.mark.parametrize("kind", ["raise", "nan"])
 def test_a_worker_whose_network_fails_ends_the_job_with_one_line_naming_it(
-    tmp_path, user_file, one_thread
+    kind, tmp_path, user_file, one_thread
 ):
-    out = tmp_path / "s.json"
+    out, cache = tmp_path / "s.json", tmp_path / "c"
     args = ["-m", "bns", *DISTILL, "--model", f"{user_file}:net", "--out", str(out)]
-    proc = _torchrun(args, _env(tmp_path / "c", NET_FAIL_RANK="1"), tmp_path / "f")
+    proc = _torchrun(args, _env(cache, NET_FAIL_RANK="1", NET_FAIL_KIND=kind), tmp_path / "f")
     assert proc.wait(timeout=120) != 0
     err = Path(f"{tmp_path / 'f'}.err").read_text()
     lines = [line for line in err.splitlines() if line.startswith("bns distill: error:")]
     assert len(lines) == 1, err[-3000:]
-    assert "rank 1" in lines[0] and "out of memory in the user's network" in lines[0], lines[0]
-    assert not out.exists()
+    assert "rank 1" in lines[0], lines[0]
+    if kind == "raise":
+        assert "out of memory in the user's network" in lines[0], lines[0]
+    else:  # what, when and where
+        assert "the network returned NaN at flow time t = " in lines[0], lines[0]
+        assert "failed in ground truth (train): mlp: " in lines[0], lines[0]
+        assert "during ground truth" in lines[0], lines[0]
+    # The failing worker keeps no shard; the healthy one's finished shards are whole (and
+    # verified: they are what a rerun reuses), and no temporary file is left.
+    left = [p for p in cache.rglob("*") if p.is_file()]
+    assert all(p.parent.parent.name == "shards" and p.suffix == ".safetensors" for p in left)
+    for p in left:
+        with safe_open(str(p), framework="pt") as f:
+            assert f.metadata()["digest"] == _digest(load_file(str(p)))
+    assert not out.exists() and not out.with_name("s.json.ckpt").exists()
 
 
 def test_a_hung_worker_ends_the_job_and_resume_continues_to_the_same_solver(

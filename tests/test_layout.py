@@ -134,3 +134,23 @@ def test_shipped_benchmark_solvers_load_for_their_models(path):
     # the fingerprint (and so the hashing of the weights) is what it was when they were made
     solver = bns.NSSolver.load(path, model=model, guidance=meta["guidance"])
     assert solver.meta["model_fingerprint"] == model.fingerprint()
+
+
+def test_every_error_class_of_bns_derives_from_bns_error():
+    """``except bns.BNSError`` catches whatever bns raises on purpose, and the command line
+    prints those messages as they are: every exception class defined in bns derives from it."""
+    found = []
+    for path in sorted(SRC.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and any(
+                getattr(b, "id", getattr(b, "attr", "")).endswith(("Error", "Exception"))
+                or getattr(b, "id", "") in ("WorkerLost", "NetworkError", "ModelError")
+                for b in node.bases
+            ):
+                found.append((path.relative_to(SRC).with_suffix(""), node.name))
+    assert len(found) >= 12, found
+    for module, name in found:
+        parts = [p for p in module.parts if p != "__init__"]
+        mod = __import__(".".join(["bns", *parts]), fromlist=[name])
+        cls = getattr(mod, name)
+        assert issubclass(cls, bns.BNSError), f"{module}.{name}"

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pickle
 import re
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -274,6 +276,66 @@ def test_cli_distill_with_a_nan_network_writes_nothing(tmp_path, capsys):
     assert "during ground truth (train)" in err and _time(err) > 0.5
     assert not out.exists() and not out.with_name("s.json.ckpt").exists()
     assert not cache.exists() or _files(cache) == []
+
+
+_TURNS_BAD = """
+import torch
+from torch import nn
+import bns
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear({dim} + 1, {dim})
+        self.grad_calls = 0
+
+    def forward(self, x, t):
+        out = 0.1 * self.lin(torch.cat([x, t[:, None].to(x.dtype)], 1))
+        self.grad_calls += torch.is_grad_enabled()  # optimizer steps, not ground truth
+        return out if self.grad_calls <= {ok_calls} else out * float("inf")
+
+def net():
+    return bns.Model(Net(), "velocity", bns.schedules.CondOT(), ({dim},), name="turns-bad")
+"""
+
+
+def test_cli_distill_whose_network_turns_bad_leaves_no_checkpoint(tmp_path, capsys):
+    """The network fails in the third Adam step, after a checkpoint was written at the
+    second: the run ends with one line, and neither the solver nor the checkpoint stays (a
+    stale temporary file of a killed writer in the output folder goes too)."""
+    src = tmp_path / "user_model.py"
+    src.write_text(textwrap.dedent(_TURNS_BAD.format(dim=D, ok_calls=8)))  # 2 steps of 4
+    out = tmp_path / "out" / "s.json"
+    out.parent.mkdir()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
+    from bns._io import HOST
+
+    stale = out.parent / f".s.json.ckpt.{dead}-{HOST}.{'ab' * 16}.tmp"
+    stale.write_text("half a checkpoint")
+    args = ["distill", "--model", f"{src}:net", "--cache-dir", str(tmp_path / "c"), "--quiet"]
+    args += ["--nfe", "4", "--out", str(out), "--device", "cpu", "--train-pairs", "4"]
+    args += ["--val-pairs", "4", "--init", "euler", "--steps", "6", "--val-every", "2"]
+    args += ["--gn-steps", "0", "--batch-size", "4"]
+    saved = []
+    real_save = bns.checkpoint.Checkpoint.save
+
+    def save(self, state):
+        saved.append(self.path)
+        real_save(self, state)
+
+    bns.checkpoint.Checkpoint.save = save
+    try:
+        assert main(args) == 2
+    finally:
+        bns.checkpoint.Checkpoint.save = real_save
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "the network returned inf" in err and "during an optimizer step" in err, err
+    assert saved == [out.with_name("s.json.ckpt")]  # one was written, at step 2
+    assert list(out.parent.iterdir()) == []
 
 
 def test_the_error_classes_are_part_of_the_public_api():

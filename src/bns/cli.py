@@ -18,12 +18,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ._io import atomic_write
+from ._io import atomic_write, check_writable, remove_stale_tmp
+from .errors import BNSError
 
 __all__ = ["main"]
 
 
-class CLIError(Exception):
+class CLIError(BNSError):
     """A user error reported as one line."""
 
 
@@ -372,14 +373,26 @@ def cmd_distill(args) -> int:
     cfg = DistillConfig(**config_from_args(args))
     if args.guidance_range is not None:
         return _distill_guidance_range(args, model, cfg, t0)
-    solver, hist = distill(
-        model,
-        config=cfg,
-        cache=_cache(args),
-        checkpoint_path=ckpt,
-        resume=args.resume,
-        progress=not args.quiet,
-    )
+    from .model import NetworkError
+
+    check_writable(args.out.parent)  # now, not after the run whose result it is to hold
+    remove_stale_tmp(args.out.parent)  # what a killed run left half-written (a checkpoint)
+    had_ckpt = ckpt.exists()
+    try:
+        solver, hist = distill(
+            model,
+            config=cfg,
+            cache=_cache(args),
+            checkpoint_path=ckpt,
+            resume=args.resume,
+            progress=not args.quiet,
+        )
+    except NetworkError:
+        # The network fails, and would fail again: a checkpoint this run wrote is nothing to
+        # resume (an interrupted run's, or one it resumed, stays).
+        if not had_ckpt:
+            ckpt.unlink(missing_ok=True)
+        raise
 
     def write() -> None:
         solver.save(args.out)
@@ -718,7 +731,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         # bns's own errors are written for people; a foreign one is named by its type.
-        known = type(e).__module__.startswith("bns") or type(e).__name__ == "CLIError"
+        known = isinstance(e, BNSError)
         prefix = (
             ""
             if known or isinstance(e, (ValueError, FileNotFoundError))

@@ -43,7 +43,7 @@ from typing import Any, NoReturn
 import torch
 from torch import Tensor
 
-from .errors import TrainingError
+from .errors import BNSError, TrainingError
 
 __all__ = [
     "World",
@@ -76,7 +76,7 @@ _RERUN = (
 )
 
 
-class WorkerLost(RuntimeError):
+class WorkerLost(BNSError, RuntimeError):
     """A worker of a multi-worker job failed, died or hung: the job cannot go on."""
 
 
@@ -409,6 +409,8 @@ def guard(what: str) -> Iterator[None]:
     except Exception as e:
         lines = str(e).strip().splitlines()
         why = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+        if lines and type(e).__module__.startswith("bns"):
+            why = lines[0]  # bns's own messages are written for people; a foreign one is named
         with contextlib.suppress(Exception):
             _JOB.store.set(f"failed/{_JOB.rank}", why)
         if not _claim():

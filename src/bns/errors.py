@@ -1,10 +1,24 @@
-"""Errors shared by the trainer and the modules it uses (distributed runs, evaluation), so
-that none of those imports the trainer's settings to raise one."""
+"""The errors bns raises on purpose, under one base class, :class:`BNSError`: ``except
+bns.BNSError`` catches every one of them, and the command line prints their message as it is
+(one line, written for people), where a foreign error is named by its type.
+
+The modules keep their own error classes (``SolverFileError`` in ``solver.py``, ...); every one
+derives from :class:`BNSError` and, where a built-in type says what kind of failure it is,
+from that too (``ValueError`` for bad input, ``OSError`` for storage)."""
 
 from __future__ import annotations
 
-__all__ = ["TrainingError"]
+__all__ = ["BNSError", "StorageError", "TrainingError"]
 
 
-class TrainingError(RuntimeError):
+class BNSError(Exception):
+    """The base class of every error bns raises on purpose."""
+
+
+class TrainingError(BNSError, RuntimeError):
     """Distillation could not run (bad settings, a checkpoint that does not fit, ...)."""
+
+
+class StorageError(BNSError, OSError):
+    """A file could not be written: a read-only place, a full disk, a missing permission. The
+    file it was meant to replace is as it was, and no partial file is left."""

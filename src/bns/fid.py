@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ._io import atomic_write
+from .errors import BNSError
 from .metrics import frechet_distance, psd_sqrt
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ STATS_VERSION = 1
 Features = Callable[[Tensor], Tensor]
 
 
-class FIDError(RuntimeError):
+class FIDError(BNSError, RuntimeError):
     """FID cannot be computed: the optional extra is missing, or the inputs do not fit."""
 
 

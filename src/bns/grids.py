@@ -20,6 +20,7 @@ import math
 import torch
 from torch import Tensor
 
+from .errors import BNSError
 from .schedules import Schedule
 
 __all__ = [
@@ -51,7 +52,7 @@ AYS_NOISE_LEVELS: dict[str, tuple[float, ...]] = {
 }  # fmt: skip
 
 
-class GridError(ValueError):
+class GridError(BNSError, ValueError):
     """A time grid that no solver can use."""
 
 

@@ -22,6 +22,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
 from ._hashing import hash_tensor
+from .errors import BNSError
 from .schedules import Schedule, schedule_from_config
 
 __all__ = [
@@ -44,7 +45,7 @@ def _is_dual(v: Tensor) -> bool:
     return fwAD.unpack_dual(v).tangent is not None
 
 
-class ModelError(ValueError):
+class ModelError(BNSError, ValueError):
     """A model was called with inputs it cannot take, or returned something unusable."""
 
 

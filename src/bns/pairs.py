@@ -34,7 +34,8 @@ import torch
 from torch import Tensor
 
 from ._hashing import hash_tensor
-from ._io import atomic_write, remove_stale_tmp
+from ._io import atomic_write, make_folder, remove_stale_tmp
+from .errors import StorageError
 from .ground_truth import default_tolerance, ground_truth
 from .model import Model, NetworkError, in_phase, prediction_coefficients
 
@@ -167,11 +168,12 @@ def _read_cache(path: Path, key: dict) -> dict[str, Any] | None:
             meta = f.metadata() or {}
         tensors = load_file(str(path))
         stored_key = json.loads(meta.get("key", "null"))
+        nfe = float(meta.get("nfe_per_sample", "nan"))
         ok = (
             stored_key == key
             and meta.get("digest") == _digest(tensors)
-            and {"x0", "x1"} <= set(tensors)
-            and tensors["x0"].shape == tensors["x1"].shape
+            and _well_formed(tensors, key)
+            and (math.isnan(nfe) or 0 <= nfe < math.inf)  # outside the digest: check it at least
         )
     except Exception as e:  # any unreadable file is regenerated  # noqa: BLE001
         warnings.warn(
@@ -183,7 +185,21 @@ def _read_cache(path: Path, key: dict) -> dict[str, Any] | None:
             f"bns: ground-truth cache {path} is stale or corrupt; regenerating", stacklevel=3
         )
         return None
-    return {"tensors": tensors, "nfe": float(meta.get("nfe_per_sample", "nan"))}
+    return {"tensors": tensors, "nfe": nfe}
+
+
+def _well_formed(tensors: dict[str, Tensor], key: dict) -> bool:
+    """What :func:`_write_cache` writes: float32 ``x0``, ``x1`` of ``[N, *sample_shape]`` and
+    int64 labels ``y [N]`` or none, nothing else (the digest alone takes any tensors)."""
+    x0, x1, y = tensors.get("x0"), tensors.get("x1"), tensors.get("y")
+    if x0 is None or x1 is None or not set(tensors) <= {"x0", "x1", "y"} or x0.dim() == 0:
+        return False
+    shape = (x0.shape[0], *key.get("sample_shape", x0.shape[1:]))
+    return (
+        x0.dtype == x1.dtype == torch.float32
+        and x0.shape == x1.shape == shape
+        and (y is None or (y.dtype == torch.long and y.shape == shape[:1]))
+    )
 
 
 def _write_cache(path: Path, key: dict, tensors: dict[str, Tensor], nfe: float) -> None:
@@ -269,8 +285,11 @@ def make_pairs(
         parts = ([have] if have else []) + new
         have = {k: torch.cat([t[k] for t in parts]) for k in parts[-1] if k != "nfe"}
         if path is not None and w.local_rank == 0:  # one writer per host (the same bytes)
-            _write_if_longer(path, key, have, nfe_total / have["x0"].shape[0])
-            shards.remove(batches)
+            try:
+                _write_if_longer(path, key, have, nfe_total / have["x0"].shape[0])
+                shards.remove(batches)
+            except StorageError as e:
+                _not_cached(e, folder)
     m = have["x0"].shape[0]
     pairs = Pairs(
         have["x0"][:n].clone(),
@@ -328,6 +347,17 @@ def cached_pairs(
     return int(found["tensors"]["x0"].shape[0]), float(found["nfe"])
 
 
+_NOT_CACHED: set[str] = set()  # cache folders already said to be unwritable
+
+
+def _not_cached(e: OSError, folder: Path) -> None:
+    """A cache folder that cannot take the ground truth (full, read-only): said once, and the
+    run goes on with the pairs in memory (a later run solves them again)."""
+    if str(folder) not in _NOT_CACHED:
+        _NOT_CACHED.add(str(folder))
+        warnings.warn(f"bns: {e}; the ground truth is used without being cached", stacklevel=3)
+
+
 def _write_if_longer(path: Path, key: dict, tensors: dict[str, Tensor], nfe: float) -> None:
     """Write the cache file unless it holds as many pairs already (another job may have just
     written more: a cache file never shrinks). The read and the write hold a lock on the folder, so two jobs
@@ -347,7 +377,7 @@ def _locked(path: Path) -> Iterator[None]:
     except ImportError:  # not POSIX: writes stay atomic, only the never-shrinks rule is lost
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     fd = os.open(path.parent, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -362,6 +392,7 @@ class _Shards:
 
     def __init__(self, folder: Path, key: dict) -> None:
         self.folder, self.key = folder, key
+        self.failed = False  # a write failed (a full or read-only place): no more are tried
 
     def _path(self, lo: int, hi: int) -> Path:
         return self.folder / f"{lo:09d}-{hi:09d}.safetensors"
@@ -373,6 +404,8 @@ class _Shards:
         return {**found["tensors"], "nfe": torch.tensor([found["nfe"]], dtype=torch.float64)}
 
     def write(self, lo: int, hi: int, batch: dict[str, Tensor]) -> None:
+        if self.failed:
+            return
         tensors = {k: v for k, v in batch.items() if k != "nfe"}
         for attempt in range(3):  # another job may remove the emptied folder meanwhile
             try:
@@ -382,6 +415,10 @@ class _Shards:
             except FileNotFoundError:
                 if attempt == 2:
                     raise
+            except StorageError as e:
+                self.failed = True
+                _not_cached(e, self.folder.parent.parent)  # the cache folder: shards/<stem>
+                return
 
     def remove(self, batches: list[tuple[int, int]]) -> None:
         for lo, hi in batches:

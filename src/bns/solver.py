@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ._io import atomic_write_text
+from .errors import BNSError
 from .model import in_phase
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ __all__ = ["NSSolver", "SolverFileError", "Velocity", "sample", "ns_step", "FORM
 FORMAT_VERSION = 1
 
 
-class SolverFileError(ValueError):
+class SolverFileError(BNSError, ValueError):
     """A solver file is missing, corrupt, of another version, or does not fit the model."""
 
 
@@ -138,7 +139,11 @@ class NSSolver:
             )
         if version < 1:
             raise SolverFileError(f"unknown solver format version {version}")
-        if d.get("checksum") != _checksum(d):
+        try:
+            intact = d.get("checksum") == _checksum(d)
+        except (TypeError, ValueError, RecursionError) as e:  # not JSON: nesting, huge ints
+            raise SolverFileError(f"solver file is malformed: {e}") from None
+        if not intact:
             raise SolverFileError(
                 "solver file checksum does not match its contents (edited or corrupt)"
             )
@@ -146,9 +151,11 @@ class NSSolver:
             if isinstance(d["nfe"], bool) or not isinstance(d["nfe"], int):
                 raise SolverFileError(f"solver file nfe must be an integer, got {d['nfe']!r}")
             n = d["nfe"]
-            times = [float(v) for v in d["times"]]
-            a = [float(v) for v in d["a"]]
+            times = _numbers(d["times"], "times")
+            a = _numbers(d["a"], "a")
             rows = d["b"]
+            if not isinstance(rows, list):
+                raise SolverFileError("solver file is malformed: b must be a list of rows")
             if len(times) != n + 1 or len(a) != n or len(rows) != n:
                 raise SolverFileError(
                     f"solver file shapes do not fit nfe = {n}: {len(times)} times (want {n + 1}),"
@@ -158,7 +165,7 @@ class NSSolver:
             for i, row in enumerate(rows):
                 if not isinstance(row, list) or len(row) != i + 1:
                     raise SolverFileError(f"solver file row {i} of b must hold {i + 1} values")
-                b[i, : i + 1] = torch.tensor([float(v) for v in row], dtype=torch.float64)
+                b[i, : i + 1] = torch.tensor(_numbers(row, f"row {i} of b"), dtype=torch.float64)
             meta = d.get("meta", {})
             if not isinstance(meta, dict):
                 raise SolverFileError("solver file 'meta' must be an object")
@@ -212,7 +219,8 @@ class NSSolver:
             raise SolverFileError(f"solver file not found: {path}")
         try:
             d = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        # ValueError: also an integer of over 4300 digits; RecursionError: deep nesting
+        except (OSError, ValueError, RecursionError) as e:
             raise SolverFileError(f"cannot read solver file {path}: {e}") from None
         try:
             solver = cls.from_dict(d)
@@ -244,15 +252,31 @@ class NSSolver:
             except SolverFileError as e:
                 raise SolverFileError(f"{where}: {e}") from None
         if guidance is not None and "guidance" in self.meta:
-            if not math.isclose(float(self.meta["guidance"]), float(guidance), abs_tol=1e-12):
+            try:
+                trained = float(self.meta["guidance"])
+            except (TypeError, ValueError, OverflowError):
                 raise SolverFileError(
-                    f"{where}: trained for guidance {self.meta['guidance']}, asked for {guidance};"
+                    f"{where}: its meta guidance is not a number: {self.meta['guidance']!r:.60}"
+                ) from None
+            if not math.isclose(trained, float(guidance), abs_tol=1e-12):
+                raise SolverFileError(
+                    f"{where}: trained for guidance {self.meta['guidance']!r}, asked for {guidance};"
                     " pass force=True / --force to use it anyway"
                 )
 
     def __repr__(self) -> str:
         kind = self.meta.get("solver", "ns")
         return f"NSSolver({kind}, nfe={self.nfe}, t=[{self.t_range[0]:.4g}, {self.t_range[1]:.4g}])"
+
+
+def _numbers(values: Any, what: str) -> list[float]:
+    """The floats of a JSON list of numbers; refuses strings and booleans (which ``float``
+    would take: "0.5", True) and anything but a list."""
+    if not isinstance(values, list) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
+    ):
+        raise SolverFileError(f"solver file is malformed: {what} must be a list of numbers")
+    return [float(v) for v in values]
 
 
 def _checksum(d: dict[str, Any]) -> str:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import BNSError
 from .model import Model
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ Matcher = Callable[[str], bool]
 Resolver = Callable[..., Any]
 
 
-class SpecError(ValueError):
+class SpecError(BNSError, ValueError):
     """A model spec that does not name a usable model."""
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import BNSError
 from ..model import Model, prediction_coefficients
 from ..schedules import EDM, schedule_from_config
 from ..solver import NSSolver, sample
@@ -35,7 +36,7 @@ from ._extras import ExtrasNet
 __all__ = ["sample_bns", "model_from_denoiser", "KDiffusionError"]
 
 
-class KDiffusionError(ValueError):
+class KDiffusionError(BNSError, ValueError):
     """Sigmas, schedule and solver that do not fit together."""
 
 

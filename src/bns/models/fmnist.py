@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import BNSError
 from ..model import Model
 from ..schedules import VP, CondOT, DiscreteVP, Schedule
 from .unet import TinyUNet, UNetConfig
@@ -70,7 +71,7 @@ CLASSES = (
 )
 
 
-class WeightsError(RuntimeError):
+class WeightsError(BNSError, RuntimeError):
     """Shipped weights are missing, corrupt, or do not match the model they are loaded into."""
 
 

@@ -12,13 +12,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ...errors import BNSError
 from ...schedules import CondOT, DiscreteVP, Schedule
 
 # diffusers' prediction_type -> bns prediction.
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x1", "flow": "velocity"}
 
 
-class DiffusersError(ValueError):
+class DiffusersError(BNSError, ValueError):
     """A pipeline or scheduler that this integration cannot use, or a misuse of the scheduler."""
 
 

@@ -1,0 +1,233 @@
+"""Full disks and read-only places: one line, and no partial or corrupt file left behind.
+
+The places are real: a private mount namespace (``unshare -m``) holds a read-only bind mount
+and a small tmpfs that fills up, so the failures are the kernel's own (EROFS, ENOSPC), met by
+torch.save, safetensors and Python alike. Where namespaces are not permitted, those tests skip;
+the unit tests below them still run.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import bns
+from bns._io import atomic_write, atomic_write_text, check_writable
+from bns.cli import main
+from bns.errors import BNSError, StorageError
+
+SRC = Path(bns.__file__).parents[1]
+
+USER_FILE = """
+import torch
+from torch import nn
+import bns
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1, self.l2 = nn.Linear(5, 16), nn.Linear(16, 4)
+
+    def forward(self, x, t):
+        return self.l2(torch.tanh(self.l1(torch.cat([x, t[:, None]], 1))))
+
+def net():
+    return bns.Model(Net(), "velocity", bns.schedules.CondOT(), (4,), name="mlp")
+"""
+
+# Runs the command lines of ``scenarios`` in one process (inside the namespace), recording
+# each one's exit code and what it printed to stderr.
+DRIVER = r"""
+import contextlib, io, json, sys, warnings
+from bns.cli import main
+scenarios, result = json.loads(sys.argv[1]), sys.argv[2]
+out = {}
+for name, argv in scenarios.items():
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda m, *a, **k: print(f"warning: {m}", file=sys.stderr)
+        rc = main(argv)
+    out[name] = {"rc": rc, "err": err.getvalue()}
+# what the mounts hold goes with the namespace: every file under the test's folder, as text
+# for the solvers, by size for the rest
+from pathlib import Path
+root = Path(result).parent
+out["files"] = {
+    str(p): p.read_text() if p.suffix == ".json" else p.stat().st_size
+    for p in root.rglob("*") if p.is_file()
+}
+from safetensors import safe_open
+from safetensors.torch import load_file
+from bns.pairs import _digest
+out["corrupt"] = []
+for p in root.rglob("*.safetensors"):
+    with safe_open(str(p), framework="pt") as f:
+        if f.metadata()["digest"] != _digest(load_file(str(p))):
+            out["corrupt"].append(str(p))
+open(result, "w").write(json.dumps(out))
+"""
+
+
+def _namespaces() -> bool:
+    if not shutil.which("unshare") or sys.platform != "linux":
+        return False
+    done = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    return done.returncode == 0
+
+
+needs_mounts = pytest.mark.skipif(
+    not _namespaces(), reason="needs `unshare -m` (a private mount namespace) on Linux"
+)
+
+
+def _distill(model: str, cache: Path, out: Path) -> list[str]:
+    args = ["distill", "--model", model, "--nfe", "4", "--train-pairs", "16", "--val-pairs", "8"]
+    args += ["--init-pairs", "8", "--init", "euler", "--steps", "4", "--val-every", "2"]
+    args += ["--gn-steps", "0", "--batch-size", "8", "--quiet", "--device", "cpu"]
+    return [*args, "--cache-dir", str(cache), "--out", str(out)]
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+@needs_mounts
+def test_full_and_read_only_places_end_with_one_line_and_leave_nothing_partial(tmp_path):
+    (tmp_path / "user.py").write_text(textwrap.dedent(USER_FILE))
+    (tmp_path / "driver.py").write_text(DRIVER)
+    model = f"{tmp_path / 'user.py'}:net"
+    ro, full, full_out, filled, ok = (tmp_path / n for n in ("ro", "full", "fo", "filled", "ok"))
+    for d in (ro, full, full_out, filled, ok):
+        d.mkdir()
+    (ro / "out").mkdir()
+    (ro / "cache").mkdir()
+    # the full cache of a run, then mounted read-only: it is read, not written
+    assert main(_distill(model, ro / "filled-cache", ok / "ref.json")) == 0
+    shutil.copytree(ro / "filled-cache", filled / "cache")
+    scenarios = {
+        "read-only cache": _distill(model, ro / "cache", ok / "a.json"),
+        "read-only full cache": _distill(model, filled / "cache", ok / "b.json"),
+        "read-only output": _distill(model, ok / "cache-c", ro / "out" / "c.json"),
+        "cache fills up": _distill(model, full / "cache", ok / "d.json"),
+        "output fills up": _distill(model, ok / "cache-e", full_out / "e.json"),
+        "output full": _distill(model, ok / "cache-f", full / "f.json"),
+    }
+    mounts = [
+        f"mount --bind {ro} {ro}",
+        f"mount -o remount,ro,bind {ro}",
+        f"mount --bind {filled} {filled}",
+        f"mount -o remount,ro,bind {filled}",
+        f"mount -t tmpfs -o size=8k tmpfs {full}",  # the train cache's shard fits, little else
+        f"mount -t tmpfs -o size=12k tmpfs {full_out}",  # the check fits, a checkpoint not
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(SRC))
+    script = " && ".join([*mounts, 'exec "$0" "$@"'])
+    result = tmp_path / "result.json"
+    cmd = ["unshare", "-m", "sh", "-c", script, sys.executable, str(tmp_path / "driver.py")]
+    done = subprocess.run(
+        [*cmd, json.dumps(scenarios), str(result)], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    res = json.loads(result.read_text())
+    ref = json.loads((ok / "ref.json").read_text())
+
+    files = res["files"]
+
+    def same_solver(path: Path) -> None:
+        got = json.loads(files[str(path)])
+        assert all(got[k] == ref[k] for k in ("times", "a", "b")), path
+
+    def said(name: str) -> list[str]:
+        return [ln for ln in res[name]["err"].splitlines() if ln.strip()]
+
+    # A read-only cache: the run goes on uncached, said once; a filled one is read as it is.
+    assert res["read-only cache"]["rc"] == 0
+    (line,) = said("read-only cache")
+    assert "read-only file system; the ground truth is used without being cached" in line
+    assert _files(ro / "cache") == []
+    same_solver(ok / "a.json")
+    assert res["read-only full cache"]["rc"] == 0 and said("read-only full cache") == []
+    same_solver(ok / "b.json")
+    # A read-only output folder: refused before any work (no ground truth solved).
+    assert res["read-only output"]["rc"] == 2
+    assert said("read-only output") == [
+        f"bns distill: error: cannot write to {ro / 'out'}: read-only file system"
+    ]
+    assert not (ok / "cache-c").exists() and _files(ro / "out") == []
+    # A cache that fills up: whatever it holds verifies, nothing half-written stays.
+    assert res["cache fills up"]["rc"] == 0
+    (line,) = said("cache fills up")
+    assert "no space left on device" in line and "without being cached" in line, line
+    same_solver(ok / "d.json")
+    # An output folder that fills up: no checkpoint (said once), the solver written.
+    assert res["output fills up"]["rc"] == 0
+    (line,) = said("output fills up")
+    assert "e.json.ckpt: no space left on device" in line and "without checkpoints" in line
+    same_solver(full_out / "e.json")
+    assert [f for f in files if f.startswith(str(full_out))] == [str(full_out / "e.json")]
+    # An output folder already full: refused before any work.
+    assert res["output full"]["rc"] == 2
+    (line,) = said("output full")
+    assert line == f"bns distill: error: cannot write to {full}: no space left on device"
+    assert [f for f in files if f.startswith(str(full))] == [
+        *[f for f in files if f.startswith(str(full / "cache"))]
+    ]  # nothing but the cache's whole files
+    # No temporary file anywhere; every cache file (in the mounts too) is whole.
+    assert [f for f in files if f.endswith(".tmp")] == [] and res["corrupt"] == []
+    assert any(f.endswith(".safetensors") for f in files if f.startswith(str(full)))
+
+
+# -- the writer itself -------------------------------------------------------------------------
+def test_a_failed_write_keeps_the_old_file_and_names_the_place(tmp_path):
+    path = tmp_path / "s.json"
+    atomic_write_text(path, "old")
+
+    def full(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(StorageError) as info:
+        atomic_write(path, full)
+    assert str(info.value) == f"cannot write {path}: no space left on device"
+    assert isinstance(info.value, BNSError) and isinstance(info.value, OSError)
+    assert path.read_text() == "old" and _files(tmp_path) == [path]
+
+
+def test_a_writer_that_fails_in_its_own_words_is_explained_by_the_place(tmp_path, monkeypatch):
+    """torch.save reports a full disk as a RuntimeError of its own; the place is asked."""
+    import bns._io as io
+
+    path = tmp_path / "x.ckpt"
+
+    def foreign(tmp: Path) -> None:
+        tmp.write_bytes(b"12")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 128 vs 0")
+
+    class Full:  # what os.statvfs says of a full file system
+        f_flag, f_bavail, f_frsize = 0, 0, 4096
+
+    monkeypatch.setattr(io.os, "statvfs", lambda p: Full)
+    with pytest.raises(StorageError, match=r"x.ckpt: no space left on device \(0 KiB free\)$"):
+        atomic_write(path, foreign)
+    Full.f_bavail = 1 << 20  # plenty of room: not the place's fault, the error as it was
+    with pytest.raises(RuntimeError, match="enforce fail"):
+        atomic_write(path, foreign)
+    assert _files(tmp_path) == []
+
+
+def test_a_missing_folder_is_created_and_a_file_in_the_way_is_refused(tmp_path):
+    check_writable(tmp_path / "new" / "folder")
+    assert (tmp_path / "new" / "folder").is_dir() and _files(tmp_path) == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StorageError, match="cannot write to .*file/sub: not a directory"):
+        check_writable(tmp_path / "file" / "sub")
