@@ -261,7 +261,13 @@ def reference(runner: Runner, base: Path) -> dict:
         if (trial / f"writes.{r}").exists()
     }
     solver = json.loads((trial / "s.json").read_text())
-    return {"solver": solver, "wall_s": wall, "ready_s": ready, "written_s": written, "writes": writes}
+    return {
+        "solver": solver,
+        "wall_s": wall,
+        "ready_s": ready,
+        "written_s": written,
+        "writes": writes,
+    }
 
 
 def _differs(ref: dict, got: dict) -> list[str]:

@@ -32,7 +32,7 @@ from .families import BNSFamily, _increasing
 from .loss import LOSSES
 from .model import Model, frozen
 from .pairs import Pairs, make_pairs
-from .solver import NSSolver, SolverFileError, sample
+from .solver import NSSolver, SolverFileError, _checksum, sample
 from .train import candidate_solvers, choose_initial_solver, coef_lr_multiplier, lr_factor
 
 __all__ = ["GuidanceRangeSolver", "distill_guidance_range", "FORMAT"]
@@ -87,14 +87,15 @@ class GuidanceRangeSolver:
 
     # -- file -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "format": FORMAT,
-            "version": 1,
+            "version": 2,
             "w_range": list(self.w_range),
             "t_ends": self.t_ends.tolist(),
             "coefs": {k: v.tolist() for k, v in self.coefs.items()},
             "meta": self.meta,
         }
+        return {**d, "checksum": _checksum(d)}
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_text(Path(path), json.dumps(self.to_dict()) + "\n")
@@ -103,6 +104,17 @@ class GuidanceRangeSolver:
     def from_dict(cls, d: dict[str, Any]) -> GuidanceRangeSolver:
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise SolverFileError(f"not a {FORMAT} file")
+        version = d.get("version")
+        if version not in (1, 2) or isinstance(version, bool):
+            raise SolverFileError(f"unknown {FORMAT} file version {version!r}")
+        try:  # version 1 (before checksums) is read as it is
+            intact = version == 1 or d.get("checksum") == _checksum(d)
+        except (TypeError, ValueError, RecursionError) as e:  # not JSON: nesting, huge ints
+            raise SolverFileError(f"corrupt {FORMAT} file: {e}") from None
+        if not intact:
+            raise SolverFileError(
+                f"{FORMAT} file checksum does not match its contents (edited or corrupt)"
+            )
         try:
             coefs = {k: torch.tensor(d["coefs"][k], dtype=torch.float64) for k in _NAMES}
             out = cls(
@@ -110,8 +122,17 @@ class GuidanceRangeSolver:
             )
             for w in out.w_range:  # every solver it gives must be valid
                 out.at(w).validate(strict=True)
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise SolverFileError(f"corrupt {FORMAT} file: {e}") from None
+        except (
+            KeyError,
+            IndexError,
+            TypeError,
+            ValueError,
+            RuntimeError,  # torch's, and RecursionError
+            OverflowError,
+            AttributeError,
+        ) as e:
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SolverFileError(f"corrupt {FORMAT} file: {why}") from None
         return out
 
     @classmethod
@@ -125,7 +146,7 @@ class GuidanceRangeSolver:
             d = json.loads(path.read_text())
         except FileNotFoundError:
             raise SolverFileError(f"solver file not found: {path}") from None
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # also: nesting, 5000-digit ints
             raise SolverFileError(f"cannot read {path}: {e}") from None
         out = cls.from_dict(d)
         fp = out.meta.get("model_fingerprint")

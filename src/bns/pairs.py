@@ -173,7 +173,9 @@ def _read_cache(path: Path, key: dict) -> dict[str, Any] | None:
             stored_key == key
             and meta.get("digest") == _digest(tensors)
             and _well_formed(tensors, key)
-            and (math.isnan(nfe) or 0 <= nfe < math.inf)  # outside the digest: check it at least
+            and (math.isnan(nfe) or 0 <= nfe < math.inf)
+            # files of older versions have no digest of their metadata
+            and meta.get("meta_digest", _meta_digest(meta)) == _meta_digest(meta)
         )
     except Exception as e:  # any unreadable file is regenerated  # noqa: BLE001
         warnings.warn(
@@ -202,6 +204,13 @@ def _well_formed(tensors: dict[str, Tensor], key: dict) -> bool:
     )
 
 
+def _meta_digest(meta: dict[str, str]) -> str:
+    """sha256 of the metadata the tensors' digest does not cover (the key, the ODE solver's
+    evaluations per sample), and of that digest."""
+    body = [meta.get(k) for k in ("key", "digest", "nfe_per_sample")]
+    return hashlib.sha256(json.dumps(body).encode()).hexdigest()
+
+
 def _write_cache(path: Path, key: dict, tensors: dict[str, Tensor], nfe: float) -> None:
     from safetensors.torch import save_file
 
@@ -210,6 +219,7 @@ def _write_cache(path: Path, key: dict, tensors: dict[str, Tensor], nfe: float) 
         "digest": _digest(tensors),
         "nfe_per_sample": repr(nfe),
     }
+    meta["meta_digest"] = _meta_digest(meta)
     body = {k: v.contiguous() for k, v in tensors.items()}
     atomic_write(path, lambda tmp: save_file(body, str(tmp), metadata=meta))
 
