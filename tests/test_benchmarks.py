@@ -223,3 +223,52 @@ def test_classical_benchmark_tiny(tmp_path):
     assert gs["evaluations_per_pair"] < gs["unshared_evaluations_per_pair"]
     assert gs["forwards_on_val"] == gs["evaluations_per_pair"] * 8
     assert "| 4 | **" in (tmp_path / "classical_gmm_g1.md").read_text()
+
+
+def test_faults_benchmark_tiny(tmp_path):
+    """benchmarks/faults.py: a kill inside a file write (the rename of a ground-truth shard,
+    a checkpoint or the solver), a rerun with --resume, the same solver; phases are read off
+    faulthandler's stacks."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "faults.py"), "--kills", "1"]
+    cmd += ["--write-share", "1", "--sleep", "0", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    res = json.loads((tmp_path / "faults_single.json").read_text())
+    s = res["summary"]
+    assert s["kills"] == 1 and s["reruns_ok"] == 1 and s["differing_solvers"] == 0
+    assert s["corrupt_cache_files"] == 0 and s["cache_files_checked"] >= 2
+    (phase,) = s["phases"]
+    assert phase.startswith("file write: ") and res["trials"][0]["job_rc"] == -9
+    assert res["reference_writes"] >= 5  # shards, cache files, checkpoints, the solver
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from faults import phase_of
+    finally:
+        sys.path.pop(0)
+    stack = (
+        'Thread 0x1 (most recent call first):\n  File "/x/torchdiffeq/_impl/rk_common.py", line 1'
+        ' in _runge_kutta_step\n  File "/x/src/bns/ground_truth.py", line 80 in ground_truth\n'
+        '  File "/x/src/bns/train.py", line 150 in distill\n'
+    )
+    assert phase_of(stack) == "ground truth"
+    ranking = stack.replace("ground_truth.py", "classical.py").replace("torchdiffeq", "bns")
+    assert phase_of(ranking) == "ranking"
+    assert phase_of('  File "/x/src/bns/gauss_newton.py", line 9 in <module>\n') == "start-up"
+
+
+def test_concurrency_benchmark_tiny(tmp_path):
+    """benchmarks/concurrency.py: two jobs that share every cache file, started together,
+    end with the solvers each makes alone; the shared cache verifies."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "concurrency.py"), "--rounds", "1"]
+    cmd += ["--jobs", "2", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    res = json.loads((tmp_path / "concurrency.json").read_text())
+    (r,) = res["rounds"]
+    assert r["jobs"] == 2 and r["failed_jobs"] == 0 and r["differing_solvers"] == 0
+    assert r["cache_files"] == 2 and r["corrupt_cache_files"] == 0 and r["tmp_files_left"] == 0
+    assert (
+        "| solvers differing from the job alone | 0 |" in (tmp_path / "concurrency.md").read_text()
+    )
