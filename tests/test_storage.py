@@ -121,7 +121,11 @@ def test_full_and_read_only_places_end_with_one_line_and_leave_nothing_partial(t
         "cache fills up": _distill(model, full / "cache", ok / "d.json"),
         "output fills up": _distill(model, ok / "cache-e", full_out / "e.json"),
         "output full": _distill(model, ok / "cache-f", full / "f.json"),
-    }
+        "eval, read-only output": ["eval", "--model", model, "--solver", str(ok / "ref.json"),
+                                   "--nfe", "4", "--json", str(ro / "out" / "e.json")],
+        "sample, read-only output": ["sample", "--model", model, "--solver",
+                                     str(ok / "ref.json"), "--out", str(ro / "out" / "s.png")],
+    }  # fmt: skip
     mounts = [
         f"mount --bind {ro} {ro}",
         f"mount -o remount,ro,bind {ro}",
@@ -164,6 +168,11 @@ def test_full_and_read_only_places_end_with_one_line_and_leave_nothing_partial(t
         f"bns distill: error: cannot write to {ro / 'out'}: read-only file system"
     ]
     assert not (ok / "cache-c").exists() and _files(ro / "out") == []
+    for cmd in ("eval", "sample"):  # refused before any work too
+        assert res[f"{cmd}, read-only output"]["rc"] == 2
+        assert said(f"{cmd}, read-only output") == [
+            f"bns {cmd}: error: cannot write to {ro / 'out'}: read-only file system"
+        ]
     # A cache that fills up: whatever it holds verifies, nothing half-written stays.
     assert res["cache fills up"]["rc"] == 0
     (line,) = said("cache fills up")

@@ -367,6 +367,7 @@ def cmd_distill(args) -> int:
         raise CLIError(f"{args.out} exists; pass --overwrite to replace it")
     if args.out.exists() and args.out.is_dir():
         raise CLIError(f"{args.out} is a folder; --out names the solver file")
+    check_writable(args.out.parent)  # now, not after the run whose result it is to hold
     model = _model(args)
     t0 = time.perf_counter()
     ckpt = args.out.with_name(args.out.name + ".ckpt")
@@ -375,7 +376,6 @@ def cmd_distill(args) -> int:
         return _distill_guidance_range(args, model, cfg, t0)
     from .model import NetworkError
 
-    check_writable(args.out.parent)  # now, not after the run whose result it is to hold
     remove_stale_tmp(args.out.parent)  # what a killed run left half-written (a checkpoint)
     had_ckpt = ckpt.exists()
     try:
@@ -532,6 +532,9 @@ def cmd_eval(args) -> int:
     from .report import comparison_grid, markdown_table, plot_psnr_vs_nfe, write_results
     from .solvers import SOLVER_NAMES
 
+    for out in (args.json, args.table, args.plot):  # now, not after the evaluation
+        if out is not None:
+            check_writable(Path(out).parent)
     model = _model(args)
     if args.fid is not None:  # before any ground truth: a missing extra fails now
         from .fid import check_fid
@@ -655,6 +658,7 @@ def cmd_sample(args) -> int:
     from .report import save_sample_grid
     from .solver import sample
 
+    check_writable(Path(args.out).parent)  # now, not after sampling
     model = _model(args)
     solver = load_solver(args.solver, model, args.guidance, args.force)
     if args.n < 1:

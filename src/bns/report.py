@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ._io import atomic_write_text
+from ._io import atomic_write, atomic_write_text
 from .evaluate import best_rows
 
 __all__ = [
@@ -114,9 +114,7 @@ def plot_psnr_vs_nfe(rows: list[dict[str, Any]], path: Path, title: str = "") ->
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    _save_figure(fig, Path(path))
     plt.close(fig)
 
 
@@ -168,9 +166,7 @@ def save_sample_grid(
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    _save_figure(fig, Path(path))
     plt.close(fig)
 
 
@@ -195,3 +191,10 @@ def comparison_grid(model, entries, rows, test, guidance: float, path: Path, tit
                     model, p.x0, solvers[row["solver"], row["nfe"]], p.y, guidance
                 )
     save_sample_grid(columns, path, title, reference="ground truth")
+
+
+def _save_figure(fig, path: Path) -> None:
+    """Write ``fig`` atomically (a full disk leaves the old file or none, never half a PNG),
+    in the format its name says (``png`` by default)."""
+    fmt = path.suffix[1:].lower() or "png"
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt))
