@@ -17,8 +17,9 @@ with SIGKILL:
   or just after it (before the folder is synced).
 
 Under ``torchrun`` one worker, chosen at random, is killed; the other must end on its own with
-one line naming the lost worker. Then the same command runs again with ``--resume`` and must end
-with the solver of the uninterrupted run, bit for bit (times, a, b and the validation record).
+one line naming the lost worker. Then the same command runs again, with ``--resume`` or plainly
+(half each), and must end with the solver of the uninterrupted run, bit for bit (times, a, b
+and the validation record).
 Every ground-truth cache file is then checked against its digest.
 
 Reported: kills, phases hit, successful reruns, differing solvers (must be 0), corrupt cache
@@ -353,8 +354,15 @@ def trial(runner: Runner, ref: dict, base: Path, i: int, rng: random.Random, p_w
             NSSolver.load(out, force=True)
         except Exception as e:  # noqa: BLE001
             rec["out_after_kill"] = f"unreadable: {e}"
-    proc = runner.start(folder, out, resume=True)
-    rec["rerun_rc"] = _wait(proc, 900)
+    # Half the reruns continue with --resume, half start again (the solver file, if the kill
+    # came after it was written, is kept: a plain rerun would refuse to overwrite it).
+    rec["rerun"] = "resume" if rng.random() < 0.5 else "plain"
+    if rec["rerun"] == "plain" and out.exists():
+        rec["rerun"] = "none (the solver file was written)"
+        rec["rerun_rc"] = 0
+    else:
+        proc = runner.start(folder, out, resume=rec["rerun"] == "resume")
+        rec["rerun_rc"] = _wait(proc, 900)
     got = json.loads(out.read_text()) if out.exists() else None
     rec["differs"] = _differs(ref["solver"], got) if got else ["no solver"]
     rec["cache_after_rerun"] = verify_cache(folder / "cache")
@@ -374,6 +382,7 @@ def summarize(records: list[dict], workers: int) -> dict:
         "kills": len(kills),
         "phases": dict(Counter(r["phase"] for r in kills).most_common()),
         "reruns_ok": sum(r["ok"] for r in records),
+        "reruns": dict(Counter(r["rerun"] for r in records)),
         "differing_solvers": sum(bool(r["differs"]) for r in records),
         "corrupt_cache_files": sum(
             r["cache_after_kill"]["corrupt"] + r["cache_after_rerun"]["corrupt"] for r in records
@@ -409,8 +418,9 @@ def write(payload: dict, tag: str) -> None:
     )
     L += ["", "| figure | value |", "|---|---:|"]
     for key, v in s.items():
-        if key != "phases":
+        if key not in ("phases", "reruns"):
             L.append(f"| {key.replace('_', ' ')} | {v} |")
+    L += ["", "Reruns: " + ", ".join(f"{v} {k}" for k, v in s["reruns"].items()) + "."]
     L += ["", "| phase hit | kills |", "|---|---:|"]
     L += [f"| {k} | {v} |" for k, v in s["phases"].items()]
     if payload["workers"] > 1:
