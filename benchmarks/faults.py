@@ -7,16 +7,21 @@ Each trial starts ``bns distill`` on a small network written as a user writes on
 ``nn.Module`` in a file, ``--model user.py:net``) with a fresh ground-truth cache, and kills it
 with SIGKILL:
 
-- at a random moment: uniform over an uninterrupted run's wall time from the end of start-up
-  (Python, torch and bns imported) to the write of the solver file nine times in ten, during
-  start-up one time in ten. Just
-  before the kill, SIGUSR1 makes :mod:`faulthandler` write the process's stack, which names the
-  phase that was hit (ground truth, ranking, Adam, Gauss-Newton, validation, a file write, ...);
-- or inside a file write: the k-th atomic rename of the run (k uniform over the renames of an
+- inside a network call (``--call-share``, 40%): the k-th call of the network, k uniform over
+  the calls of an uninterrupted run, so that every phase is hit in proportion to the network
+  calls it makes, whatever the load of the machine. The network writes its stack
+  (:mod:`faulthandler`) and kills its own process;
+- at a random moment (35%): uniform over an uninterrupted run's wall time from the end of
+  start-up (Python, torch and bns imported) to the write of the solver file nine times in ten,
+  during start-up one time in ten. Just before the kill, SIGUSR1 makes :mod:`faulthandler`
+  write the process's stack;
+- inside a file write (``--write-share``, 25%): the k-th atomic rename of the run (k uniform over the renames of an
   uninterrupted run), just before it (the complete temporary file is there, the target not yet)
   or just after it (before the folder is synced).
 
-Under ``torchrun`` one worker, chosen at random, is killed; the other must end on its own with
+The stack names the phase that was hit (ground truth, ranking, Adam, Gauss-Newton, validation,
+a file write, ...). Under ``torchrun`` one worker, chosen at random, is killed; the other must
+end on its own with
 one line naming the lost worker. Then the same command runs again, with ``--resume`` or plainly
 (half each), and must end with the solver of the uninterrupted run, bit for bit (times, a, b
 and the validation record).
@@ -49,14 +54,33 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 # A user's file: a float32 network, no dtype given, a factory. NET_SLEEP slows each call so
 # that the phases last long enough to be hit (their share of the run is their share of calls).
+# The benchmark's hooks: FAULT_CALLS counts the calls of the process into a file; FAULT_CALL=k
+# writes the process's stack and kills it (SIGKILL) at its k-th call.
 USER_FILE = r"""
+import faulthandler
 import os
+import signal
 import time
 
 import torch
 from torch import nn
 
 import bns
+
+CALLS = [0]
+
+
+def _hooks():
+    CALLS[0] += 1
+    rank = os.environ.get("RANK", "0")
+    if os.environ.get("FAULT_CALLS"):
+        with open(f"{os.environ['FAULT_CALLS']}.{rank}", "w") as f:
+            f.write(str(CALLS[0]))
+    if os.environ.get("FAULT_CALL") and os.environ.get("FAULT_RANK", rank) == rank:
+        if CALLS[0] == int(os.environ["FAULT_CALL"]):
+            with open(os.path.join(os.environ["FAULT_DIR"], f"stacks.{rank}"), "w") as f:
+                faulthandler.dump_traceback(f, all_threads=False)
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Net(nn.Module):
@@ -69,6 +93,7 @@ class Net(nn.Module):
                 p.copy_(0.3 * torch.randn(p.shape, generator=g))
 
     def forward(self, x, t):
+        _hooks()
         if os.environ.get("NET_SLEEP"):
             time.sleep(float(os.environ["NET_SLEEP"]))
         return self.l2(torch.tanh(self.l1(torch.cat([x, t[:, None]], 1))))
@@ -213,7 +238,8 @@ class Runner:
 
     def start(self, trial: Path, out: Path, resume: bool = False, **env: str):
         e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
-        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "FAULT_LOG", "FAULT_WRITE"):
+        hooks = ("FAULT_LOG", "FAULT_WRITE", "FAULT_CALL", "FAULT_CALLS", "FAULT_RANK")
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", *hooks):
             e.pop(name, None)
         e.update(BNS_CACHE_DIR=str(trial / "cache"), FAULT_DIR=str(trial), BNS_DIST_TIMEOUT="30")
         e.update(NET_SLEEP=str(self.sleep), **env)
@@ -251,7 +277,9 @@ def reference(runner: Runner, base: Path) -> dict:
     trial = base / "reference"
     trial.mkdir()
     t0 = time.time()
-    proc = runner.start(trial, trial / "s.json", FAULT_LOG=str(trial / "writes"))
+    proc = runner.start(
+        trial, trial / "s.json", FAULT_LOG=str(trial / "writes"), FAULT_CALLS=str(trial / "calls")
+    )
     assert _wait(proc, 900) == 0, (trial / "run.log").read_text()[-3000:]
     wall = time.time() - t0
     ready = (trial / "ready.0").stat().st_mtime - t0
@@ -268,6 +296,7 @@ def reference(runner: Runner, base: Path) -> dict:
         "ready_s": ready,
         "written_s": written,
         "writes": writes,
+        "calls": {r: int((trial / f"calls.{r}").read_text()) for r in range(runner.workers)},
     }
 
 
@@ -280,14 +309,30 @@ def _tmp_files(trial: Path) -> int:
     return sum(1 for _ in trial.rglob(".*.tmp"))
 
 
-def trial(runner: Runner, ref: dict, base: Path, i: int, rng: random.Random, p_write: float):
+def trial(
+    runner: Runner, ref: dict, base: Path, i: int, rng: random.Random, p_call: float, p_write: float
+):
     """One kill and one rerun; the record of what happened."""
     folder = base / f"t{i:04d}"
     folder.mkdir()
     out = folder / "s.json"
     rec: dict = {"trial": i}
     workers = runner.workers
-    if rng.random() < p_write:  # inside a file write
+    kind = rng.random()
+    if kind < p_call:  # inside the k-th network call: every phase in proportion to its calls
+        rank = rng.randrange(workers)
+        k = rng.randint(1, ref["calls"][rank])
+        rec.update(kind="call", rank=rank, call=k)
+        t0 = time.time()
+        proc = runner.start(folder, out, FAULT_CALL=str(k), FAULT_RANK=str(rank))
+        rc = _wait(proc, 600)
+        stack = folder / f"stacks.{rank}"
+        stack = stack.read_text() if stack.exists() else ""
+        rec["phase"] = phase_of(stack)
+        rec["frames"] = [
+            f.split('"')[1].split("/")[-1] + f.split('"')[2] for f in _frames(stack)[:8]
+        ]
+    elif kind < p_call + p_write:  # inside a file write
         ranks = [r for r, w in ref["writes"].items() if w]
         rank = rng.choice(ranks)
         k = rng.randint(1, len(ref["writes"][rank]))
@@ -438,6 +483,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kills", type=int, default=100, help="trials (one kill and a rerun each)")
     p.add_argument("--workers", type=int, default=1, help="1, or torchrun workers")
+    p.add_argument("--call-share", type=float, default=0.4, help="share of kills in a call")
     p.add_argument("--write-share", type=float, default=0.25, help="share of kills in a write")
     p.add_argument("--sleep", type=float, default=0.002, help="seconds added to each network call")
     p.add_argument("--seed", type=int, default=0)
@@ -457,7 +503,7 @@ def main(argv: list[str] | None = None) -> dict:
         ref = reference(runner, base)
         records = []
         for i in range(args.kills):
-            rec = trial(runner, ref, base, i, rng, args.write_share)
+            rec = trial(runner, ref, base, i, rng, args.call_share, args.write_share)
             records.append(rec)
             print(json.dumps({k: rec[k] for k in ("trial", "phase", "ok", "differs")}), flush=True)
             if "kept" in rec:  # keep the evidence out of the temporary folder
@@ -472,6 +518,7 @@ def main(argv: list[str] | None = None) -> dict:
         "reference_wall_s": ref["wall_s"],
         "reference_start_up_s": ref["ready_s"],
         "reference_writes": sum(len(w) for w in ref["writes"].values()),
+        "reference_calls": ref["calls"],
         "summary": summarize(records, args.workers),
         "trials": records,
     }
