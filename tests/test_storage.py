@@ -240,3 +240,25 @@ def test_a_missing_folder_is_created_and_a_file_in_the_way_is_refused(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(StorageError, match="cannot write to .*file/sub: not a directory"):
         check_writable(tmp_path / "file" / "sub")
+
+
+def test_a_solver_that_does_not_fit_takes_the_checkpoints_room(tmp_path, monkeypatch):
+    """The disk fills while the run checkpoints: the solver file, which does not fit at the
+    end, is written in the room of the run's own checkpoint (found by the sweep in
+    benchmarks/storage.py at 20 KiB)."""
+    from bns.solver import NSSolver
+
+    (tmp_path / "user.py").write_text(textwrap.dedent(USER_FILE))
+    out = tmp_path / "out" / "s.json"
+    real, calls = NSSolver.save, []
+
+    def full_once(self, path):
+        calls.append(out.with_name("s.json.ckpt").exists())
+        if len(calls) == 1:
+            raise StorageError(f"cannot write {path}: no space left on device")
+        return real(self, path)
+
+    monkeypatch.setattr(NSSolver, "save", full_once)
+    assert main(_distill(f"{tmp_path / 'user.py'}:net", tmp_path / "c", out)) == 0
+    assert calls == [True, False]  # the checkpoint was there, then made room
+    assert NSSolver.load(out).nfe == 4 and _files(out.parent) == [out]

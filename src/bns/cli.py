@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ._io import atomic_write, check_writable, remove_stale_tmp
-from .errors import BNSError
+from .errors import BNSError, StorageError
 
 __all__ = ["main"]
 
@@ -395,7 +395,15 @@ def cmd_distill(args) -> int:
         raise
 
     def write() -> None:
-        solver.save(args.out)
+        try:
+            solver.save(args.out)
+        except StorageError:
+            if not ckpt.exists():
+                raise
+            # A full disk: the run is over, so its checkpoint (which may hold an older step:
+            # its last update may have failed too) makes room for the solver.
+            ckpt.unlink()
+            solver.save(args.out)
         NSSolver.load(args.out, model=model, guidance=cfg.guidance)  # what we wrote reads back
         if ckpt.exists():
             ckpt.unlink()
