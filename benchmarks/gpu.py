@@ -468,7 +468,7 @@ def large_model(arch: Arch, tiny: bool, device: torch.device, dtype: torch.dtype
     from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
     from bns.integrations.diffusers._conventions import (
-        PREDICTIONS,
+        BNS_PREDICTION_OF,
         bns_schedule,
         describe_scheduler,
     )
@@ -519,7 +519,7 @@ def large_model(arch: Arch, tiny: bool, device: torch.device, dtype: torch.dtype
     n = sum(p.numel() for p in denoiser.parameters())
     return bns.Model(
         net,
-        prediction=PREDICTIONS[pred],
+        prediction=BNS_PREDICTION_OF[pred],
         schedule=bns_schedule(pred, desc["alphas_cumprod"]),
         sample_shape=(cfg["in_channels"], size, size),
         t_range=(0.0, 1.0),

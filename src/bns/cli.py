@@ -226,9 +226,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PROMPT_SPLITS = ("train", "val", "test")
-
-
 def _prompt_lines(path: Path) -> list[str]:
     if not path.is_file():
         raise CLIError(f"prompts file not found: {path}")
@@ -273,7 +270,9 @@ def _read_prompts(spec: str | None, seed: int = 0) -> dict[str, list[str]] | Non
         raise CLIError(
             f"--prompts takes one file or three (TRAIN,VAL,TEST), got {len(parts)}: {spec}"
         )
-    return {s: _prompt_lines(Path(p.strip())) for s, p in zip(PROMPT_SPLITS, parts)}
+    from .pairs import SPLITS
+
+    return {s: _prompt_lines(Path(p.strip())) for s, p in zip(SPLITS, parts)}
 
 
 def resolve_device(spec: str, model: Any) -> Any:

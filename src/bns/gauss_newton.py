@@ -45,10 +45,7 @@ __all__ = [
     "levenberg_marquardt",
     "gauss_newton_step",
     "check_forward_mode",
-    "GN_LOSSES",
 ]
-
-GN_LOSSES = SUM_OF_SQUARES  # the losses Gauss-Newton steps can minimize
 
 
 def _coefficients(solver: NSSolver) -> Tensor:
@@ -194,8 +191,10 @@ def normal_equations(
     ``micro_batch = k > 0`` computes the Jacobians ``k`` pairs at a time (the same result to
     rounding, in the memory of ``k``).
     """
-    if loss not in GN_LOSSES:
-        raise ValueError(f"Gauss-Newton steps need a sum-of-squares loss {GN_LOSSES}, got {loss!r}")
+    if loss not in SUM_OF_SQUARES:
+        raise ValueError(
+            f"Gauss-Newton steps need a sum-of-squares loss {SUM_OF_SQUARES}, got {loss!r}"
+        )
     params = [p for p in family.parameters() if p.requires_grad]
     solver = family.solver()
     dcoef = _parameter_jacobian(family, params)  # [Q, P]

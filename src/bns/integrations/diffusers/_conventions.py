@@ -15,8 +15,8 @@ from torch import Tensor
 from ...errors import BNSError
 from ...schedules import CondOT, DiscreteVP, Schedule
 
-# diffusers' prediction_type -> bns prediction.
-PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x1", "flow": "velocity"}
+# diffusers' prediction_type -> bns's prediction (bns.model.PREDICTIONS).
+BNS_PREDICTION_OF = {"epsilon": "eps", "v_prediction": "v", "sample": "x1", "flow": "velocity"}
 
 
 class DiffusersError(BNSError, ValueError):
@@ -75,7 +75,7 @@ def describe_scheduler(scheduler: Any) -> dict[str, Any]:
     if _is_bns_scheduler(scheduler):
         # A pipeline that already holds a BNSScheduler (e.g. a folder saved with one).
         prediction = config.get("prediction_type")
-        if prediction not in PREDICTIONS:
+        if prediction not in BNS_PREDICTION_OF:
             raise DiffusersError(f"BNSScheduler config has prediction_type {prediction!r}")
         ac = config.get("alphas_cumprod")
         if prediction != "flow" and not ac and config.get("trained_betas") is not None:

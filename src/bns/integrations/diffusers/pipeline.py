@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from ...model import Model
-from ._conventions import PREDICTIONS, DiffusersError, bns_schedule, describe_scheduler
+from ...pairs import SPLITS
+from ._conventions import BNS_PREDICTION_OF, DiffusersError, bns_schedule, describe_scheduler
 from ._nets import _ClassNet, _PipelineNet, _UncondNet
 from ._text import TextBuild, find_family, supported_text
 
@@ -65,9 +66,6 @@ def _load_pipeline(path_or_pipeline: Any, device: Any, dtype: torch.dtype | None
     if device is not None:
         pipe = pipe.to(device)
     return pipe
-
-
-SPLITS = ("train", "val", "test")
 
 
 def _prompt_table(
@@ -256,7 +254,7 @@ def model_from_pipeline(
     # solver stays valid for the same weights wherever they live.
     return Model(
         net,
-        prediction=PREDICTIONS[prediction_type],
+        prediction=BNS_PREDICTION_OF[prediction_type],
         schedule=schedule,
         sample_shape=tuple(sample_shape),
         t_range=(0.0, 1.0),

@@ -21,7 +21,7 @@ from torch import Tensor
 from ...model import prediction_coefficients
 from ...solver import NSSolver, SolverFileError, ns_step
 from ._conventions import (
-    PREDICTIONS,
+    BNS_PREDICTION_OF,
     DiffusersError,
     alphas_cumprod_from_betas,
     bns_schedule,
@@ -43,7 +43,7 @@ def _settings_from_meta(solver: NSSolver) -> dict[str, Any] | None:
     if name == "condot" and prediction == "velocity":
         return {"prediction_type": "flow", "alphas_cumprod": None}
     if name == "discrete_vp" and prediction in ("eps", "v", "x1"):
-        inverse = {v: k for k, v in PREDICTIONS.items()}
+        inverse = {v: k for k, v in BNS_PREDICTION_OF.items()}
         return {
             "prediction_type": inverse[prediction],
             "alphas_cumprod": list(settings["schedule"]["alphas_cumprod"]),
@@ -107,9 +107,9 @@ class BNSScheduler(SchedulerMixin, ConfigMixin):
                 "BNSScheduler needs a solver: build it with BNSScheduler.from_solver(solver, ...)"
                 " (a config of another scheduler holds none)"
             )
-        if prediction_type not in PREDICTIONS:
+        if prediction_type not in BNS_PREDICTION_OF:
             raise DiffusersError(
-                f"unknown prediction_type {prediction_type!r}; expected one of {list(PREDICTIONS)}"
+                f"unknown prediction_type {prediction_type!r}; expected one of {list(BNS_PREDICTION_OF)}"
             )
         try:
             self.solver = NSSolver.from_dict(dict(solver))
@@ -415,7 +415,7 @@ class BNSScheduler(SchedulerMixin, ConfigMixin):
         if prediction == "flow":
             return -f  # dx/dt = -dx/dsigma
         t = self.solver.times[i].reshape(1).to(x.device)
-        beta, gamma = prediction_coefficients(PREDICTIONS[prediction], self.bns_schedule, t)
+        beta, gamma = prediction_coefficients(BNS_PREDICTION_OF[prediction], self.bns_schedule, t)
         return beta.to(x.dtype) * x + gamma.to(x.dtype) * f
 
     def add_noise(
