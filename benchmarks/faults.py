@@ -502,6 +502,22 @@ def main(argv: list[str] | None = None) -> dict:
         runner = Runner(base, args.workers, args.sleep)
         ref = reference(runner, base)
         records = []
+
+        def payload() -> dict:
+            return {
+                "workers": args.workers,
+                "machine": f"2-core x86_64 CPU VM, torch {torch.__version__}, one thread per"
+                " process",
+                "command": "python benchmarks/faults.py " + " ".join(argv or sys.argv[1:]),
+                "wall_s": time.time() - t0,
+                "reference_wall_s": ref["wall_s"],
+                "reference_start_up_s": ref["ready_s"],
+                "reference_writes": sum(len(w) for w in ref["writes"].values()),
+                "reference_calls": ref["calls"],
+                "summary": summarize(records, args.workers),
+                "trials": records,
+            }
+
         for i in range(args.kills):
             rec = trial(runner, ref, base, i, rng, args.call_share, args.write_share)
             records.append(rec)
@@ -510,21 +526,11 @@ def main(argv: list[str] | None = None) -> dict:
                 keep = Path(tempfile.gettempdir()) / f"bns-faults-kept-{tag}-{i}"
                 shutil.copytree(rec["kept"], keep, dirs_exist_ok=True)
                 rec["kept"] = str(keep)
-    payload = {
-        "workers": args.workers,
-        "machine": f"2-core x86_64 CPU VM, torch {torch.__version__}, one thread per process",
-        "command": "python benchmarks/faults.py " + " ".join(argv or sys.argv[1:]),
-        "wall_s": time.time() - t0,
-        "reference_wall_s": ref["wall_s"],
-        "reference_start_up_s": ref["ready_s"],
-        "reference_writes": sum(len(w) for w in ref["writes"].values()),
-        "reference_calls": ref["calls"],
-        "summary": summarize(records, args.workers),
-        "trials": records,
-    }
-    write(payload, tag)
-    print(json.dumps(payload["summary"], indent=1))
-    return payload
+            write(payload(), tag)  # after every trial: a run cut short keeps what it did
+        result = payload()
+    write(result, tag)
+    print(json.dumps(result["summary"], indent=1))
+    return result
 
 
 if __name__ == "__main__":
