@@ -191,3 +191,13 @@ def test_micro_batches_and_checkpointing_give_the_same_solver_and_no_weight_gets
         bns.distill_guidance_range(model, 4, [1, 4], gn_steps=2, **kw)
     with pytest.raises(bns.TrainingError, match="end range"):
         bns.distill_guidance_range(model, 4, [1, 4], end="data", **kw)
+
+
+def test_steps_run_counts_the_steps_that_ran(tmp_path):
+    """A run that stops early (too many non-finite steps: a learning rate that diverges)
+    records the steps it ran, not the steps it was given."""
+    rs, hist = bns.distill_guidance_range(
+        cond_model(), 4, [1, 4], steps=40, lr=1e6, max_skips=1, cache=tmp_path, progress=False,
+        **KW,
+    )  # fmt: skip
+    assert hist["skipped"] == 2 and rs.meta["steps_run"] == hist["steps_run"] < 40

@@ -303,8 +303,9 @@ def _train(model, cfg, ws, pairs, init, degree, progress):
     history["step"].append(0)
     history["val_psnr"].append(best)
     best_coefs = {k: v.detach().clone() for k, v in coefs.items()}
-    best_step, skipped, t0 = 0, 0, time.perf_counter()
+    best_step, skipped, steps_run, t0 = 0, 0, 0, time.perf_counter()
     for step in range(1, cfg.steps + 1):
+        steps_run = step
         scale = lr_factor(cfg, step - 1)  # the schedule of bns.distill, step for step
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * scale
@@ -357,8 +358,8 @@ def _train(model, cfg, ws, pairs, init, degree, progress):
         "config": cfg.to_dict(),
         "val_psnr": best,
         "best_step": best_step,
-        "steps_run": cfg.steps,
+        "steps_run": steps_run,  # fewer than cfg.steps when too many steps were not finite
         "wall_time_s": round(time.perf_counter() - t0, 3),
     }
-    history.update(best_val_psnr=best, best_step=best_step)
+    history.update(best_val_psnr=best, best_step=best_step, steps_run=steps_run, skipped=skipped)
     return out, history
