@@ -191,6 +191,8 @@ def phase_of(stack: str) -> str:
 
 def _write_kind(path: str) -> str:
     name = Path(path).name
+    if name == ".bns-write-check":
+        return "file write: the output folder's check"
     if name.endswith(".ckpt"):
         return "file write: checkpoint"
     if name.endswith(".json"):

@@ -480,3 +480,20 @@ def test_a_warning_prints_once_per_job_not_once_per_worker(tmp_path, one_thread)
     proc = _torchrun(args, _env(tmp_path / "c"), tmp_path / "w")
     _, err = _finish(proc, tmp_path / "w")
     assert err.count("UserWarning: the user's network says hello") == 1, err[-3000:]
+
+
+def test_a_sigterm_after_the_fault_is_reported_leaves_quietly():
+    """torchrun stops the survivors of a dead worker with SIGTERM; one that has reported the
+    fault and is in its exit handlers already leaves at once, with no traceback (the handler
+    used to raise inside an atexit callback: "Exception ignored in atexit callback")."""
+    code = (
+        "import atexit, os, signal\n"
+        "import bns.distributed as d\n"
+        "d._JOB.faulted = True\n"
+        "signal.signal(signal.SIGTERM, d._on_sigterm)\n"
+        "atexit.register(lambda: os.kill(os.getpid(), signal.SIGTERM))\n"
+        "print('reported', flush=True)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(SRC))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 1 and done.stdout == "reported\n" and done.stderr == ""

@@ -392,6 +392,13 @@ def _lost(what: str, stalled: tuple[int, ...] = (), timed_out: bool = False) -> 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
+    if _JOB.faulted:
+        # The job's fault is reported already and this worker is on its way out (maybe in
+        # its exit handlers, where an exception would print a traceback): leave at once.
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(1)
     _lost("was stopped by the launcher (SIGTERM)")
 
 
