@@ -120,6 +120,7 @@ class _Job:
         self.rank = 0
         self.size = 1
         self.faulted = False  # a worker failed, died or hung: the group is not to be trusted
+        self.speaking = False  # this worker reports the job's fault (its one line)
         self.stop = threading.Event()  # set at exit: the heartbeat thread ends
         self.beat: threading.Thread | None = None
         self.started = False  # bns started the process group (not the user's program)
@@ -337,9 +338,11 @@ def _claim() -> bool:
     """Whether this worker is the first to report the job's fault (one line per job)."""
     _JOB.faulted = True
     try:
-        return _JOB.store is None or int(_JOB.store.add("reported", 1)) == 1
+        first = _JOB.store is None or int(_JOB.store.add("reported", 1)) == 1
     except Exception:  # noqa: BLE001
-        return True
+        first = True
+    _JOB.speaking = _JOB.speaking or first
+    return first
 
 
 def _diagnose(stalled: tuple[int, ...] = (), timed_out: bool = False) -> dict[int, str]:
@@ -392,9 +395,12 @@ def _lost(what: str, stalled: tuple[int, ...] = (), timed_out: bool = False) -> 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
-    if _JOB.faulted:
-        # The job's fault is reported already and this worker is on its way out (maybe in
-        # its exit handlers, where an exception would print a traceback): leave at once.
+    if _JOB.speaking:
+        # This worker reports the job's fault: it is printing its line, or past it, in its
+        # exit handlers (where an exception would print a traceback). It ends on its own; a
+        # second SIGTERM ends it at once.
+        return
+    if _JOB.faulted:  # another worker reports the fault: nothing to say, leave at once
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
