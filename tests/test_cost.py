@@ -120,13 +120,20 @@ def _close(est: Ledger, act: Ledger, tol: float = 0.3) -> None:
             assert abs(x - y) <= tol * max(y, 1), (name, field, x, y)
 
 
+# fmnist-cfg's ground truth to 1e-3: the estimate is as close there as at the default 1e-5
+# (measured: 2676 forwards predicted for 2432, and 6900 for 6272; both 10 % over), with 40 %
+# of the network calls.
 @pytest.mark.parametrize(
-    "spec, guidance, nfe", [("gmm", 1.0, 8), ("fmnist-cfg", 2.0, 4)], ids=["gmm", "fmnist-cfg"]
+    "spec, guidance, nfe, rtol",
+    [("gmm", 1.0, 8, None), ("fmnist-cfg", 2.0, 4, 1e-3)],
+    ids=["gmm", "fmnist-cfg"],
 )
-def test_the_estimate_is_within_30_percent_of_the_run(spec, guidance, nfe, tmp_path, one_thread):
+def test_the_estimate_is_within_30_percent_of_the_run(
+    spec, guidance, nfe, rtol, tmp_path, one_thread
+):
     model = load_model(spec)
     run = dict(train_pairs=32, val_pairs=16, init_pairs=8, gn_steps=2, gn_batch_size=8)
-    run.update(guidance=guidance, gn_patience=0, gt_batch_size=32)
+    run.update(guidance=guidance, gn_patience=0, gt_batch_size=32, rtol=rtol)
     est = estimate_cost(model, nfe, cache=tmp_path, repeats=1, **run)
     solver, _ = bns.distill(model, nfe, cache=tmp_path, progress=False, **run)
     _close(est, Ledger.from_dict(solver.meta["cost"]))

@@ -23,14 +23,20 @@ SCRIPT = ROOT / "benchmarks" / "diffusers_schedulers.py"
 pytest.importorskip("diffusers")
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("diffusers_schedulers_bench", SCRIPT)
+def _module(name: str = SCRIPT.name):
+    path = SCRIPT.with_name(name)
+    spec = importlib.util.spec_from_file_location(f"{path.stem}_bench", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # by path, without registering it: as another script would
+    sys.path.insert(0, str(path.parent))  # the scripts' own imports (quality.py)
+    try:
+        spec.loader.exec_module(module)  # by path, without registering it: as another script
+    finally:
+        sys.path.remove(str(path.parent))
     return module
 
 
-def test_tiny_run_writes_results(tmp_path):
+@pytest.mark.usefixtures("one_thread")
+def test_tiny_run_writes_results(tmp_path, monkeypatch):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
     env["BNS_CACHE_DIR"] = str(tmp_path / "cache")
     out = tmp_path / "out"
@@ -64,36 +70,16 @@ def test_tiny_run_writes_results(tmp_path):
     table = (out / "diffusers_gmm_g1.md").read_text()
     assert "diffusers' best" in table and best["scheduler"] in table
     # benchmarks/classical.py puts that best beside bns's own solvers, on the same pairs only
-    cls = [sys.executable, str(SCRIPT.with_name("classical.py")), "--model", "gmm", "--nfe", "4"]
-    cls += ["--test-pairs", "8", "--grid-pairs", "8", "--out", str(out)]
-    done = subprocess.run(
-        cls + ["--diffusers-json", str(out / "diffusers_gmm_g1.json")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    # (its main, here: the script's command line is tests/test_benchmarks.py's)
+    classical = _module("classical.py")
+    cls = ["--model", "gmm", "--nfe", "4", "--grid-pairs", "8", "--out", str(out)]
+    cls += ["--diffusers-json", str(out / "diffusers_gmm_g1.json")]
+    monkeypatch.setenv("BNS_CACHE_DIR", str(tmp_path / "cache"))
+    classical.main([*cls, "--test-pairs", "8"])
     (entry,) = json.loads((out / "classical_gmm_g1.json").read_text())["nfes"]
     assert entry["diffusers_best"] == {k: best[k] for k in entry["diffusers_best"]}
-    other = subprocess.run(
-        [
-            *cls[:-4],
-            "--test-pairs",
-            "16",
-            "--grid-pairs",
-            "8",
-            "--out",
-            str(out),
-            "--diffusers-json",
-            str(out / "diffusers_gmm_g1.json"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert other.returncode != 0 and "other pairs" in other.stderr
+    with pytest.raises(SystemExit, match="other pairs"):
+        classical.main([*cls, "--test-pairs", "16"])
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -7,8 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ import torch
 from torch import nn
 
 import bns
+from bns.cli import main
 from bns.families import make_family
 from bns.gauss_newton import coefficient_jacobian, levenberg_marquardt, normal_equations
 from bns.loss import loss_and_grad
@@ -213,9 +212,6 @@ def test_gauss_newton_through_the_command_line(user_pairs, tmp_path):
     )
     out = tmp_path / "s.json"
     cmd = [
-        sys.executable,
-        "-m",
-        "bns",
         "distill",
         "--model",
         f"{src}:factory",
@@ -242,8 +238,7 @@ def test_gauss_newton_through_the_command_line(user_pairs, tmp_path):
         "--out",
         str(out),
     ]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    assert main(cmd) == 0
     meta = json.loads(out.read_text())["meta"]
     assert meta["config"]["gn_steps"] == 2 and meta["steps_run"] == 2
     assert meta["val_psnr"] > meta["init_candidates_psnr"].get("midpoint", -math.inf) or (
