@@ -9,6 +9,7 @@ the unit tests below them still run.
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import os
 import shutil
@@ -26,56 +27,18 @@ from bns.errors import BNSError, StorageError
 
 SRC = Path(bns.__file__).parents[1]
 
-USER_FILE = """
-import torch
-from torch import nn
-import bns
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.l1, self.l2 = nn.Linear(5, 16), nn.Linear(16, 4)
+def _benchmark():
+    """benchmarks/storage.py: its user's network and its driver (the sweep's runner)."""
+    spec = importlib.util.spec_from_file_location("storage_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    def forward(self, x, t):
-        return self.l2(torch.tanh(self.l1(torch.cat([x, t[:, None]], 1))))
 
-def net():
-    return bns.Model(Net(), "velocity", bns.schedules.CondOT(), (4,), name="mlp")
-"""
-
-# Runs the command lines of ``scenarios`` in one process (inside the namespace), recording
-# each one's exit code and what it printed to stderr.
-DRIVER = r"""
-import contextlib, io, json, sys, warnings
-from bns.cli import main
-scenarios, result = json.loads(sys.argv[1]), sys.argv[2]
-out = {}
-for name, argv in scenarios.items():
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = lambda m, *a, **k: print(f"warning: {m}", file=sys.stderr)
-        rc = main(argv)
-    out[name] = {"rc": rc, "err": err.getvalue()}
-# what the mounts hold goes with the namespace: every file under the test's folder, as text
-# for the solvers, by size for the rest
-from pathlib import Path
-root = Path(result).parent
-out["files"] = {
-    str(p): p.read_text() if p.suffix == ".json" else p.stat().st_size
-    for p in root.rglob("*") if p.is_file()
-}
-from safetensors import safe_open
-from safetensors.torch import load_file
-from bns.pairs import _digest
-out["corrupt"] = []
-for p in root.rglob("*.safetensors"):
-    with safe_open(str(p), framework="pt") as f:
-        if f.metadata()["digest"] != _digest(load_file(str(p))):
-            out["corrupt"].append(str(p))
-open(result, "w").write(json.dumps(out))
-"""
+BENCH = SRC.parent / "benchmarks" / "storage.py"
+_BENCH = _benchmark()
+USER_FILE, DRIVER = _BENCH.USER_FILE, _BENCH.DRIVER
 
 
 def _namespaces() -> bool:
@@ -139,7 +102,10 @@ def test_full_and_read_only_places_end_with_one_line_and_leave_nothing_partial(t
     result = tmp_path / "result.json"
     cmd = ["unshare", "-m", "sh", "-c", script, sys.executable, str(tmp_path / "driver.py")]
     done = subprocess.run(
-        [*cmd, json.dumps(scenarios), str(result)], env=env, capture_output=True, text=True
+        [*cmd, json.dumps(scenarios), str(tmp_path), str(result)],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     res = json.loads(result.read_text())
@@ -152,40 +118,40 @@ def test_full_and_read_only_places_end_with_one_line_and_leave_nothing_partial(t
         assert all(got[k] == ref[k] for k in ("times", "a", "b")), path
 
     def said(name: str) -> list[str]:
-        return [ln for ln in res[name]["err"].splitlines() if ln.strip()]
+        return [ln for ln in res["runs"][name]["err"].splitlines() if ln.strip()]
 
     # A read-only cache: the run goes on uncached, said once; a filled one is read as it is.
-    assert res["read-only cache"]["rc"] == 0
+    assert res["runs"]["read-only cache"]["rc"] == 0
     (line,) = said("read-only cache")
     assert "read-only file system; the ground truth is used without being cached" in line
     assert _files(ro / "cache") == []
     same_solver(ok / "a.json")
-    assert res["read-only full cache"]["rc"] == 0 and said("read-only full cache") == []
+    assert res["runs"]["read-only full cache"]["rc"] == 0 and said("read-only full cache") == []
     same_solver(ok / "b.json")
     # A read-only output folder: refused before any work (no ground truth solved).
-    assert res["read-only output"]["rc"] == 2
+    assert res["runs"]["read-only output"]["rc"] == 2
     assert said("read-only output") == [
         f"bns distill: error: cannot write to {ro / 'out'}: read-only file system"
     ]
     assert not (ok / "cache-c").exists() and _files(ro / "out") == []
     for cmd in ("eval", "sample"):  # refused before any work too
-        assert res[f"{cmd}, read-only output"]["rc"] == 2
+        assert res["runs"][f"{cmd}, read-only output"]["rc"] == 2
         assert said(f"{cmd}, read-only output") == [
             f"bns {cmd}: error: cannot write to {ro / 'out'}: read-only file system"
         ]
     # A cache that fills up: whatever it holds verifies, nothing half-written stays.
-    assert res["cache fills up"]["rc"] == 0
+    assert res["runs"]["cache fills up"]["rc"] == 0
     (line,) = said("cache fills up")
     assert "no space left on device" in line and "without being cached" in line, line
     same_solver(ok / "d.json")
     # An output folder that fills up: no checkpoint (said once), the solver written.
-    assert res["output fills up"]["rc"] == 0
+    assert res["runs"]["output fills up"]["rc"] == 0
     (line,) = said("output fills up")
     assert "e.json.ckpt: no space left on device" in line and "without checkpoints" in line
     same_solver(full_out / "e.json")
     assert [f for f in files if f.startswith(str(full_out))] == [str(full_out / "e.json")]
     # An output folder already full: refused before any work.
-    assert res["output full"]["rc"] == 2
+    assert res["runs"]["output full"]["rc"] == 2
     (line,) = said("output full")
     assert line == f"bns distill: error: cannot write to {full}: no space left on device"
     assert [f for f in files if f.startswith(str(full))] == [

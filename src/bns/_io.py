@@ -52,7 +52,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
                 pass  # a place that took no file may refuse removing it too: nothing to keep
         why = _storage_failure(e, path.parent)
         if why is not None:
-            raise StorageError(f"cannot write {path}: {why}") from None
+            raise StorageError(f"cannot write {path}: {why}", reason=why) from None
         raise
     try:  # not possible everywhere (e.g. Windows)
         dfd = os.open(path.parent, os.O_RDONLY)
@@ -108,7 +108,7 @@ def make_folder(folder: Path) -> None:
         why = _storage_failure(e, folder)
         if why is None:
             raise
-        raise StorageError(f"cannot create {folder}: {why}") from None
+        raise StorageError(f"cannot create {folder}: {why}", reason=why) from None
 
 
 def check_writable(folder: str | os.PathLike) -> None:
@@ -119,7 +119,7 @@ def check_writable(folder: str | os.PathLike) -> None:
     try:
         atomic_write(probe, lambda tmp: tmp.write_bytes(b"x" * 4096))
     except StorageError as e:
-        raise StorageError(f"cannot write to {folder}: {str(e).rsplit(': ', 1)[-1]}") from None
+        raise StorageError(f"cannot write to {folder}: {e.reason}", reason=e.reason) from None
     probe.unlink(missing_ok=True)
 
 

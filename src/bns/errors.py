@@ -21,4 +21,9 @@ class TrainingError(BNSError, RuntimeError):
 
 class StorageError(BNSError, OSError):
     """A file could not be written: a read-only place, a full disk, a missing permission. The
-    file it was meant to replace is as it was, and no partial file is left."""
+    file it was meant to replace is as it was, and no partial file is left. ``reason`` says
+    why in a few words (``"read-only file system"``)."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
