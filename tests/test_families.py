@@ -98,6 +98,34 @@ def test_time_keeps_the_classical_formula_on_its_learned_grid(vp, init, pc):
     _close(got, want, tol=1e-12)
 
 
+@pytest.fixture(scope="module")
+def flow():
+    """A CondOT velocity mixture on the full [0, 1]: log-SNR -inf and +inf at the ends."""
+    return gaussian_mixture_model(dim=4, components=2, std=0.3, seed=1)
+
+
+@pytest.mark.parametrize("name", bns.solvers.SOLVER_NAMES)
+@pytest.mark.parametrize("model", ["vp", "flow"])
+def test_time_learns_the_grid_of_every_classical_method(request, model, name):
+    """One implementation: at zero steps the family is the classical solver (rounding), on a
+    moved grid it is bns.solvers' solver on that grid, and every logit gets a finite gradient,
+    the exponential integrators' through the schedule's log-SNR of the learned times."""
+    m = request.getfixturevalue(model)
+    init = bns.solvers.by_name(name, 8, m)  # heun, rk4: stages share times, still a grid
+    fam = make_family("time", init)
+    _close(fam.solver().detach(), init, tol=1e-12)
+    s = fam.solver()
+    w = torch.linspace(1, 2, s.b.numel(), dtype=torch.float64).reshape(s.b.shape)
+    (grad,) = torch.autograd.grad((s.b * w).sum() + s.a.sum(), fam.logits)
+    assert torch.all(torch.isfinite(grad)) and torch.all(grad != 0), grad
+    fam = _perturbed(fam)
+    grid = fam.grid().detach()
+    want = bns.solvers.build(name, grid, m.schedule)
+    want.times[0], want.times[-1] = m.t_range
+    _close(fam.solver().detach(), want, tol=1e-12)
+    assert not torch.allclose(grid, init.times[:: bns.solvers.METHODS[name].per_step])
+
+
 def test_a_trained_time_solver_is_the_classical_solver_on_its_grid(vp, data):
     solver, hist = distill(
         vp, 4, family="time", init="midpoint", precondition=None, steps=10, val_every=5,
@@ -203,11 +231,23 @@ def test_families_keep_the_initial_solvers_they_can_start_from(vp):
             {f"{n}+pc1" for n in methods} if pc else set()
         )
 
-    assert labels["time"] == every(TimeFamily.METHODS)
+    # every classical method that can start (heun and rk4 repeat times); the exponential
+    # integrators are invariant under preconditioning
+    time_step = ("euler", "midpoint", "ab2", "ab3", "ipndm")
+    exponential = ("ddim", "dpmpp2m", "dpmpp3m", "unipc2", "unipc3")
+    assert set(TimeFamily.METHODS) == set(bns.solvers.METHODS)
+    assert labels["time"] == every(time_step) | every(exponential, pc=False)
     assert labels["scale-time"] == every(ScaleTimeFamily.METHODS)
-    assert labels["multistep"] == every(("euler", "midpoint", "ab2", "ab3", "ipndm"), pc=False)
+    assert labels["multistep"] == every(time_step, pc=False)
+    learned = bns.NSSolver(
+        *(getattr(initial_solver(vp, 4, "euler"), k) for k in "times a b".split())
+    )
     with pytest.raises(ValueError, match="family time starts from euler, midpoint"):
-        make_family("time", initial_solver(vp, 4, "dpmpp2m"))
+        make_family("time", learned)
+    no_schedule = initial_solver(vp, 4, "dpmpp2m")
+    del no_schedule.meta["schedule"]
+    with pytest.raises(ValueError, match="records no schedule"):
+        make_family("time", no_schedule)
 
 
 def test_a_family_that_cannot_start_from_the_init_fails_before_ground_truth(vp):

@@ -7,9 +7,10 @@ class registered in :data:`FAMILIES`; the restricted ones are the learned solver
 compared with, trained on the same pairs, loss and validation:
 
 - ``bns``: the full non-stationary family (docs/math.md, section 2).
-- ``time``: the time grid of a fixed classical solver (Euler, midpoint, Adams-Bashforth,
-  iPNDM, each also preconditioned), its coefficients the classical formula on the learned
-  grid (as LD3, GITS, DMN learn grids).
+- ``time``: the time grid of a fixed classical solver (any of :data:`bns.solvers.METHODS`:
+  Runge-Kutta and multistep, each also preconditioned, and the exponential integrators DDIM,
+  DPM-Solver++ and UniPC), its coefficients the classical formula on the learned grid (as
+  LD3, GITS, DMN learn grids).
 - ``scale-time``: a scale-time transformation of Euler or midpoint, with ``t_r``, ``t_r'``,
   ``s_r`` and ``s_r'/s_r`` free at every evaluation (the Bespoke solvers, BES, arXiv
   2310.19075; docs/math.md, section 3).
@@ -17,14 +18,14 @@ compared with, trained on the same pairs, loss and validation:
   multistep coefficients over the whole history, with no ``x_0`` term after the first step
   (as S4S and GAS's generalized solver learn them).
 
-The restricted families build their coefficients with a differentiable run of the classical
-method (:class:`_Run`): the same arithmetic as the symbolic tracer of :mod:`bns.solvers`, on
-torch scalars that carry gradients to the grid and the scale-time values.
+The restricted families build their coefficients by running the classical method of
+:data:`bns.solvers.METHODS` through the symbolic tracer of :mod:`bns.solvers` (the one
+implementation the classical solvers use), with ``differentiable=True``: on torch scalars
+that carry gradients to the grid and the scale-time values.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,7 +33,8 @@ from torch import Tensor, nn
 
 from .schedules import schedule_from_config
 from .solver import NSSolver
-from .solvers.multistep import ab_weights
+from .solvers import METHODS
+from .solvers._trace import Sym, Tracer, trace
 from .transforms import ScheduleChange
 
 __all__ = [
@@ -163,85 +165,30 @@ class MultistepFamily(Family):
         ]
 
 
-# -- differentiable runs of classical methods ----------------------------------------------------
-class _Run:
-    """A symbolic run of a classical method whose coefficients are torch scalars.
-
-    Every vector is a row of coefficients over ``(x_0, u_0, ..., u_{n-1})``; ``velocity(x, t)``
-    records the point and its time and returns the next basis row. Gradients flow from the
-    NS coefficients to whatever the method's steps and times were computed from.
-    """
-
-    def __init__(self, n: int) -> None:
-        self.basis = torch.eye(n + 1, dtype=F64)
-        self.x0 = self.basis[0]
-        self.times: list[Tensor] = []
-        self.points: list[Tensor] = []
-
-    def velocity(self, x: Tensor, t: Tensor) -> Tensor:
-        self.times.append(t)
-        self.points.append(x)
-        return self.basis[len(self.times)]
-
-    def solver(self, out: Tensor, t_end: Tensor) -> NSSolver:
-        rows = torch.stack(self.points[1:] + [out])
-        times = torch.stack([*self.times, t_end])
-        return NSSolver(times, rows[:, 0], torch.tril(rows[:, 1:]))
-
-
-Method = Callable[[Callable[[Tensor, Tensor], Tensor], Tensor, Tensor], Tensor]
-
-
-def _euler(f, x, grid):
-    for i in range(len(grid) - 1):
-        x = x + (grid[i + 1] - grid[i]) * f(x, grid[i])
-    return x
-
-
-def _midpoint(f, x, grid):
-    for i in range(len(grid) - 1):
-        t, h = grid[i], grid[i + 1] - grid[i]
-        k1 = f(x, t)
-        x = x + h * f(x + (0.5 * h) * k1, t + 0.5 * h)
-    return x
-
-
-def _adams(order: int, constant_step: bool) -> Method:
-    """Adams-Bashforth of ``order`` (lower while the history is short): variable-step weights,
-    or iPNDM's constant-step ones scaled by the step."""
-
-    def method(f, x, grid):
-        past: list[tuple[Tensor, Tensor]] = []  # (time, velocity), newest first
-        for i in range(len(grid) - 1):
-            t0, t1 = grid[i], grid[i + 1]
-            past = [(t0, f(x, t0)), *past][:order]
-            if constant_step:
-                unit = ab_weights([-float(k) for k in range(len(past))], 0.0, 1.0)
-                w = [(t1 - t0) * c for c in unit]
-            else:
-                w = ab_weights([t for t, _ in past], t0, t1)
-            for wk, (_, uk) in zip(w, past):
-                x = x + wk * uk
-        return x
-
-    return method
-
-
-# solver name -> (velocity evaluations per step, the method on a tensor grid)
-_METHODS: dict[str, tuple[int, Method]] = {
-    "euler": (1, _euler),
-    "midpoint": (2, _midpoint),
-    "ab2": (1, _adams(2, False)),
-    "ab3": (1, _adams(3, False)),
-    "ipndm": (1, _adams(4, True)),
-}
-
-
+# -- learned grids of the classical methods -----------------------------------------------------
 def _transform_of(init: NSSolver) -> ScheduleChange | None:
     cfg = init.meta.get("transform")
     if cfg is None:
         return None
     return ScheduleChange(schedule_from_config(cfg["source"]), schedule_from_config(cfg["target"]))
+
+
+def _method_kwargs(family: str, init: NSSolver) -> dict[str, Any]:
+    """What the method of ``init`` takes besides the grid: its registry's arguments, the
+    schedule an exponential integrator steps (``meta["schedule"]``) and its recorded
+    ``lower_order_final``."""
+    method = METHODS[init.meta["solver"]]
+    kw = dict(method.kwargs)
+    if "lower_order_final" in kw and "lower_order_final" in init.meta:
+        kw["lower_order_final"] = bool(init.meta["lower_order_final"])
+    if method.needs_schedule:
+        if not isinstance(init.meta.get("schedule"), dict):
+            raise ValueError(
+                f"family {family}: {init.meta['solver']} records no schedule (meta['schedule']);"
+                " build it with bns.solvers"
+            )
+        kw["schedule"] = schedule_from_config(init.meta["schedule"])
+    return kw
 
 
 def _check_method(family: str, init: NSSolver, names: tuple[str, ...]) -> None:
@@ -251,31 +198,37 @@ def _check_method(family: str, init: NSSolver, names: tuple[str, ...]) -> None:
             f"family {family} starts from {', '.join(names)} (each also preconditioned), not"
             f" {init.meta.get('init', name or 'a solver without a classical method')}"
         )
-    if init.nfe % _METHODS[name][0]:
+    if init.nfe % METHODS[name].per_step:
         raise ValueError(f"{name} cannot make nfe = {init.nfe}")
     try:
         _transform_of(init)
+        _method_kwargs(family, init)
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"family {family}: unreadable transform of {name}: {e}") from None
+        raise ValueError(
+            f"family {family}: unreadable transform or schedule of {name}: {e}"
+        ) from None
 
 
 class TimeFamily(Family):
     """The time grid of a fixed classical solver: ``m`` increments of its step grid (``m``
-    steps) are free, and its coefficients are the classical formula on the learned grid.
+    steps) are free, and its coefficients are the classical formula on the learned grid: the
+    method of :data:`bns.solvers.METHODS` traced with gradients. Every method can learn its
+    grid; an exponential integrator takes the log-SNR of the learned times from the schedule
+    its initial solver records.
 
     A preconditioned solver keeps its change of scheduler and learns its grid in the new time
     ``r``: the scale-time values follow the transform at the learned points.
     """
 
     name = "time"
-    METHODS = tuple(_METHODS)
+    METHODS = tuple(METHODS)
 
     def __init__(self, init: NSSolver) -> None:
         super().__init__(init)
         self.method = init.meta["solver"]
-        per_step, self._method = _METHODS[self.method]
         self.transform = _transform_of(init)
-        grid = init.times[::per_step]
+        self.kwargs = _method_kwargs(self.name, init)
+        grid = init.times[:: METHODS[self.method].per_step]
         if self.transform is not None:
             grid = self.transform.r_of_t(grid)
         self.register_buffer("grid_ends", grid[[0, -1]].clone())
@@ -290,22 +243,11 @@ class TimeFamily(Family):
         return _increasing(self.logits, self.grid_ends)
 
     def solver(self) -> NSSolver:
-        grid = self.grid()
-        run = _Run(self.logits.numel() * _METHODS[self.method][0])
-        tr = self.transform
-        if tr is None:
-            out = self._method(run.velocity, run.x0, grid)
-        else:
-
-            def f(xbar: Tensor, r: Tensor) -> Tensor:
-                t, dt, s, dlog_s = tr(r)
-                return dlog_s * xbar + (dt * s) * run.velocity(xbar / s, t)
-
-            out = self._method(f, run.x0 * tr(grid[0])[2], grid) / tr(grid[-1])[2]
-        solver = run.solver(out, self.t_ends[1])
+        fn = METHODS[self.method].fn
+        s = trace(fn, self.grid(), transform=self.transform, differentiable=True, **self.kwargs)
         # The ends exactly on the model's range (a transform rounds them at the last ulp).
-        times = torch.cat([self.t_ends[:1], solver.times[1:-1], self.t_ends[1:]])
-        return NSSolver(times, solver.a, solver.b)
+        times = torch.cat([self.t_ends[:1], s.times[1:-1], self.t_ends[1:]])
+        return NSSolver(times, s.a, s.b)
 
     def param_groups(self, lr: float, coef_lr: float) -> list[dict[str, Any]]:
         return [{"params": [self.logits], "lr_mult": 1.0}]
@@ -328,7 +270,7 @@ class ScaleTimeFamily(Family):
     def __init__(self, init: NSSolver) -> None:
         super().__init__(init)
         self.method = init.meta["solver"]
-        per_step, self._method = _METHODS[self.method]
+        per_step = METHODS[self.method].per_step
         steps = init.nfe // per_step
         self.register_buffer("r_grid", torch.linspace(0, 1, steps + 1, dtype=F64))
         t, dt, s, dlog_s = self._initial_values(init, per_step, steps)
@@ -371,15 +313,15 @@ class ScaleTimeFamily(Family):
 
     def solver(self) -> NSSolver:
         v = self.values()
-        run = _Run(self.log_dt.numel())
+        run = Tracer(differentiable=True)
 
-        def f(xbar: Tensor, r: Tensor) -> Tensor:
+        def f(xbar: Sym, r: Tensor) -> Sym:
             j = len(run.times)  # the j-th evaluation has its own values, whatever r is
             u = run.velocity(xbar / v["s"][j], v["t"][j])
             return v["dlog_s"][j] * xbar + (v["dt"][j] * v["s"][j]) * u
 
-        out = self._method(f, run.x0, self.r_grid) / v["s"][-1]
-        return run.solver(out, v["t"][-1])
+        out = METHODS[self.method].fn(f, run.x0, tuple(self.r_grid.unbind())) / v["s"][-1]
+        return run.to_ns(out, v["t"][-1], {})
 
     def param_groups(self, lr: float, coef_lr: float) -> list[dict[str, Any]]:
         # All relative or per unit of r: of the size of the time logits.

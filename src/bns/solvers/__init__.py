@@ -12,17 +12,36 @@ the new time ``r``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
 from .. import grids as _grids
 from ..solver import NSSolver
+from ..transforms import ScheduleChange
 from ..transforms import precondition as _precondition
+from ._trace import trace
 from .ends import with_data_end
-from .exponential import ddim, dpm_solver_pp, unipc
-from .multistep import adams_bashforth, ipndm
-from .runge_kutta import euler, heun, midpoint, rk4
+from .exponential import (
+    ddim,
+    ddim_method,
+    dpm_solver_pp,
+    dpm_solver_pp_method,
+    unipc,
+    unipc_method,
+)
+from .multistep import adams_bashforth, adams_bashforth_method, ipndm, ipndm_method
+from .runge_kutta import (
+    euler,
+    euler_method,
+    heun,
+    heun_method,
+    midpoint,
+    midpoint_method,
+    rk4,
+    rk4_method,
+)
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -39,6 +58,9 @@ __all__ = [
     "dpm_solver_pp",
     "unipc",
     "by_name",
+    "build",
+    "Method",
+    "METHODS",
     "with_data_end",
     "preconditionable",
     "initial_solver",
@@ -49,24 +71,66 @@ __all__ = [
     "grid_names",
 ]
 
-# name -> (evaluations per step, builder(grid, schedule, transform), family). Exponential
-# integrators take no transform: they are invariant under a change of scheduler.
-_SOLVERS: dict[str, tuple[int, Callable[[Tensor, Any, Any], NSSolver], str]] = {
-    "euler": (1, lambda g, s, tr: euler(g, transform=tr), "rk"),
-    "midpoint": (2, lambda g, s, tr: midpoint(g, transform=tr), "rk"),
-    "heun": (2, lambda g, s, tr: heun(g, transform=tr), "rk"),
-    "rk4": (4, lambda g, s, tr: rk4(g, transform=tr), "rk"),
-    "ab2": (1, lambda g, s, tr: adams_bashforth(g, 2, transform=tr), "multistep"),
-    "ab3": (1, lambda g, s, tr: adams_bashforth(g, 3, transform=tr), "multistep"),
-    "ipndm": (1, lambda g, s, tr: ipndm(g, transform=tr), "multistep"),
-    "ddim": (1, lambda g, s, tr: ddim(g, s), "exponential"),
-    "dpmpp2m": (1, lambda g, s, tr: dpm_solver_pp(g, s, 2), "exponential"),
-    "dpmpp3m": (1, lambda g, s, tr: dpm_solver_pp(g, s, 3), "exponential"),
-    "unipc2": (1, lambda g, s, tr: unipc(g, s, 2), "exponential"),
-    "unipc3": (1, lambda g, s, tr: unipc(g, s, 3), "exponential"),
+
+@dataclass(frozen=True)
+class Method:
+    """A classical method as :func:`bns.solvers._trace.trace` runs it, the one implementation
+    that both the classical solvers (:func:`by_name`) and the learned time grids
+    (:mod:`bns.families`) use: ``fn(f, x, grid, **kwargs)``, ``per_step`` velocity evaluations
+    per step; ``kind`` is ``"rk"``, ``"multistep"`` or ``"exponential"`` (these need the
+    model's schedule, ``schedule=``, and are invariant under a change of scheduler)."""
+
+    per_step: int
+    fn: Callable[..., Any]
+    kind: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def needs_schedule(self) -> bool:
+        return self.kind == "exponential"
+
+
+_LOF = {"lower_order_final": True}  # diffusers' default
+METHODS: dict[str, Method] = {
+    "euler": Method(1, euler_method, "rk"),
+    "midpoint": Method(2, midpoint_method, "rk"),
+    "heun": Method(2, heun_method, "rk"),
+    "rk4": Method(4, rk4_method, "rk"),
+    "ab2": Method(1, adams_bashforth_method, "multistep", {"order": 2}),
+    "ab3": Method(1, adams_bashforth_method, "multistep", {"order": 3}),
+    "ipndm": Method(1, ipndm_method, "multistep", {"order": 4}),
+    "ddim": Method(1, ddim_method, "exponential"),
+    "dpmpp2m": Method(1, dpm_solver_pp_method, "exponential", {"order": 2, **_LOF}),
+    "dpmpp3m": Method(1, dpm_solver_pp_method, "exponential", {"order": 3, **_LOF}),
+    "unipc2": Method(1, unipc_method, "exponential", {"order": 2, **_LOF}),
+    "unipc3": Method(1, unipc_method, "exponential", {"order": 3, **_LOF}),
 }
 
-SOLVER_NAMES: tuple[str, ...] = tuple(_SOLVERS)
+
+def build(
+    name: str,
+    grid: Tensor,
+    schedule: Schedule | None = None,
+    transform: ScheduleChange | None = None,
+    **kwargs: Any,
+) -> NSSolver:
+    """The classical solver ``name`` of :data:`METHODS` on the step ``grid`` (``kwargs`` go to
+    :func:`trace`: ``differentiable=True`` for a learned grid). An exponential integrator
+    records its schedule in ``meta["schedule"]``."""
+    m = METHODS[name]
+    meta: dict[str, Any] = {"solver": name}
+    kw = dict(m.kwargs)
+    if m.needs_schedule:
+        if schedule is None:
+            raise ValueError(f"{name} needs the model's schedule")
+        if "lower_order_final" in kw:
+            meta["lower_order_final"] = kw["lower_order_final"]
+        meta["schedule"] = schedule.config()
+        kw["schedule"] = schedule
+    return trace(m.fn, grid, transform=transform, meta=meta, **kw, **kwargs)
+
+
+SOLVER_NAMES: tuple[str, ...] = tuple(METHODS)
 # Every grid by_name can build; "default" is a fixed rule (below), "best" its former name.
 GRID_NAMES: tuple[str, ...] = (
     "default",
@@ -82,7 +146,7 @@ GRID_NAMES: tuple[str, ...] = (
 def _steps_of(name: str, nfe: int) -> int:
     if isinstance(nfe, bool) or int(nfe) != nfe or nfe < 1:
         raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
-    per_step = _SOLVERS[name][0]
+    per_step = METHODS[name].per_step
     if nfe % per_step:
         raise ValueError(
             f"{name} uses {per_step} velocity evaluations per step, so its NFE must be a multiple"
@@ -103,7 +167,7 @@ def _default_grid(name: str, schedule: Schedule | None, t_range: tuple[float, fl
     ends = schedule.log_snr(torch.tensor(t_range, dtype=torch.float64))
     if not bool(torch.all(torch.isfinite(ends))):
         return "uniform"  # the only named grid that reaches an end with alpha = 0 or sigma = 0
-    if _SOLVERS[name][2] == "exponential":
+    if METHODS[name].needs_schedule:
         return "logsnr"
     return "uniform" if getattr(schedule, "name", "") in _FLOW_SCHEDULES else "logsnr"
 
@@ -148,7 +212,7 @@ def _grid(kind: str, steps: int, schedule: Schedule, t_range: tuple[float, float
 
 def preconditionable(name: str) -> bool:
     """Whether a change of scheduler changes solver ``name`` (not for exponential integrators)."""
-    return _SOLVERS[name][2] != "exponential"
+    return not METHODS[name].needs_schedule
 
 
 def by_name(
@@ -180,7 +244,7 @@ def by_name(
         ValueError: an unknown name or grid, or an NFE the solver cannot make.
         bns.grids.GridError: a log-SNR or EDM grid on a range with an infinite log-SNR end.
     """
-    if name not in _SOLVERS:
+    if name not in METHODS:
         raise ValueError(f"unknown solver {name!r}; known: {', '.join(SOLVER_NAMES)}")
     if grid not in GRID_NAMES:
         raise ValueError(f"unknown grid {grid!r}; known: {', '.join(GRID_NAMES)}")
@@ -191,15 +255,13 @@ def by_name(
         if not preconditionable(name):
             raise ValueError(f"{name} is invariant under a change of scheduler: no precondition")
         transform = _precondition(schedule, float(precondition))
-        solver = _SOLVERS[name][1](
-            _grids.uniform(steps, transform.r_range(t_range)), None, transform
-        )
+        solver = build(name, _grids.uniform(steps, transform.r_range(t_range)), None, transform)
         solver.meta.update({"solver": name, "grid": "uniform-r", "precondition": precondition})
         # Pin the ends to the model's range exactly (the transform rounds at the last ulp).
         solver.times[0], solver.times[-1] = t_range
         return solver
     kind = _default_grid(name, schedule, t_range) if grid in ("default", "best") else grid
-    solver = _SOLVERS[name][1](_grid(kind, steps, schedule, t_range), schedule, None)
+    solver = build(name, _grid(kind, steps, schedule, t_range), schedule)
     solver.meta.update({"solver": name, "grid": kind})
     assert solver.nfe == nfe
     return solver

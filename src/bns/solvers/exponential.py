@@ -42,7 +42,7 @@ from ..model import prediction_coefficients
 from ..schedules import Schedule
 from ..solver import NSSolver
 from ..transforms import ScheduleChange
-from ._trace import trace
+from ._trace import points, trace
 
 __all__ = [
     "ddim",
@@ -57,7 +57,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class _Node:
-    """Scheduler values at one grid point, as Python floats."""
+    """Scheduler values at one grid point: Python floats, or 0-dim tensors in a
+    differentiable trace (a grid given as a sequence of tensors, :func:`points`)."""
 
     t: float
     alpha: float
@@ -67,12 +68,13 @@ class _Node:
     gamma: float
 
 
-def _nodes(grid: Tensor, schedule: Schedule) -> list[_Node]:
-    g = check_grid(grid)
-    if float(g[0]) < 0.0 or float(g[-1]) > 1.0:
+def _nodes(grid, schedule: Schedule) -> list[_Node]:
+    tensors = not isinstance(grid, Tensor)
+    g = torch.stack(points(grid)) if tensors else check_grid(grid)
+    lo, hi = float(g[0].detach()), float(g[-1].detach())
+    if lo < 0.0 or hi > 1.0:
         raise GridError(
-            f"the grid [{float(g[0]):.6g}, {float(g[-1]):.6g}] leaves [0, 1], where the scheduler"
-            " is defined"
+            f"the grid [{lo:.6g}, {hi:.6g}] leaves [0, 1], where the scheduler is defined"
         )
     v = schedule(g)
     a, s = v.alpha, v.sigma
@@ -83,29 +85,44 @@ def _nodes(grid: Tensor, schedule: Schedule) -> list[_Node]:
         raise GridError(
             "an exponential solver needs a finite log-SNR at every interior grid point (only"
             " the start may have alpha = 0 and the end sigma = 0); got log-SNR"
-            f" {[round(float(v), 4) for v in lam]}"
+            f" {[round(float(v), 4) for v in lam.detach()]}"
         )
     if not torch.all(lam[1:] > lam[:-1]):
         raise GridError("the log-SNR must increase strictly along the grid (noise to data)")
     if not (torch.all(torch.isfinite(beta)) and torch.all(torch.isfinite(gamma[:n]))):
         raise GridError("the data prediction is undefined at a grid point where sigma = 0")
+    val = (lambda x: x) if tensors else float
     return [
         _Node(
-            float(g[i]),
-            float(a[i]),
-            float(s[i]),
-            float(lam[i]),
-            float(beta[i]) if i < n else math.nan,
-            float(gamma[i]) if i < n else math.nan,
+            val(g[i]),
+            val(a[i]),
+            val(s[i]),
+            val(lam[i]),
+            val(beta[i]) if i < n else math.nan,
+            val(gamma[i]) if i < n else math.nan,
         )
         for i in range(n + 1)
     ]
 
 
+def _float(v) -> float:
+    """A value for a test (a tensor's value without its gradient)."""
+    return float(v.detach()) if isinstance(v, Tensor) else v
+
+
+def _exp(z):
+    return torch.exp(z) if isinstance(z, Tensor) else math.exp(z)
+
+
+def _expm1(z):
+    return torch.expm1(z) if isinstance(z, Tensor) else math.expm1(z)
+
+
 def phi(k: int, z: float) -> float:
     """``phi_k(z) = sum_{j>=0} z^j / (j+k)!`` (``phi_0 = e^z``, ``phi_{k+1} = (phi_k - 1/k!) / z``).
 
-    A power series for small ``|z|`` avoids the cancellation of the recurrence.
+    A power series for small ``|z|`` avoids the cancellation of the recurrence. ``z`` may be
+    a 0-dim tensor (then differentiable).
     """
     if abs(z) < 0.5:
         term = 1.0 / math.factorial(k)
@@ -116,7 +133,7 @@ def phi(k: int, z: float) -> float:
             if abs(term) < 1e-18 * abs(total):
                 break
         return total
-    p = math.exp(z)
+    p = _exp(z)
     for j in range(k):
         p = (p - 1.0 / math.factorial(j)) / z
     return p
@@ -142,11 +159,11 @@ def _first_order(x, m0, s: _Node, t: _Node):
     """One DDIM / DPM-Solver++(1) step from ``s`` to ``t``:
     ``x_t = (sigma_t/sigma_s) x + alpha_t (1 - e^{-h}) m0`` with ``h = lambda_t - lambda_s``."""
     h = t.lam - s.lam
-    return _sum([(t.sigma / s.sigma, x), (-t.alpha * math.expm1(-h), m0)])
+    return _sum([(t.sigma / s.sigma, x), (-t.alpha * _expm1(-h), m0)])
 
 
 def _final_is_sigma_zero(nodes: list[_Node]) -> bool:
-    return math.isinf(nodes[-1].lam)
+    return math.isinf(_float(nodes[-1].lam))
 
 
 # -- DDIM ---------------------------------------------------------------------------------------
@@ -186,7 +203,8 @@ def ddim(
         transform: run on a scheduler-changed ODE and export in the original coordinates.
     """
     schedule = _resolve_schedule(schedule, transform)
-    return trace(ddim_method, grid, transform=transform, meta={"solver": "ddim"}, schedule=schedule)
+    meta = {"solver": "ddim", "schedule": schedule.config()}
+    return trace(ddim_method, grid, transform=transform, meta=meta, schedule=schedule)
 
 
 # -- DPM-Solver++ (multistep) -------------------------------------------------------------------
@@ -235,6 +253,9 @@ def dpm_solver_pp_method(
         # D1_0 = (m0 - m1)/r0, D1_1 = (m1 - m2)/r1, D1 = D1_0 + r0/(r0+r1) (D1_0 - D1_1),
         # D2 = (D1_0 - D1_1)/(r0+r1); x += alpha_t h phi_2(-h) D1 + alpha_t h phi_3(-h) D2.
         c1 = t.alpha * h * phi(2, -h)
+        if math.isinf(_float(r1)):  # s2 at lambda = -inf: the limit below, where D1_1 drops out
+            x = _sum([(1.0, base), (c1 / r0, m0), (-c1 / r0, m1)])
+            continue
         c2 = t.alpha * h * phi(3, -h)
         w_d10 = c1 * (1 + r0 / (r0 + r1)) + c2 / (r0 + r1)  # weight of D1_0
         w_d11 = -c1 * r0 / (r0 + r1) - c2 / (r0 + r1)  # weight of D1_1
@@ -297,11 +318,16 @@ def _unipc_b(p: int, h: float) -> list[float]:
     return [math.factorial(k) * phi(k + 1, -h) / phi(1, -h) for k in range(1, p + 1)]
 
 
-def _solve(nodes: list[float], b: list[float]) -> list[float]:
+def _solve(nodes: list, b: list) -> list:
     """Solve ``sum_j rho_j nodes_j^(k-1) = b_k`` for k = 1..len(nodes) (a Vandermonde system)."""
     m = len(nodes)
     if m == 0:
         return []
+    if any(isinstance(v, Tensor) for v in [*nodes, *b[:m]]):  # differentiable
+        t = [torch.as_tensor(r, dtype=torch.float64) for r in nodes]
+        R = torch.stack([torch.stack([r ** (k - 1) for r in t]) for k in range(1, m + 1)])
+        rhs = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in b[:m]])
+        return list(torch.linalg.solve(R, rhs).unbind())
     R = torch.tensor([[r ** (k - 1) for r in nodes] for k in range(1, m + 1)], dtype=torch.float64)
     rhs = torch.tensor(b[:m], dtype=torch.float64)
     return [float(v) for v in torch.linalg.solve(R, rhs)]
@@ -317,8 +343,8 @@ def _unipc_update(x, ms: list, nodes: list[_Node], i: int, p: int, m_new=None):
     # History nodes r_k = (lambda_{i-k} - lambda_i) / h, k = 1..p-1. One at lambda = -inf gives
     # rho_k D1_k -> 0 and removes one order condition (the exact limit of the linear system).
     hist = [(k, (nodes[i - k].lam - s0.lam) / h) for k in range(1, p)]
-    hist = [(k, r) for k, r in hist if math.isfinite(r)]
-    scale = -t.alpha * math.expm1(-h)  # -alpha_t B(h), B(h) = e^{-h} - 1
+    hist = [(k, r) for k, r in hist if math.isfinite(_float(r))]
+    scale = -t.alpha * _expm1(-h)  # -alpha_t B(h), B(h) = e^{-h} - 1
     terms = [(1.0, base)]
     if m_new is None:
         if not hist:
@@ -400,12 +426,17 @@ def _export_multistep(method, title, name, grid, schedule, order, lower_order_fi
     """Trace a multistep exponential integrator of ``order`` (1-3) into an NSSolver."""
     if order not in (1, 2, 3):
         raise ValueError(f"{title} order must be 1, 2 or 3, got {order!r}")
+    schedule = _resolve_schedule(schedule, transform)
     return trace(
         method,
         grid,
         transform=transform,
-        meta={"solver": name, "lower_order_final": bool(lower_order_final)},
-        schedule=_resolve_schedule(schedule, transform),
+        meta={
+            "solver": name,
+            "lower_order_final": bool(lower_order_final),
+            "schedule": schedule.config(),  # what a learned time grid needs (bns.families)
+        },
+        schedule=schedule,
         order=order,
         lower_order_final=bool(lower_order_final),
     )

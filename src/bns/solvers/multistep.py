@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..solver import NSSolver
 from ..transforms import ScheduleChange
-from ._trace import trace
+from ._trace import points, trace
 
 __all__ = ["adams_bashforth", "ipndm", "adams_bashforth_method", "ipndm_method", "ab_weights"]
 
@@ -29,10 +29,10 @@ def _check_order(order: int) -> int:
     return order
 
 
-def ab_weights(past: list[float], t0: float, t1: float) -> list[float]:
+def ab_weights(past: list, t0, t1) -> list:
     """Weights ``w_k`` with ``int_{t0}^{t1} p(t) dt = sum_k w_k u_k``, where ``p`` interpolates the
     velocities ``u_k`` at times ``past[k]`` (newest first): exact integrals of the Lagrange basis,
-    expanded in ``tau = t - t0``."""
+    expanded in ``tau = t - t0``. Python floats or 0-dim tensors (then differentiable)."""
     h = t1 - t0
     d = [p - t0 for p in past]
     out = []
@@ -52,10 +52,11 @@ def ab_weights(past: list[float], t0: float, t1: float) -> list[float]:
 
 
 def adams_bashforth_method(f, x, grid, order: int = 2):
-    past_t: list[float] = []
+    g = points(grid)
+    past_t: list = []
     past_u: list = []
-    for i in range(len(grid) - 1):
-        t0, t1 = float(grid[i]), float(grid[i + 1])
+    for i in range(len(g) - 1):
+        t0, t1 = g[i], g[i + 1]
         past_t.insert(0, t0)
         past_u.insert(0, f(x, t0))
         k = min(order, len(past_t))
@@ -67,9 +68,10 @@ def adams_bashforth_method(f, x, grid, order: int = 2):
 
 
 def ipndm_method(f, x, grid, order: int = 4):
+    g = points(grid)
     past_u: list = []
-    for i in range(len(grid) - 1):
-        t0, t1 = float(grid[i]), float(grid[i + 1])
+    for i in range(len(g) - 1):
+        t0, t1 = g[i], g[i + 1]
         past_u.insert(0, f(x, t0))
         k = min(order, len(past_u))
         d = None

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..solver import NSSolver
 from ..transforms import ScheduleChange
-from ._trace import trace
+from ._trace import points, trace
 
 __all__ = [
     "euler",
@@ -26,8 +26,9 @@ __all__ = [
 
 
 def _steps(grid: Tensor):
-    for i in range(len(grid) - 1):
-        yield float(grid[i]), float(grid[i + 1]) - float(grid[i])
+    g = points(grid)
+    for i in range(len(g) - 1):
+        yield g[i], g[i + 1] - g[i]
 
 
 def euler_method(f, x, grid):
