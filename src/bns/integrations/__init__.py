@@ -6,4 +6,6 @@
   :func:`model_from_denoiser` (needs nothing beyond torch).
 - ``bns.integrations.flow_matching``: :class:`BNSSolver`, a flow_matching ``Solver``, and
   :func:`model_from_wrapper` (extra ``bns[flow-matching]``).
+- ``bns.integrations.comfyui``: the ComfyUI custom nodes (BNS Sampler, BNS Sigmas); ComfyUI
+  is imported only when a node runs (``bns comfyui install COMFYUI_DIR``, docs/comfyui.md).
 """
