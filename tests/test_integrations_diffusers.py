@@ -531,13 +531,19 @@ def test_step_misuse_is_refused():
     with pytest.raises(DiffusersError, match="set_timesteps"):
         sched.step(x, 1000.0, x)
     sched.set_timesteps(2)
+    with pytest.raises(DiffusersError, match="began at step 1 of 2"):
+        sched.step(x, sched.timesteps[1], x)  # a run that skips the first step
+    with pytest.raises(DiffusersError, match="not in this schedule"):
+        sched.step(x, 123.0, x)
+    x = sched.step(x, sched.timesteps[0], x).prev_sample
     with pytest.raises(DiffusersError, match="expects timestep"):
-        sched.step(x, sched.timesteps[1], x)
+        sched.step(x, sched.timesteps[0], x)  # the same step twice
+    sched.set_timesteps(2)
     for t in sched.timesteps:
         x = sched.step(x, t, x).prev_sample
     with pytest.raises(DiffusersError, match="has 2 steps"):
         sched.step(x, sched.timesteps[-1], x)
-    with pytest.raises(DiffusersError, match="cannot start at step 3"):
+    with pytest.raises(DiffusersError, match="began at step 3"):
         sched.set_begin_index(3)
     with pytest.raises(DiffusersError, match=r"timesteps in \[0, 1000\]"):
         sched.add_noise(x, x, torch.tensor([1001.0]))  # add_noise itself: test_scheduler_common

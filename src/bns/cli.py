@@ -4,6 +4,8 @@
     bns eval    --model SPEC --solver solver.json --baselines euler,midpoint,dpmpp2m --nfe 4,8,16 --json out.json
     bns sample  --model SPEC --solver solver.json --n 16 --out grid.png
     bns demo    [--out DIR]
+    bns export  solver.json --format sigmas|timesteps|comfyui|json [--out FILE]
+    bns comfyui install COMFYUI_DIR [--force]
 
 Wrong input ends with one line on stderr and exit status 2, never a traceback (set
 ``BNS_DEBUG=1`` to see one), and never overwrites a good artifact.
@@ -101,6 +103,46 @@ def _add_model(p: argparse.ArgumentParser, config_options: bool = False) -> None
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+_SPAN_HELP = (
+    "the part of the path, T0:T1 in flow time (default: that of the --solver files, else the"
+    " whole range); a span that starts inside the path starts from noised samples"
+)
+
+
+def _spanned(model: Any, span: Any, paths: list[Path]) -> Any:
+    """``model`` over ``--span``, or over the span the solver files were made for (all the
+    same); the model itself where neither says."""
+    from .config import parse_span
+    from .solver import NSSolver
+    from .train import spanned
+
+    ranges = set()
+    for p in paths:
+        if p.is_file() and not _is_range_file(p):
+            meta = NSSolver.load(p).meta  # the file's own validation; the model's comes later
+            found = meta.get("span") if isinstance(meta.get("span"), dict) else None
+            ranges.add(tuple(found["t_range"]) if found else None)
+    if span is not None:
+        try:
+            return spanned(model, parse_span(span))
+        except ValueError as e:
+            raise CLIError(f"--span: {e}") from None
+    if len(ranges) > 1:
+        raise CLIError(
+            "the solvers cover different parts of the path"
+            f" ({', '.join('whole' if r is None else f'{r[0]:g}:{r[1]:g}' for r in ranges)});"
+            " evaluate each part on its own"
+        )
+    found = next(iter(ranges), None)
+    return model if found is None else spanned(model, list(found))
+
+
+def _is_range_file(path: Path) -> bool:
+    from .guidance_range import is_guidance_range_file
+
+    return is_guidance_range_file(path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bns",
@@ -165,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="validation pairs that choose each baseline's grid (default: 64)",
     )
     e.add_argument("--test-pairs", type=int, default=1024)
+    e.add_argument("--span", metavar="T0:T1", help=_SPAN_HELP)
     e.add_argument(
         "--gt-batch-size", type=int, default=128, help="pairs per ground-truth solve (default: 128)"
     )
@@ -204,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--solver", type=Path, required=True)
     s.add_argument("--n", type=int, default=16)
     s.add_argument(
+        "--data",
+        type=Path,
+        help="clean samples to start from (a .pt tensor [K, *shape]), noised to the start of"
+        " the solver's span: for a solver of a span that starts inside the path (image-to-image)",
+    )
+    s.add_argument(
         "--labels",
         type=_name_list,
         default=None,
@@ -223,6 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K (default: auto)")
     m.add_argument("--cache-dir", type=Path)
     m.add_argument("--quiet", action="store_true")
+    from .integrations.comfyui.install import add_parser as add_comfyui_parser
+
+    add_comfyui_parser(sub)  # bns comfyui install COMFYUI_DIR
+    from .export import add_parser as add_export_parser
+
+    add_export_parser(sub)  # bns export SOLVER --format ...
     return parser
 
 
@@ -371,6 +426,11 @@ def cmd_distill(args) -> int:
     t0 = time.perf_counter()
     ckpt = args.out.with_name(args.out.name + ".ckpt")
     cfg = DistillConfig(**config_from_args(args))
+    from .train import spanned
+
+    model = spanned(model, cfg.span)
+    if args.guidance_range is not None and cfg.span is not None:
+        raise CLIError("--span and --guidance-range do not combine yet: distill one scale")
     if args.guidance_range is not None:
         return _distill_guidance_range(args, model, cfg, t0)
     from .model import NetworkError
@@ -542,7 +602,7 @@ def cmd_eval(args) -> int:
     for out in (args.json, args.table, args.plot):  # now, not after the evaluation
         if out is not None:
             check_writable(Path(out).parent)
-    model = _model(args)
+    model = _spanned(_model(args), args.span, args.solver)
     if args.fid is not None:  # before any ground truth: a missing extra fails now
         from .fid import check_fid
 
@@ -666,12 +726,19 @@ def cmd_sample(args) -> int:
     from .solver import sample
 
     check_writable(Path(args.out).parent)  # now, not after sampling
-    model = _model(args)
+    model = _spanned(_model(args), None, [args.solver])
     solver = load_solver(args.solver, model, args.guidance, args.force)
     if args.n < 1:
         raise CLIError("--n must be at least 1")
     g = torch.Generator().manual_seed(args.seed)
     x0 = torch.randn((args.n, *model.sample_shape), generator=g)
+    if model.starts_from_data:
+        x0 = model.start_state(_start_data(args, model), x0)
+    elif args.data is not None:
+        raise CLIError(
+            "--data is for a solver of a span that starts inside the path; this one starts"
+            " from noise"
+        )
     y = None
     if model.num_classes is not None:
         if args.labels:
@@ -699,6 +766,33 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _start_data(args, model: Any) -> Any:
+    """The ``--data`` samples, ``--n`` of them (repeated as needed), in float32."""
+    import torch
+
+    lo = model.t_range[0]
+    if args.data is None:
+        raise CLIError(
+            f"this solver starts inside the path (t = {lo:g}, image-to-image): pass --data"
+            " FILE.pt, the clean samples to start from"
+        )
+    if not args.data.is_file():
+        raise CLIError(f"--data: no such file: {args.data}")
+    try:
+        data = torch.load(args.data, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file: one line
+        raise CLIError(f"--data: cannot read {args.data} as a tensor file: {e}") from None
+    if not isinstance(data, torch.Tensor) or not data.is_floating_point():
+        raise CLIError(f"--data: {args.data} holds no floating-point tensor")
+    if data.dim() < 1 or tuple(data.shape[1:]) != model.sample_shape or data.shape[0] < 1:
+        shape = ", ".join(map(str, model.sample_shape))
+        raise CLIError(f"--data: expected a tensor [K, {shape}], got {list(data.shape)}")
+    if not torch.all(torch.isfinite(data)):
+        raise CLIError(f"--data: {args.data} holds NaN or infinite values")
+    reps = -(-args.n // data.shape[0])
+    return data.float().repeat(reps, *([1] * len(model.sample_shape)))[: args.n]
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -716,6 +810,24 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"distill": cmd_distill, "eval": cmd_eval, "sample": cmd_sample, "demo": cmd_demo}
+
+
+def cmd_export(args) -> int:
+    from .export import cmd_export as run_export
+
+    return run_export(args)
+
+
+COMMANDS["export"] = cmd_export
+
+
+def cmd_comfyui(args) -> int:
+    from .integrations.comfyui.install import cmd_comfyui as run_comfyui
+
+    return run_comfyui(args)
+
+
+COMMANDS["comfyui"] = cmd_comfyui
 
 
 def run() -> None:

@@ -20,6 +20,7 @@ __all__ = [
     "DistillConfig",
     "TrainingError",
     "parse_precondition",
+    "parse_span",
     "add_config_arguments",
     "resolve_steps",
     "auto_gn_batch_size",
@@ -39,6 +40,57 @@ def parse_precondition(text: str | float | None) -> float | str | None:
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"precondition sigma0 must be a finite number > 0, got {text!r}")
     return value
+
+
+def parse_span(text: Any) -> list[float | None] | None:
+    """``"T0:T1"`` (flow times; either may be left out: ``0.4:``, ``:0.8``), a pair, or
+    None/``"none"``: the part of the model's range a solver covers (see
+    :meth:`bns.Model.span`). Returned as ``[t0, t1]`` with None for a left-out end."""
+    if text is None or text == "none":
+        return None
+    if isinstance(text, str):
+        parts = text.split(":")
+        if len(parts) != 2:
+            raise ValueError(f"span must be T0:T1 in flow time (0.4:, :0.8, 0.2:0.8), got {text!r}")
+        values = [p.strip() or None for p in parts]
+    else:
+        try:
+            values = list(text)
+        except TypeError:
+            raise ValueError(f"span must be T0:T1 or a pair, got {text!r}") from None
+        if len(values) != 2:
+            raise ValueError(f"span must hold two flow times, got {text!r}")
+    out: list[float | None] = []
+    for v in values:
+        if v is None:
+            out.append(None)
+            continue
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"span ends must be numbers, got {v!r}") from None
+        if not (math.isfinite(f) and 0 <= f <= 1):
+            raise ValueError(f"span ends are flow times in [0, 1], got {v!r}")
+        out.append(f)
+    if out == [None, None]:
+        return None
+    if None not in out and not out[0] < out[1]:
+        raise ValueError(f"span must start before it ends, got {text!r}")
+    return out
+
+
+_BUDGET_HELP = (
+    "fit the run to a number of network evaluations (forwards + JVPs: 200k, 1.5M) or a"
+    " duration (90s, 10m, 1h), ground truth included: it chooses train_pairs, val_pairs,"
+    " init_pairs, gn_batch_size and gn_steps (or steps) from the estimate, stops the optimizer"
+    " before the budget is crossed and returns the best solver so far"
+)
+_SPAN_HELP = (
+    "the part of the path the solver covers, T0:T1 in flow time (0 = noise, 1 = data; either"
+    " end may be left out): one that starts inside starts from noised samples, as"
+    " image-to-image at strength 1 - T0 (0.4: for 0.6); one that ends inside hands over there"
+    " (:0.8 then 0.8: for a base/refiner split). none: the whole range"
+)
 
 
 def _parse_budget(text: str | None) -> str | None:
@@ -105,6 +157,7 @@ class DistillConfig:
         " classical solver), scale-time (a scale-time transformation of euler or midpoint, as"
         " BES), multistep (multistep coefficients over the history on a learned grid, a_i = 1)",
     )
+    span: list[float | None] | None = _opt(None, _SPAN_HELP, parse=parse_span, metavar="T0:T1")
     end: str = _opt(
         "auto",
         "where the solver ends: range (at t_max), data (a last step to sigma = 0, as diffusers'"
@@ -174,15 +227,7 @@ class DistillConfig:
         " resolve (bns.default_tolerance)",
     )
     atol: float | None = _opt(None, "ground-truth absolute tolerance (default: as rtol)")
-    budget: str | None = _opt(
-        None,
-        "fit the run to a number of network evaluations (forwards + JVPs: 200k, 1.5M) or a"
-        " duration (90s, 10m, 1h), ground truth included: it chooses train_pairs, val_pairs,"
-        " init_pairs, gn_batch_size and gn_steps (or steps) from the estimate, stops the optimizer"
-        " before the budget is crossed and returns the best solver so far",
-        parse=_parse_budget,
-        metavar="N|DURATION",
-    )
+    budget: str | None = _opt(None, _BUDGET_HELP, parse=_parse_budget, metavar="N|DURATION")
     gt_batch_size: int = _opt(128, "pairs per ground-truth solve")
     eval_batch_size: int = _opt(256, "pairs per validation batch")
     data_range: float = _opt(2.0, "data range R of the PSNR, 10 log10(R^2 / MSE)")
@@ -257,6 +302,7 @@ def _check(cfg: DistillConfig) -> None:
     try:
         cfg.precondition = parse_precondition(cfg.precondition)
         cfg.budget = _parse_budget(cfg.budget)
+        cfg.span = parse_span(cfg.span)
     except ValueError as e:
         raise TrainingError(str(e)) from None
 

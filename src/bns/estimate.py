@@ -168,6 +168,7 @@ class Estimator:
         self.clock = _Clock(model, guidance, device, repeats, max_timed_batch)
         self.pilot_pairs = pilot_pairs
         self._gt: dict[tuple, tuple[float, float]] = {}  # (split, ...) -> (nfe, overhead)
+        self._parent: Estimator | None = None
 
     def _gt_rate(self, cfg: DistillConfig, split: str, missing: int, batch: int, nfe: float):
         """Evaluations per sample of a batch and the solver's own seconds per evaluation."""
@@ -217,7 +218,23 @@ class Estimator:
         if end == "data":  # the step to sigma = 0: one evaluation per pair, cached or not
             phase.forwards += n * fpe
             phase.seconds += clock.rate("forward", n, cfg.gt_batch_size)
+        if missing and self.model.starts_from_data:  # the samples its starts are made of
+            from .solvers.ends import resolve_end
+
+            parent = self._whole_range()
+            data = parent.ground_truth(cfg, split, n, resolve_end(parent.model, "auto"))
+            phase.forwards += data.forwards
+            phase.seconds += data.seconds
         return phase
+
+    def _whole_range(self) -> Estimator:
+        """The estimator of a span's whole-range model: the same network, so the same clock."""
+        if self._parent is None:
+            self._parent = Estimator(
+                self.model.parent, self.guidance, self.device, self.cache, 1, self.pilot_pairs
+            )
+            self._parent.clock = self.clock
+        return self._parent
 
     def ledger(
         self, cfg: DistillConfig, end: str, candidates: list[NSSolver], pairs_given: bool = False
@@ -293,13 +310,14 @@ def estimate_cost(
     ``pilot_pairs`` sets the pilot solve's size; ``max_timed_batch`` times no call of more
     pairs than that (larger ones scale linearly: a large network fills a GPU well below).
     """
-    from .train import _end, _supports_forward_mode, candidate_solvers
+    from .train import _end, _supports_forward_mode, candidate_solvers, spanned
 
     cfg = config or DistillConfig(nfe=0 if nfe is None else int(nfe))
     if nfe is not None:
         overrides["nfe"] = nfe
     cfg = cfg.replace(**overrides)
     cfg.check()
+    model = spanned(model, cfg.span)
     device = torch.device(device) if device is not None else model.device or torch.device("cpu")
     with frozen(model), uncounted(model):  # an estimate, not work
         cfg = resolve_steps(cfg, lambda: _supports_forward_mode(model, cfg, device))

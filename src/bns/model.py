@@ -9,6 +9,7 @@ batched network call.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import hashlib
 import json
@@ -381,6 +382,7 @@ class Model:
         self.jvps = 0  # forward-mode (JVP) network calls per sample, not also counted as forwards
         self._fingerprint: str | None = None
         self._fingerprint_key: Any = None
+        self.parent: Model | None = None  # the whole-range model of a span (see span())
 
     # -- evaluation -------------------------------------------------------------------------
     @property
@@ -432,6 +434,73 @@ class Model:
         if dtype is not None and self._dtype is not None:
             self._dtype = dtype
         return self
+
+    # -- part of the path ------------------------------------------------------------------
+    @property
+    def starts_from_data(self) -> bool:
+        """Whether samples start from noised data (a span that starts inside the path) rather
+        than from pure noise."""
+        return self.parent is not None and self.t_range[0] > self.parent.t_range[0]
+
+    @property
+    def ends_inside(self) -> bool:
+        """Whether this is a span that ends before its parent's end (on the path, not the
+        data: no final step to sigma = 0)."""
+        return self.parent is not None and self.t_range[1] < self.parent.t_range[1]
+
+    def span(self, t_start: float | None = None, t_end: float | None = None) -> Model:
+        """The same network over the part ``[t_start, t_end]`` of this model's range (flow
+        time; either end defaults to this model's).
+
+        A span that starts inside the path starts from noised data, as image-to-image does:
+        ``x = alpha(t_start) x_1 + sigma(t_start) eps``, where ``x_1`` are this model's own
+        samples (its ground truth from noise) and ``eps`` fresh noise (docs/guide.md,
+        "Part of the path"). A span that ends inside the path stops there (the first half of a
+        base/refiner split). The result shares the network; its fingerprint differs from this
+        model's, so a solver trained for a span refuses the whole range and vice versa.
+        """
+        root = self.parent if self.parent is not None else self
+        lo, hi = root.t_range
+        t0 = self.t_range[0] if t_start is None else float(t_start)
+        t1 = self.t_range[1] if t_end is None else float(t_end)
+        if not (math.isfinite(t0) and math.isfinite(t1) and lo <= t0 < t1 <= hi):
+            raise ValueError(
+                f"a span of {self.name} must satisfy {lo:g} <= t_start < t_end <= {hi:g}"
+                f" (its range, in flow time), got [{t0:g}, {t1:g}]"
+            )
+        if (t0, t1) == root.t_range:
+            return root
+        out = copy.copy(root)
+        out.t_range = (t0, t1)
+        out.parent = root
+        out.forwards = out.jvps = 0
+        out._fingerprint = out._fingerprint_key = None
+        return out
+
+    def span_info(self) -> dict[str, Any] | None:
+        """What a solver of this span records (None for a whole range): its range, the whole
+        range, and where its samples start (``"noise"`` or ``"noised data"``)."""
+        if self.parent is None:
+            return None
+        return {
+            "t_range": list(self.t_range),
+            "whole_range": list(self.parent.t_range),
+            "start": "noised data" if self.starts_from_data else "noise",
+        }
+
+    def start_state(self, data: Tensor, noise: Tensor) -> Tensor:
+        """The state at this model's first time ``t_0`` of clean ``data`` noised by the forward
+        process: ``alpha(t_0) data + sigma(t_0) noise`` (what image-to-image starts from;
+        computed in float64, returned in ``data``'s dtype, float32 at least)."""
+        if data.shape != noise.shape:
+            raise ModelError(
+                f"data and noise must have one shape, got {list(data.shape)} and"
+                f" {list(noise.shape)}"
+            )
+        v = self.schedule(torch.tensor([self.t_range[0]], dtype=torch.float64))
+        dtype = torch.promote_types(data.dtype, torch.float32)
+        out = float(v.alpha) * data.to(torch.float64) + float(v.sigma) * noise.to(torch.float64)
+        return out.to(dtype)
 
     def forwards_per_evaluation(self, guidance: float = 1.0) -> int:
         """Network forwards per sample of one velocity evaluation: 2 with guidance, else 1."""
@@ -595,8 +664,9 @@ class Model:
 
     # -- identity ---------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
-        """Everything but the weights that determines the velocity field."""
-        return {
+        """Everything but the weights that determines the velocity field (and, for a span
+        that starts inside the path, where its samples start)."""
+        out = {
             "name": self.name,
             "prediction": self.prediction,
             "schedule": self.schedule.config(),
@@ -604,6 +674,9 @@ class Model:
             "t_range": list(self.t_range),
             "num_classes": self.num_classes,
         }
+        if self.starts_from_data:  # the start depends on the whole range's samples
+            out["start"] = {"from": "noised data", "data_range": list(self.parent.t_range)}
+        return out
 
     def fingerprint(self) -> str:
         """A hash of the network's weights and the model's settings (hex, 16 characters).

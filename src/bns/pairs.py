@@ -45,6 +45,7 @@ __all__ = [
     "cached_pairs",
     "cache_dir",
     "pair_noise",
+    "start_states",
     "SPLITS",
     "CACHE_VERSION",
 ]
@@ -280,7 +281,14 @@ def make_pairs(
     nfe_total = found["nfe"] * start if start else 0.0
     if start < n:
         shards = None if folder is None else _Shards(folder / "shards" / stem, key)
+        starts = None
+        if model.starts_from_data:  # img2img: from noised samples of the whole range
+            common = dict(seed=seed, guidance=guidance, rtol=rtol, atol=atol, cache=cache)
+            common.update(batch_size=batch_size, progress=progress, device=device, labels=labels)
+            starts = start_states(model, n, split, **common)
+            nfe_total += starts.nfe_per_sample * (n - start)
         run = dict(seed=seed, guidance=guidance, rtol=rtol, atol=atol, device=device, labels=labels)
+        run["starts"] = starts
         batches = [(lo, min(lo + batch_size, n)) for lo in range(start, n, batch_size)]
         try:
             with in_phase(f"ground truth ({split})"):
@@ -502,10 +510,53 @@ def data_prediction(
     return (u - beta * x.to(u.dtype)) / gamma
 
 
+def start_states(
+    model: Model,
+    n: int,
+    split: str = "train",
+    *,
+    seed: int = 0,
+    guidance: float = 1.0,
+    **kw: Any,
+) -> Pairs:
+    """The first ``n`` start states of a span that starts inside the path, as pairs
+    ``(x_start, y, x_1)``: ``x_start = alpha(t_0) x_1 + sigma(t_0) eps``, where ``x_1`` is the
+    whole-range model's sample from the pair's noise (:func:`make_pairs` of
+    ``model.parent``, cached as usual, ending on the data where the model stops short of it)
+    and ``eps`` fresh noise of its own seed. ``nfe_per_sample`` is what making ``x_1`` cost;
+    the whole range's forwards are counted on ``model`` too. ``kw`` as for make_pairs."""
+    from .solvers.ends import resolve_end
+
+    parent = model.parent
+    if parent is None or not model.starts_from_data:
+        raise ValueError(f"{model.name} starts from noise, not from noised data")
+    before = parent.forwards
+    data = make_pairs(
+        parent, n, split, seed=seed, guidance=guidance, end=resolve_end(parent, "auto"), **kw
+    )
+    model.forwards += parent.forwards - before
+    eps = torch.stack(
+        [
+            torch.randn(
+                model.sample_shape,
+                generator=torch.Generator().manual_seed(_sample_seed(seed, f"{split}/start", i)),
+                dtype=torch.float64,
+            )
+            for i in range(n)
+        ]
+    )
+    x = model.start_state(data.x1.double(), eps).float()
+    return Pairs(x, data.x1, data.y, data.nfe_per_sample, data.end)
+
+
 def _solve(
-    model, split, lo, hi, *, seed, guidance, rtol, atol, device, labels
+    model, split, lo, hi, *, seed, guidance, rtol, atol, device, labels, starts=None
 ) -> dict[str, Tensor]:
-    x0, y = pair_noise(model, seed, split, range(lo, hi), labels)
+    if starts is None:
+        x0, y = pair_noise(model, seed, split, range(lo, hi), labels)
+    else:
+        part = starts[lo:hi]
+        x0, y = part.x0, part.y
     x0 = x0.float().double()  # the stored float32 noise is exactly what was integrated
     if device is not None:
         x0, y = x0.to(device), (None if y is None else y.to(device))

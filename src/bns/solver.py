@@ -241,6 +241,13 @@ class NSSolver:
         """Refuse a solver trained for another model or guidance (see :meth:`load`)."""
         if model is not None:
             fp = self.meta.get("model_fingerprint")
+            span = _span_range(self.meta)
+            if fp is not None and span is not None and span != model.t_range:
+                raise SolverFileError(
+                    f"{where}: made for the part [{span[0]:g}, {span[1]:g}] of the path of"
+                    f" {self.meta.get('model_name', '?')}, not for [{model.t_range[0]:g},"
+                    f" {model.t_range[1]:g}]: use it with model.span({span[0]!r}, {span[1]!r})"
+                )
             if fp is not None and fp != model.fingerprint():
                 raise SolverFileError(
                     f"{where}: trained for model {self.meta.get('model_name', '?')} ({fp}), not"
@@ -267,6 +274,18 @@ class NSSolver:
     def __repr__(self) -> str:
         kind = self.meta.get("solver", "ns")
         return f"NSSolver({kind}, nfe={self.nfe}, t=[{self.t_range[0]:.4g}, {self.t_range[1]:.4g}])"
+
+
+def _span_range(meta: dict[str, Any]) -> tuple[float, float] | None:
+    """The flow-time range of a solver made for part of a path (``meta["span"]``), else None."""
+    span = meta.get("span")
+    if not isinstance(span, dict):
+        return None
+    try:
+        lo, hi = (float(v) for v in span["t_range"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return lo, hi
 
 
 def _numbers(values: Any, what: str) -> list[float]:

@@ -134,6 +134,7 @@ def distill(
     if pairs is not None and cfg.end == "auto":
         cfg = cfg.replace(end=pairs[0].end)  # given pairs say where the ground truth ends
     cfg.check()
+    model = spanned(model, cfg.span)
     if cfg.guidance != 1.0 and model.num_classes is None:
         raise TrainingError(f"{model.name} is unconditional: guidance must be 1")
     device = torch.device(device) if device is not None else model.device or torch.device("cpu")
@@ -167,6 +168,17 @@ def distill(
             callback,
             device,
         )
+
+
+def spanned(model: Model, span: list[float | None] | None) -> Model:
+    """``model`` over ``span`` (:attr:`DistillConfig.span`; None: as it is); TrainingError
+    for a span outside its range."""
+    if span is None:
+        return model
+    try:
+        return model.span(*span)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
 
 
 def _distill(
@@ -509,4 +521,5 @@ def _artifact_meta(model, cfg, end: str, loop: _Loop, train: Pairs, scores, cost
         "skipped_steps": loop.skipped,
         "reverts": loop.reverts,
         "cost": cost.to_dict(),
+        **({"span": model.span_info()} if model.parent is not None else {}),
     }

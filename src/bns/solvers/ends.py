@@ -37,7 +37,10 @@ _SHORT = 1e-6
 
 
 def ends_short_of_data(model: Model) -> bool:
-    """Whether the model's range stops where noise remains (sigma(t_max) > 0)."""
+    """Whether the model's range stops where noise remains (sigma(t_max) > 0), at the end of
+    the path: a span that ends inside the path (:meth:`bns.Model.span`) hands its state on."""
+    if getattr(model, "ends_inside", False):
+        return False
     t = torch.tensor([model.t_range[1]], dtype=torch.float64)
     return float(model.schedule(t).sigma) > _SHORT
 
@@ -49,6 +52,12 @@ def resolve_end(model: Model, end: str) -> str:
         raise ValueError(f"end must be one of {', '.join(ENDS)}, got {end!r}")
     if end == "auto":
         return "data" if ends_short_of_data(model) else "range"
+    if end == "data" and getattr(model, "ends_inside", False):
+        raise ValueError(
+            f"this span of {model.name} ends inside the path (t = {model.t_range[1]:g}), where"
+            " the next part takes over: it has no final step to the data; use end range (or"
+            " auto)"
+        )
     if end == "data" and not ends_short_of_data(model):
         raise ValueError(
             f"{model.name} reaches the data at t_max = {model.t_range[1]:g} (sigma = 0): there is"

@@ -150,8 +150,20 @@ class BNSScheduler(SchedulerMixin, ConfigMixin):
         t_max = float(self.solver.times[-1])
         if not (0.0 <= float(self.solver.times[0]) and t_max <= 1.0):
             raise DiffusersError("solver times must lie in [0, 1]")
+        self._starts_inside, self._ends_inside = _span_of(self.solver)
+        if self._starts_inside and self._ends_inside:
+            raise DiffusersError(
+                "this solver covers a part of the path inside it at both ends; a pipeline call"
+                " runs either from its input image (image-to-image, a refiner) or to a hand-over"
+                " (denoising_end), not both"
+            )
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
+        self._pad = 0  # timesteps of the pipeline's schedule outside the solver's span
+        self._begin_index: int | None = None
+        self._noised = False  # add_noise / scale_noise since set_timesteps
+        self._offset: Tensor | None = None  # what the pipeline changed in the latents
+        self._returned: Tensor | None = None
         self.timesteps = torch.empty(0)
         self.sigmas = torch.empty(0)
         self._step_index: int | None = None
@@ -274,15 +286,66 @@ class BNSScheduler(SchedulerMixin, ConfigMixin):
         return self._step_index
 
     @property
-    def begin_index(self) -> int:
-        return 0
+    def begin_index(self) -> int | None:
+        return self._begin_index
 
     def set_begin_index(self, begin_index: int = 0) -> None:
-        if begin_index != 0:
-            raise DiffusersError(
-                "a BNS solver runs from pure noise over all its steps; it cannot start at step"
-                f" {begin_index} (img2img / strength < 1 is not supported)"
+        """Where the pipeline starts in the schedule (image-to-image slices it): a solver that
+        starts from noise runs from the first timestep; one made for a span that starts inside
+        the path, from its own first timestep (after the padding :meth:`set_timesteps` puts
+        before it). Any other start is refused."""
+        begin_index = int(begin_index)
+        if begin_index != self._first_index():
+            raise DiffusersError(self._wrong_start(begin_index))
+        self._begin_index = begin_index
+
+    def _first_index(self) -> int:
+        return self._pad if self._starts_inside else 0
+
+    def _wrong_start(self, begin: int) -> str:
+        n, total = self.solver.nfe, self._pad + self.solver.nfe
+        if not self._starts_inside:
+            return (
+                f"this solver runs from pure noise over all its {n} steps; the pipeline began at"
+                f" step {begin} of {total} (image-to-image / strength < 1, or denoising_start)."
+                " Distill a solver for that part of the path (bns distill --span T0:)"
             )
+        k0 = float(self.timesteps[self._pad]) if len(self.timesteps) > self._pad else float("nan")
+        return (
+            f"this solver covers the path from timestep {k0:.6g} in {n} steps, which are steps"
+            f" {self._pad} to {total - 1} of this schedule; the pipeline began at step {begin}."
+            f" Call it with {_as_call(self.pipeline_arguments())}"
+        )
+
+    @property
+    def span(self) -> tuple[float, float]:
+        """The flow times ``(t_0, t_n)`` the solver covers (``(0, 1)`` or the model's range
+        for a whole-range solver)."""
+        return float(self.solver.times[0]), float(self.solver.times[-1])
+
+    def pipeline_arguments(self, num_inference_steps: int | None = None) -> dict[str, Any]:
+        """Pipeline arguments under which the pipeline runs exactly this solver's steps.
+
+        A whole-range solver: ``num_inference_steps = nfe``. A solver for a span that starts
+        inside the path: ``strength`` (image-to-image, inpainting) near its start's noise level
+        with ``int(num_inference_steps * strength) = nfe`` (the pipelines' own rule); an SDXL
+        refiner takes ``denoising_start = span[0]`` instead. One that ends inside:
+        ``denoising_end`` (an SDXL base). The solver's noise levels are its own whatever the
+        strength: the strength only says how many of the schedule's steps run.
+        """
+        n = self.solver.nfe
+        out: dict[str, Any] = {"num_inference_steps": n}
+        cfg = self.config
+        top = cfg.num_train_timesteps - (0 if cfg.prediction_type == "flow" else 1)
+        times = self.solver.times
+        if self._starts_inside:
+            k0 = float(diffusers_timestep(cfg.prediction_type, cfg.num_train_timesteps, times[:1]))
+            want = k0 / top
+            steps, strength = _strength_for(n, want, num_inference_steps)
+            out.update(num_inference_steps=steps, strength=strength)
+        if self._ends_inside:
+            out["denoising_end"] = float(times[-1])
+        return out
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
@@ -317,7 +380,9 @@ class BNSScheduler(SchedulerMixin, ConfigMixin):
             asked = len(sigmas)
         if asked is None:
             asked = n
-        if int(asked) != n:
+        asked = int(asked)
+        partial = self._starts_inside or self._ends_inside
+        if asked != n and not (partial and asked > n):
             raise DiffusersError(
                 f"this BNSScheduler holds a solver trained for {n} steps (NFE {n}); it cannot run"
                 f" num_inference_steps={asked}. Call the pipeline with num_inference_steps={n},"
@@ -325,20 +390,35 @@ class BNSScheduler(SchedulerMixin, ConfigMixin):
             )
         cfg = self.config
         times = self.solver.times
-        ts = diffusers_timestep(cfg.prediction_type, cfg.num_train_timesteps, times[:-1])
-        self.timesteps = ts.to(torch.float32).to(device)
+        # A span's solver sits inside a longer schedule, so that the pipeline's own slicing
+        # (strength, denoising_start / denoising_end) picks exactly its steps: the padding
+        # timesteps before (above) or after (below) it are never run.
+        self._pad = asked - n
+        top = cfg.num_train_timesteps - (0 if cfg.prediction_type == "flow" else 1)
+        k = diffusers_timestep(cfg.prediction_type, cfg.num_train_timesteps, times)
+        if self._pad and self._starts_inside:
+            k = torch.cat([torch.linspace(top, float(k[0]), self._pad + 1, dtype=k.dtype)[:-1], k])
+        elif self._pad:
+            k = torch.cat([k, torch.linspace(float(k[-1]), 0, self._pad + 1, dtype=k.dtype)[1:]])
+        t = flow_time(cfg.prediction_type, cfg.num_train_timesteps, k)
+        lo = self._pad if self._starts_inside else 0
+        t[lo : lo + n + 1] = times  # the solver's own times, not their round trip
+        steps = torch.cat([k[: lo + n], k[lo + n + 1 :]])  # all but the solver's end
+        self.timesteps = steps.to(torch.float32).to(device)
         if cfg.prediction_type == "flow":
-            sig = 1 - times  # the flow-matching sigma
+            sig = 1 - t  # the flow-matching sigma
         else:
-            v = self.bns_schedule(times)
+            v = self.bns_schedule(t)
             sig = v.sigma / v.alpha  # the noise level of Karras-style schedulers
         if self.solver.meta.get("end") == "data":
             sig = sig.clone()
-            sig[-1] = 0.0  # the last step lands on the data (bns.solvers.ends)
+            sig[lo + n] = 0.0  # the last step lands on the data (bns.solvers.ends)
         self.sigmas = sig.to(torch.float32).to(device)
-        self.num_inference_steps = n
+        self.num_inference_steps = asked
         self._check_guidance()
-        self._step_index = 0
+        self._step_index = None
+        self._begin_index = None
+        self._noised = False
         self._x0 = None
         self._us = None
 
@@ -376,14 +456,16 @@ class BNSScheduler(SchedulerMixin, ConfigMixin):
         ``model_output`` is the network's (guided) output at the current timestep and
         ``sample`` the current latents. Returns ``prev_sample`` in ``model_output``'s dtype.
         """
-        i = self._step_index
-        if i is None:
+        if self.num_inference_steps is None:
             raise DiffusersError("call set_timesteps before step")
+        got = float(timestep.flatten()[0]) if isinstance(timestep, Tensor) else float(timestep)
+        if self._step_index is None:
+            self._start_run(got)
+        i = self._step_index - self._first_index()  # the solver's step
         n = self.solver.nfe
         if i >= n:
             raise DiffusersError(f"the solver has {n} steps; step was called a {i + 1}th time")
-        expected = float(self.timesteps[i])
-        got = float(timestep.flatten()[0]) if isinstance(timestep, Tensor) else float(timestep)
+        expected = float(self.timesteps[self._step_index])
         if not math.isclose(got, expected, rel_tol=1e-5, abs_tol=1e-3):
             raise DiffusersError(
                 f"step {i} expects timestep {expected:.6g}, got {got:.6g}: a BNS solver must run"
@@ -394,21 +476,73 @@ class BNSScheduler(SchedulerMixin, ConfigMixin):
             acc = torch.promote_types(model_output.dtype, torch.float32)
             self._x0 = sample.to(acc)
             self._us = torch.empty((n, sample.numel()), dtype=acc, device=sample.device)
+            self._offset = self._returned = None
         x = sample.to(self._x0.dtype)
         if x.shape != self._x0.shape:
             raise DiffusersError(
                 f"the sample changed shape during the run: {list(self._x0.shape)} then"
                 f" {list(x.shape)}"
             )
+        if i > 0:
+            self._follow_changes(sample, x)
         self._us[i] = self._velocity(model_output.to(x.dtype), x, i).reshape(-1)
         # bns.sample's own update (one product over the velocities so far): the same numbers.
         b = self.solver.b[i, : i + 1].to(device=x.device, dtype=x.dtype)
         nxt = ns_step(self._x0.reshape(-1), self._us[: i + 1], float(self.solver.a[i]), b)
-        self._step_index = i + 1
+        self._x_ns = nxt
+        if self._offset is not None:
+            nxt = nxt + self._offset
+        self._step_index += 1
         prev = nxt.reshape(x.shape).to(model_output.dtype)
+        self._returned = prev
         if not return_dict:
             return (prev,)
         return SchedulerOutput(prev_sample=prev)
+
+    def _start_run(self, timestep: float) -> None:
+        """The first step of a run: where in the schedule it begins (set_begin_index, else the
+        timestep's place), refused unless that is the solver's first step."""
+        first = self._first_index()
+        if self._begin_index is not None:
+            start = self._begin_index
+        else:
+            near = torch.isclose(
+                self.timesteps.double().cpu(),
+                torch.tensor(timestep, dtype=torch.float64),
+                rtol=1e-5,
+                atol=1e-3,
+            )
+            found = torch.nonzero(near).flatten()
+            if found.numel() == 0:
+                raise DiffusersError(
+                    f"timestep {timestep:.6g} is not in this schedule"
+                    f" ({self.timesteps[first]:.6g} first): a BNS solver must run all its steps"
+                    " in order"
+                )
+            start = int(found[0])
+        if start != first:
+            raise DiffusersError(self._wrong_start(start))
+        if self._starts_inside and not self._noised and _pipeline_lacks(self, "denoising_start"):
+            raise DiffusersError(
+                "this solver starts inside the path, from a noised image, but the pipeline did"
+                " not noise one (add_noise): inpainting at strength 1.0 starts from pure noise."
+                f" Call it with {_as_call(self.pipeline_arguments())}"
+            )
+        self._step_index = start
+
+    def _follow_changes(self, sample: Tensor, x: Tensor) -> None:
+        """Keep what the pipeline changed in the latents between steps (inpainting puts the
+        noised image back outside its mask): the NS update is carried on from the changed
+        values there. Elsewhere the sample is what the last step returned, and the update runs
+        on from the exact state, so rounding to half precision does not accumulate."""
+        if self._returned is None or sample.shape != self._returned.shape:
+            return
+        changed = (sample != self._returned).reshape(-1)
+        if not bool(changed.any()):
+            return
+        gap = x.reshape(-1) - self._x_ns
+        base = self._offset if self._offset is not None else torch.zeros_like(gap)
+        self._offset = torch.where(changed, gap, base)
 
     def _velocity(self, f: Tensor, x: Tensor, i: int) -> Tensor:
         prediction = self.config.prediction_type
@@ -432,6 +566,7 @@ class BNSScheduler(SchedulerMixin, ConfigMixin):
         dtype.
         """
         alpha, sigma = self._forward_coefficients(timesteps, original_samples)
+        self._noised = True
         return alpha * original_samples + sigma * noise
 
     def scale_noise(self, sample: Tensor, timestep: Tensor | float, noise: Tensor) -> Tensor:
@@ -458,6 +593,74 @@ class BNSScheduler(SchedulerMixin, ConfigMixin):
         alpha = v.alpha.reshape(shape).to(device=sample.device, dtype=sample.dtype)
         sigma = v.sigma.reshape(shape).to(device=sample.device, dtype=sample.dtype)
         return alpha, sigma
+
+
+def _span_of(solver: NSSolver) -> tuple[bool, bool]:
+    """Whether the solver's span (``meta["span"]``, :meth:`bns.Model.span`) starts and ends
+    inside the path; ``(False, False)`` for a whole-range solver."""
+    span = solver.meta.get("span")
+    if not isinstance(span, dict):
+        return False, False
+    try:
+        ends_inside = float(span["t_range"][1]) < float(span["whole_range"][1])
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise DiffusersError("the solver's meta span is malformed") from None
+    return span.get("start") == "noised data", ends_inside
+
+
+def _runs(m: int, s: float) -> set[int]:
+    """How many of ``m`` steps a pipeline runs at ``strength`` ``s``, by both of diffusers'
+    rules: ``int(m * s)`` (SD, SDXL, inpainting) and ``m - int(m - m * s)`` (SD3, Flux)."""
+    return {min(int(m * s), m), m - int(max(m - min(m * s, m), 0))}
+
+
+def _strength_for(n: int, want: float, steps: int | None) -> tuple[int, float]:
+    """``(num_inference_steps, strength)`` under which every pipeline runs ``n`` steps
+    (:func:`_runs`), ``strength`` as close to ``want`` as the step counts from ``n`` to
+    ``8 n`` allow (both rules agree where ``m * strength`` is ``n`` exactly)."""
+    if steps is not None and steps < n:
+        raise DiffusersError(f"num_inference_steps must be at least the solver's {n}")
+    best: tuple[float, int, float] | None = None
+    for m in [steps] if steps is not None else range(n, 8 * n + 1):
+        for s in (round(n / m, 4), n / m):
+            if _runs(m, s) == {n} and (best is None or abs(s - want) < best[0] - 1e-12):
+                best = (abs(s - want), m, s)
+                break
+    if best is None:
+        raise DiffusersError(f"no strength runs {n} of {steps} steps in every pipeline")
+    return best[1], best[2]
+
+
+def _as_call(arguments: dict[str, Any]) -> str:
+    shown = {k: v for k, v in arguments.items() if k in ("num_inference_steps", "strength")}
+    return ", ".join(
+        f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()
+    )
+
+
+def _pipeline_locals(scheduler: Any, depth: int = 6) -> dict[str, Any] | None:
+    """The locals of the pipeline call that is using ``scheduler`` (None where none is found)."""
+    frame = inspect.currentframe()
+    try:
+        for _ in range(depth):
+            frame = frame.f_back if frame is not None else None
+            if frame is None:
+                return None
+            owner = frame.f_locals.get("self")
+            if owner is not None and getattr(owner, "scheduler", None) is scheduler:
+                return dict(frame.f_locals)
+        return None
+    except Exception:  # noqa: BLE001 - a frame we cannot read: nothing found
+        return None
+    finally:
+        del frame
+
+
+def _pipeline_lacks(scheduler: Any, name: str) -> bool:
+    """Whether a pipeline call is using ``scheduler`` and was not given ``name`` (False where
+    no pipeline call is found: a loop of the user's own)."""
+    local = _pipeline_locals(scheduler)
+    return local is not None and local.get(name) is None
 
 
 def _pipeline_guidance(scheduler: Any, depth: int = 6) -> list[float]:
