@@ -14,3 +14,33 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# Tiny random diffusers pipelines (bns.integrations.diffusers.tiny), built once per session and
+# shared by the test files that run them; diffusers is imported only when one is asked for.
+# Tests that swap a pipeline's scheduler put it back.
+@pytest.fixture(scope="session")
+def tok(tmp_path_factory):
+    """A folder holding the tiny CLIP tokenizer's files."""
+    return tmp_path_factory.mktemp("tokenizer")
+
+
+@pytest.fixture(scope="session")
+def sd(tok):
+    from bns.integrations.diffusers import tiny
+
+    return tiny.sd(tok)
+
+
+@pytest.fixture(scope="session")
+def sdxl(tok):
+    from bns.integrations.diffusers import tiny
+
+    return tiny.sdxl(tok)
+
+
+@pytest.fixture(scope="session")
+def sd3(tok):
+    from bns.integrations.diffusers import tiny
+
+    return tiny.sd3(tok)

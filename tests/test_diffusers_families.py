@@ -56,28 +56,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return tmp_path_factory.mktemp("tokenizer")
-
-
-@pytest.fixture(scope="module")
-def sd(tok):
-    return tiny.sd(tok)
-
-
-@pytest.fixture(scope="module")
 def sd_v(tok):
     return tiny.sd(tok, "v_prediction")
-
-
-@pytest.fixture(scope="module")
-def sdxl(tok):
-    return tiny.sdxl(tok)
-
-
-@pytest.fixture(scope="module")
-def sd3(tok):
-    return tiny.sd3(tok)
 
 
 @pytest.fixture(scope="module")

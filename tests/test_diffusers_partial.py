@@ -27,32 +27,15 @@ from diffusers import (  # noqa: E402
 )
 from diffusers.image_processor import VaeImageProcessor  # noqa: E402
 
-from bns.integrations.diffusers import BNSScheduler, DiffusersError, model_from_pipeline, tiny  # noqa: E402
+# The tiny pipelines (tok, sd, sdxl, sd3) are fixtures of conftest.py, shared with the families'.
+from test_diffusers_families import _close  # noqa: E402
+
+from bns.integrations.diffusers import BNSScheduler, DiffusersError, model_from_pipeline  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPTS = ["a cat", "a red dog"]
 W = 3.0
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return tmp_path_factory.mktemp("tokenizer")
-
-
-@pytest.fixture(scope="module")
-def sd(tok):
-    return tiny.sd(tok)
-
-
-@pytest.fixture(scope="module")
-def sdxl(tok):
-    return tiny.sdxl(tok)
-
-
-@pytest.fixture(scope="module")
-def sd3(tok):
-    return tiny.sd3(tok)
 
 
 def _span_solver(model: bns.Model, seed: int, method=bns.solvers.midpoint, steps: int = 2):
@@ -84,12 +67,6 @@ class _Recorded(BNSScheduler):
 def _scheduler(solver, pipe) -> _Recorded:
     sched = BNSScheduler.from_solver(solver, pipe.scheduler)
     return _Recorded.from_config(sched.config)
-
-
-def _close(out: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5) -> None:
-    assert out.shape == ref.shape
-    err = float((out.double() - ref.double()).abs().max())
-    assert err <= tol * max(1.0, float(ref.abs().max())), err
 
 
 def _latent(seed: int, shape=(2, 4, 8, 8)) -> torch.Tensor:
