@@ -146,6 +146,14 @@ def test_command_line(tmp_path, capsys):
     argv += ["--batch-size", "16", "--val-every", "5"]
     assert main(argv) == 0
     assert "guidance 1 to 4" in capsys.readouterr().out
+    assert not out.with_name("range.json.ckpt").exists()  # written while it ran, then removed
+    first = json.loads(out.read_text())
+    with pytest.warns(UserWarning, match="no checkpoint"):  # --resume reaches the loop
+        assert main([*argv, "--resume"]) == 0
+    again = json.loads(out.read_text())
+    for d in (first, again):  # all but the clock and the checksum over it
+        del d["checksum"], d["meta"]["wall_time_s"]
+    assert again == first
     res = tmp_path / "e.json"
     ev = ["eval", *common, "--solver", str(out), "--guidance", "3", "--nfe", "4"]
     ev += ["--baselines", "euler", "--test-pairs", "8", "--json", str(res)]
@@ -201,3 +209,48 @@ def test_steps_run_counts_the_steps_that_ran(tmp_path):
         **KW,
     )  # fmt: skip
     assert hist["skipped"] == 2 and rs.meta["steps_run"] == hist["steps_run"] < 40
+
+
+def test_an_interrupted_run_resumes_to_the_same_solver(tmp_path, monkeypatch):
+    """Guidance-range training runs in bns.distill's loop: checkpoints, and a run killed after
+    one continues from it to the result of an uninterrupted run, bit for bit."""
+    import bns.guidance_range as gr
+
+    model = cond_model()
+    kw = dict(steps=20, cache=tmp_path, progress=False, **KW)
+    full, h_full = bns.distill_guidance_range(model, 4, [1, 4], **kw)
+    ck = tmp_path / "run.ckpt"
+    real, calls = gr._RangeObjective.validate, []
+
+    def killed_at_step_10(self):
+        calls.append(1)
+        if len(calls) == 3:  # steps 0 and 5 validated (and step 5 checkpointed)
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(gr._RangeObjective, "validate", killed_at_step_10)
+    with pytest.raises(KeyboardInterrupt):
+        bns.distill_guidance_range(model, 4, [1, 4], checkpoint_path=ck, **kw)
+    monkeypatch.undo()
+    assert ck.exists()
+    back, h_back = bns.distill_guidance_range(
+        model, 4, [1, 4], checkpoint_path=ck, resume=True, **kw
+    )
+    for name in ("logits", "a", "b"):
+        assert torch.equal(back.coefs[name], full.coefs[name])
+    assert h_back["val_psnr"] == h_full["val_psnr"] and h_back["step"] == [0, 5, 10, 15, 20]
+    assert back.meta["steps_run"] == full.meta["steps_run"] == 20
+    other = dict(kw, steps=21)  # other settings: refused
+    with pytest.raises(bns.TrainingError, match="belongs to another"):
+        bns.distill_guidance_range(model, 4, [1, 4], checkpoint_path=ck, resume=True, **other)
+
+
+def test_patience_stops_early_and_steps_run_says_so(tmp_path):
+    """Validation rounds that never improve (a learning rate too small to move anything) stop
+    the run after ``patience`` of them; ``steps_run`` counts the steps taken."""
+    rs, hist = bns.distill_guidance_range(
+        cond_model(), 4, [1, 4], steps=40, lr=1e-300, patience=2, cache=tmp_path,
+        progress=False, **KW,
+    )  # fmt: skip
+    assert hist["step"] == [0, 5, 10] and hist["best_step"] == 0
+    assert hist["steps_run"] == rs.meta["steps_run"] == 10

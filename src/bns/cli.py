@@ -374,14 +374,21 @@ def _distill_guidance_range(args, model: Any, cfg: Any, t0: float) -> int:
     from .distributed import world
     from .guidance_range import distill_guidance_range
 
-    if args.resume:
-        raise CLIError("--resume is not available with --guidance-range")
     if world(model.device).size > 1:
         raise CLIError("--guidance-range runs on one worker (not under torchrun)")
+    ckpt = args.out.with_name(args.out.name + ".ckpt")
     rs, hist = distill_guidance_range(
-        model, cfg.nfe, args.guidance_range, config=cfg, cache=_cache(args), progress=not args.quiet
+        model,
+        cfg.nfe,
+        args.guidance_range,
+        config=cfg,
+        cache=_cache(args),
+        progress=not args.quiet,
+        checkpoint_path=ckpt,
+        resume=args.resume,
     )
     rs.save(args.out)
+    ckpt.unlink(missing_ok=True)
     lo, hi = rs.w_range
     print(
         f"bns distill: {model.name} nfe={cfg.nfe} guidance {lo:g} to {hi:g}: mean validation"

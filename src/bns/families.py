@@ -89,8 +89,10 @@ class Family(nn.Module):
         """:meth:`solver` (so that ``torch.func.functional_call`` can run the map)."""
         return self.solver()
 
-    def param_groups(self, lr: float, coef_lr: float) -> list[dict[str, Any]]:
-        """Adam parameter groups: ``lr_mult`` scales the schedule's learning rate per group."""
+    def param_groups(self, lr: float, coef_lr_mult: float) -> list[dict[str, Any]]:
+        """Adam parameter groups, each with its ``lr_mult``: its learning rate relative to the
+        time logits' (``coef_lr_mult``, :func:`bns.train.coef_lr_mult`, for the groups of step-size
+        numbers); ``lr`` is unused (the loop sets each group's rate every step)."""
         raise NotImplementedError
 
     def _times(self, logits: Tensor) -> Tensor:
@@ -121,11 +123,11 @@ class BNSFamily(Family):
     def solver(self) -> NSSolver:
         return NSSolver(self._times(self.logits), self.a, self.b * self.mask)
 
-    def param_groups(self, lr: float, coef_lr: float) -> list[dict[str, Any]]:
+    def param_groups(self, lr: float, coef_lr_mult: float) -> list[dict[str, Any]]:
         # The time logits are relative already; a and b are of the size of a step.
         return [
             {"params": [self.logits], "lr_mult": 1.0},
-            {"params": [self.a, self.b], "lr_mult": coef_lr},
+            {"params": [self.a, self.b], "lr_mult": coef_lr_mult},
         ]
 
 
@@ -158,10 +160,10 @@ class MultistepFamily(Family):
         a = torch.ones(b.shape[0], dtype=F64, device=b.device)
         return NSSolver(self._times(self.logits), a, b)
 
-    def param_groups(self, lr: float, coef_lr: float) -> list[dict[str, Any]]:
+    def param_groups(self, lr: float, coef_lr_mult: float) -> list[dict[str, Any]]:
         return [
             {"params": [self.logits], "lr_mult": 1.0},
-            {"params": [self.c], "lr_mult": coef_lr},
+            {"params": [self.c], "lr_mult": coef_lr_mult},
         ]
 
 
@@ -249,7 +251,7 @@ class TimeFamily(Family):
         times = torch.cat([self.t_ends[:1], s.times[1:-1], self.t_ends[1:]])
         return NSSolver(times, s.a, s.b)
 
-    def param_groups(self, lr: float, coef_lr: float) -> list[dict[str, Any]]:
+    def param_groups(self, lr: float, coef_lr_mult: float) -> list[dict[str, Any]]:
         return [{"params": [self.logits], "lr_mult": 1.0}]
 
 
@@ -323,7 +325,7 @@ class ScaleTimeFamily(Family):
         out = METHODS[self.method].fn(f, run.x0, tuple(self.r_grid.unbind())) / v["s"][-1]
         return run.to_ns(out, v["t"][-1], {})
 
-    def param_groups(self, lr: float, coef_lr: float) -> list[dict[str, Any]]:
+    def param_groups(self, lr: float, coef_lr_mult: float) -> list[dict[str, Any]]:
         # All relative or per unit of r: of the size of the time logits.
         params = [self.logits, self.log_dt, self.log_s, self.dlog_s]
         return [{"params": params, "lr_mult": 1.0}]

@@ -44,6 +44,7 @@ __all__ = [
     "normal_equations",
     "levenberg_marquardt",
     "gauss_newton_step",
+    "gauss_newton_update",
     "check_forward_mode",
 ]
 
@@ -362,3 +363,18 @@ def gauss_newton_step(
 
     loss, lam = levenberg_marquardt(params, loss0, hg[0], hg[1], batch_loss, lam)
     return loss, lam, sum(spent)
+
+
+def gauss_newton_update(
+    family: Family, model: Model, train: Pairs, gen: torch.Generator, cfg: DistillConfig, lam: float
+) -> tuple[float, float, bool]:
+    """The Gauss-Newton strategy of the training loop (:class:`bns.train._Loop`): one
+    Levenberg-Marquardt step of ``family`` on ``cfg.gn_batch_size`` training pairs drawn
+    without replacement by ``gen``, from the damping ``lam``. Returns ``(batch loss, damping
+    for the next step, rejected)``; ``rejected`` when no try was kept (the parameters are as
+    they were)."""
+    idx = torch.randperm(len(train), generator=gen)[: cfg.gn_batch_size]
+    before = {k: v.detach().clone() for k, v in family.state_dict().items()}
+    loss, lam, _ = gauss_newton_step(family, model, train, idx, cfg, lam)
+    state = family.state_dict()
+    return loss, lam, all(torch.equal(before[k], state[k]) for k in before)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,14 @@ from .loss import LOSSES
 from .model import Model, frozen
 from .pairs import Pairs, make_pairs
 from .solver import NSSolver, SolverFileError, _checksum, sample
-from .train import candidate_solvers, choose_initial_solver, coef_lr_multiplier, lr_factor
+from .train import (
+    Objective,
+    _history,
+    _Loop,
+    candidate_solvers,
+    choose_initial_solver,
+    run_loop,
+)
 
 __all__ = ["GuidanceRangeSolver", "distill_guidance_range", "FORMAT"]
 
@@ -190,6 +196,8 @@ def distill_guidance_range(
     pairs: dict[float, tuple[Pairs, Pairs]] | None = None,
     cache: bool | str | os.PathLike = True,
     progress: bool = True,
+    checkpoint_path: str | os.PathLike | None = None,
+    resume: bool = False,
     **overrides: Any,
 ) -> tuple[GuidanceRangeSolver, dict[str, Any]]:
     """Train one solver for every guidance scale between ``min(guidances)`` and
@@ -199,8 +207,9 @@ def distill_guidance_range(
     counts, ``init``, ``loss``, ``micro_batch``, ``grad_checkpoint``, batch sizes, ``max_skips``);
     each step trains on every scale, ``batch_size`` shared among them. It runs on the
     network's device, ends on the model's range and trains the full family with Adam alone
-    (other ``family``, ``end=data`` or ``gn_steps`` are refused); it keeps the best iterate
-    without the revert rule (``revert_db`` and ``patience`` do not apply).
+    (other ``family``, ``end=data`` or ``gn_steps`` are refused). It trains in the loop of
+    :func:`bns.distill`: the revert rule (``revert_db``), ``patience``, checkpoints
+    (``checkpoint_path``, ``resume=True``) and ``torchrun`` workers apply.
     The initial solver is the classical solver with the best mean validation PSNR over the
     scales, at every ``w``.
     Validation is the mean PSNR over the scales; the best iterate is kept.
@@ -240,7 +249,7 @@ def distill_guidance_range(
         device = model.device
         pairs = {w: (tr.to(device), va.to(device)) for w, (tr, va) in pairs.items()}
         init = _initial_solver(model, cfg, ws, pairs)
-        return _train(model, cfg, ws, pairs, init, int(degree), progress)
+        return _train(model, cfg, ws, pairs, init, int(degree), progress, checkpoint_path, resume)
 
 
 def _initial_solver(model, cfg, ws, pairs) -> NSSolver:
@@ -259,92 +268,129 @@ def _initial_solver(model, cfg, ws, pairs) -> NSSolver:
     return max(candidates, key=lambda c: total[c.meta["init"]])
 
 
-def _train(model, cfg, ws, pairs, init, degree, progress):
-    base = BNSFamily(init)
-    coefs = {}
-    for name in _NAMES:
-        p0 = getattr(base, name).detach()
-        c = torch.zeros((degree + 1, *p0.shape), dtype=torch.float64)
-        c[0] = p0
-        coefs[name] = torch.nn.Parameter(c)
-    rs = GuidanceRangeSolver(coefs, base.t_ends, (ws[0], ws[-1]))
-    coef_lr = coef_lr_multiplier(model, cfg)
-    opt = torch.optim.Adam(
-        [
-            {"params": [coefs["logits"]], "lr": cfg.lr},
-            {"params": [coefs["a"], coefs["b"]], "lr": cfg.lr * coef_lr},
+class _Coefs(torch.nn.Module):
+    """The trained parameters: every BNS parameter's polynomial coefficients in ``s``
+    (``[degree + 1, *shape]``, the initial solver's value at degree 0)."""
+
+    def __init__(self, base: BNSFamily, degree: int) -> None:
+        super().__init__()
+        for name in _NAMES:
+            p0 = getattr(base, name).detach()
+            c = torch.zeros((degree + 1, *p0.shape), dtype=torch.float64)
+            c[0] = p0
+            setattr(self, name, torch.nn.Parameter(c))
+
+    def param_groups(self, lr: float, coef_lr_mult: float) -> list[dict[str, Any]]:
+        """As :meth:`bns.families.BNSFamily.param_groups`."""
+        return [
+            {"params": [self.logits], "lr_mult": 1.0},
+            {"params": [self.a, self.b], "lr_mult": coef_lr_mult},
         ]
-    )
-    base_lrs = [g["lr"] for g in opt.param_groups]
-    gen = torch.Generator().manual_seed(cfg.seed)
 
-    def solver_at(w: float) -> NSSolver:
-        return _solver(coefs, rs.t_ends, rs.s(w), {})
 
-    def validate() -> float:
-        with torch.no_grad():
-            scores = [
-                float(
-                    evaluate_psnr(
-                        model,
-                        solver_at(w).detach(),
-                        pairs[w][1],
-                        w,
-                        cfg.eval_batch_size,
-                        cfg.data_range,
-                    ).mean()
-                )
-                for w in ws
-            ]
-        return sum(scores) / len(scores)
+class _RangeObjective(Objective):
+    """The loss of the coefficients on the pairs of every scale at once (each step's batch
+    shared among them), the validation PSNR their mean over the scales."""
 
-    history: dict[str, list] = {"step": [], "val_psnr": []}
-    best = validate()
-    history["step"].append(0)
-    history["val_psnr"].append(best)
-    best_coefs = {k: v.detach().clone() for k, v in coefs.items()}
-    best_step, skipped, steps_run, t0 = 0, 0, 0, time.perf_counter()
-    for step in range(1, cfg.steps + 1):
-        steps_run = step
-        scale = lr_factor(cfg, step - 1)  # the schedule of bns.distill, step for step
-        for g, lr in zip(opt.param_groups, base_lrs):
-            g["lr"] = lr * scale
+    solver_type = GuidanceRangeSolver
+
+    def __init__(self, model, cfg, coefs: _Coefs, init, pairs, rs: GuidanceRangeSolver):
+        super().__init__(model, cfg, coefs, init, None, None)
+        self.pairs, self.rs, self.ws = pairs, rs, sorted(pairs)
+
+    def set_lr(self, opt: torch.optim.Optimizer, backoff: float, schedule: float) -> None:
+        # The products in the order of this trainer's first version: its results bit for bit.
+        for group in opt.param_groups:
+            group["lr"] = self.cfg.lr * group["lr_mult"] * (backoff * schedule)
+
+    def _solver_at(self, w: float) -> NSSolver:
+        return _solver(dict(self.family.named_parameters()), self.rs.t_ends, self.rs.s(w), {})
+
+    def gradient(self, gen: torch.Generator) -> tuple[float, list, list | None]:
+        from .distributed import data_parallel
+
+        cfg, ws = self.cfg, self.ws
         # Every scale in every step, the batch shared among them: one consistent gradient for
         # the whole range (taking the scales in turn lets Adam chase each one's gradient).
-        params = list(coefs.values())
-        grads = [torch.zeros_like(p) for p in params]
-        loss = 0.0
-        for w in ws:
-            train = pairs[w][0]
-            per = max(1, min(cfg.batch_size // len(ws), len(train)))
-            batch = train[torch.randint(len(train), (per,), generator=gen).to(train.x0.device)]
-            size = cfg.micro_batch or per  # micro-batches: the same gradient, less memory
-            for s0 in range(0, per, size):
-                part = batch[s0 : s0 + size]
-                x = sample(model, part.x0, solver_at(w), part.y, w, checkpoint=cfg.grad_checkpoint)
-                term = LOSSES[cfg.loss](x, part.x1).sum() / (per * len(ws))
-                # gradients of the solver's numbers alone: no network weight gets a .grad
-                for g, gi in zip(grads, torch.autograd.grad(term, params)):
-                    g += gi
-                loss += float(term.detach())
-        if not (math.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)):
-            skipped += 1
-            if skipped > cfg.max_skips:
-                break
-            continue
-        for p, g in zip(params, grads):
-            p.grad = g
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if step % cfg.val_every == 0 or step == cfg.steps:
-            v = validate()
-            history["step"].append(step)
-            history["val_psnr"].append(v)
-            if math.isfinite(v) and v > best:
-                best, best_step = v, step
-                best_coefs = {k: c.detach().clone() for k, c in coefs.items()}
-            if progress:
-                print(f"  step {step}: mean val PSNR {v:.2f} dB (best {best:.2f})")
+        # Pair i of scale k is index k * L + i of the global batch that the workers share.
+        L = max(len(self.pairs[w][0]) for w in ws)
+        idx = []
+        for k, w in enumerate(ws):
+            n = len(self.pairs[w][0])
+            per = max(1, min(cfg.batch_size // len(ws), n))
+            idx.append(k * L + torch.randint(n, (per,), generator=gen))
+        params = list(self.family.parameters())
+        return self._data_parallel(data_parallel, torch.cat(idx), params, L)
+
+    def _data_parallel(self, data_parallel, idx, params, L):
+        cfg = self.cfg
+
+        def step(part: Tensor) -> tuple[float, list[Tensor] | None]:
+            grads = [torch.zeros_like(p) for p in params]
+            loss = 0.0
+            for k, w in enumerate(self.ws):
+                train = self.pairs[w][0]
+                mine = part[part // L == k] - k * L
+                if not len(mine):
+                    continue
+                batch = train[mine.to(train.x0.device)]
+                size = cfg.micro_batch or len(mine)  # micro-batches: the same gradient
+                for s0 in range(0, len(mine), size):
+                    b = batch[s0 : s0 + size]
+                    solver = self._solver_at(w)
+                    x = sample(self.model, b.x0, solver, b.y, w, checkpoint=cfg.grad_checkpoint)
+                    term = LOSSES[cfg.loss](x, b.x1).sum() / len(part)
+                    # gradients of the solver's numbers alone: no network weight gets a .grad
+                    for g, gi in zip(grads, torch.autograd.grad(term, params)):
+                        g += gi
+                    loss += float(term.detach())
+            if not (math.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)):
+                return math.nan, None
+            return loss, grads
+
+        loss, grads, _ = data_parallel(step, idx, params, self.model)
+        return loss, params, grads
+
+    def validate(self) -> tuple[float, GuidanceRangeSolver]:
+        cfg, ws = self.cfg, self.ws
+        scores = [
+            float(
+                evaluate_psnr(
+                    self.model,
+                    self._solver_at(w).detach(),
+                    self.pairs[w][1],
+                    w,
+                    cfg.eval_batch_size,
+                    cfg.data_range,
+                ).mean()
+            )
+            for w in ws
+        ]
+        coefs = {k: v.detach().clone() for k, v in self.family.state_dict().items()}
+        return sum(scores) / len(scores), GuidanceRangeSolver(
+            coefs, self.rs.t_ends, self.rs.w_range
+        )
+
+    def kept(self, step: int, solver: GuidanceRangeSolver) -> GuidanceRangeSolver:
+        return solver
+
+
+def _train(model, cfg, ws, pairs, init, degree, progress, checkpoint_path, resume):
+    from .distributed import world
+
+    base = BNSFamily(init)
+    coefs = _Coefs(base, degree)
+    rs = GuidanceRangeSolver(dict(coefs.named_parameters()), base.t_ends, (ws[0], ws[-1]))
+    objective = _RangeObjective(model, cfg, coefs, init, pairs, rs)
+    loop = _Loop(model, cfg, coefs, init, None, None, None, objective=objective)
+    ident = {"model": model.fingerprint(), "cfg": cfg.to_dict(), "ws": ws, "degree": degree}
+    ident["n"] = [[len(tr), len(va)] for tr, va in pairs.values()]
+    main = world(model.device or torch.device("cpu")).main
+    run_loop(loop, json.dumps(ident, sort_keys=True), checkpoint_path, resume, progress, main)
+    history = _history(loop, loop.ledger.summed_over_workers())
+    history["steps_run"] = loop.steps_run  # the steps taken (patience skips the others)
+    best, best_step, steps_run = loop.best_psnr, loop.best_step, loop.steps_run
+    best_coefs = loop.best_params
     out = GuidanceRangeSolver(best_coefs, rs.t_ends, rs.w_range)
     out.meta = {
         "solver": "bns-guidance-range",
@@ -358,8 +404,8 @@ def _train(model, cfg, ws, pairs, init, degree, progress):
         "config": cfg.to_dict(),
         "val_psnr": best,
         "best_step": best_step,
-        "steps_run": steps_run,  # fewer than cfg.steps when too many steps were not finite
-        "wall_time_s": round(time.perf_counter() - t0, 3),
+        "steps_run": steps_run,  # fewer than cfg.steps when stopped early
+        "wall_time_s": round(loop.elapsed, 3),
+        "reverts": loop.reverts,
     }
-    history.update(best_val_psnr=best, best_step=best_step, steps_run=steps_run, skipped=skipped)
     return out, history

@@ -11,6 +11,23 @@ and the best solver is kept. The initial solver counts as step 0, so zero steps 
 never beat it) return it exactly. A validation ``revert_db`` below the best returns to the best
 parameters with half the learning rate; a non-finite loss or gradient skips the step and halves
 the learning rate. Checkpoints make ``resume=True`` continue a killed run to the same result.
+
+One loop (:class:`_Loop`) serves every trainer: it minimizes an :class:`Objective` (the loss
+of a family's parameters on training pairs, and its validation) with two strategies, Adam
+steps (:func:`_adam`) and then Gauss-Newton steps (:func:`_gauss_newton`, through the small
+interface :func:`bns.gauss_newton.gauss_newton_update`). :mod:`bns.guidance_range` trains its
+solver in the same loop with an objective of its own.
+
+The learning rate of an Adam parameter group at step ``k`` is the product of four factors,
+each with one name:
+
+- ``cfg.lr``: the base rate (of the time logits);
+- ``lr_backoff``: the loop's running factor, 1 at the start, halved at every revert and at
+  every non-finite step (checkpointed);
+- ``lr_schedule(cfg, k)``: the warm-up and cosine decay;
+- ``lr_mult``: the group's own multiplier (an optimizer group's key, from
+  ``Family.param_groups``); the groups of step-size numbers (``a``, ``b``) take
+  ``coef_lr_mult(model, cfg)``, which is the setting ``cfg.coef_lr_scale`` times the mean step.
 """
 
 from __future__ import annotations
@@ -31,7 +48,7 @@ from .config import DistillConfig, TrainingError, resolve_steps
 from .cost import Ledger, uncounted
 from .evaluate import evaluate_psnr
 from .families import FAMILIES, Family, make_family, usable_inits
-from .gauss_newton import check_forward_mode, gauss_newton_step
+from .gauss_newton import check_forward_mode, gauss_newton_update
 from .loss import loss_and_grad
 from .model import Model, frozen
 from .pairs import Pairs, make_pairs
@@ -45,7 +62,9 @@ __all__ = [
     "TrainingError",
     "choose_initial_solver",
     "candidate_solvers",
-    "lr_factor",
+    "coef_lr_mult",
+    "lr_schedule",
+    "Objective",
 ]
 
 
@@ -184,7 +203,7 @@ def spanned(model: Model, span: list[float | None] | None) -> Model:
 def _distill(
     model, cfg, candidates, pairs, cache, checkpoint_path, resume, progress, callback, device
 ) -> tuple[NSSolver, dict[str, Any]]:
-    from .distributed import on_rank0, world  # under torchrun: bns starts the process group
+    from .distributed import world  # under torchrun: bns starts the process group
 
     main = world(device).main
     progress = progress and main  # rank 0 alone shows progress and writes checkpoints
@@ -209,21 +228,28 @@ def _distill(
     with ledger.phase("ranking", model):
         init, scores, _ = choose_initial_solver(model, cfg, val, candidates)
     family = make_family(cfg.family, init)
-    run_id = _run_id(model, cfg, train, val)
-    ckpt = Checkpoint(checkpoint_path, run_id) if checkpoint_path and main else None
     loop = _Loop(model, cfg, family, init, train, val, callback, ledger)
-    if resume:  # rank 0 reads the checkpoint and sends it to every worker
-        state = on_rank0(lambda: ckpt.load() if ckpt is not None else None)
-        if state is None and ckpt is not None:
-            warnings.warn(f"bns: no checkpoint at {ckpt.path}; starting anew", stacklevel=2)
-        elif state is not None:
-            _restore_loop(loop, state)
-    loop.run(ckpt, progress)
+    run_loop(loop, _run_id(model, cfg, train, val), checkpoint_path, resume, progress, main)
     cost = loop.ledger.summed_over_workers()  # every worker's share of the work
     solver = loop.best
     solver.meta = _artifact_meta(model, cfg, end, loop, train, scores, cost)
     solver.validate(t_range=model.t_range, strict=True)
     return solver, _history(loop, cost)
+
+
+def run_loop(loop: _Loop, run_id: str, checkpoint_path, resume: bool, progress: bool, main: bool):
+    """Run ``loop`` to its end, writing checkpoints of the run ``run_id`` to
+    ``checkpoint_path`` (rank 0 alone: ``main``) and first continuing from one if ``resume``."""
+    from .distributed import on_rank0
+
+    ckpt = Checkpoint(checkpoint_path, run_id) if checkpoint_path and main else None
+    if resume:  # rank 0 reads the checkpoint and sends it to every worker
+        state = on_rank0(lambda: ckpt.load() if ckpt is not None else None)
+        if state is None and ckpt is not None:
+            warnings.warn(f"bns: no checkpoint at {ckpt.path}; starting anew", stacklevel=3)
+        elif state is not None:
+            _restore_loop(loop, state)
+    loop.run(ckpt, progress)
 
 
 def _fit_budget(model, cfg, candidates, device, cache, pairs_given) -> DistillConfig:
@@ -258,14 +284,15 @@ def _run_id(model: Model, cfg: DistillConfig, train: Pairs, val: Pairs) -> str:
     return json.dumps(ident, sort_keys=True)
 
 
-def coef_lr_multiplier(model: Model, cfg: DistillConfig) -> float:
-    """The learning rate of ``a`` and ``b`` relative to the time parameters'. They are of the
-    size of a step (h = range / n): their learning rate scales with it, so Adam's unit-size
-    steps move every parameter by the same relative amount."""
+def coef_lr_mult(model: Model, cfg: DistillConfig) -> float:
+    """The ``lr_mult`` of the groups of ``a`` and ``b``: their learning rate relative to the
+    time parameters'. They are of the size of a step (h = range / n): their learning rate
+    scales with it (``cfg.coef_lr_scale`` times h), so Adam's unit-size steps move every
+    parameter by the same relative amount."""
     return cfg.coef_lr_scale * (model.t_range[1] - model.t_range[0]) / cfg.nfe
 
 
-def lr_factor(cfg: DistillConfig, step: int) -> float:
+def lr_schedule(cfg: DistillConfig, step: int) -> float:
     """The learning rate of ``step`` relative to ``cfg.lr``: linear warm-up over
     ``cfg.warmup`` steps, then a cosine decay to ``cfg.lr_final`` at ``cfg.steps``."""
     cos = 0.5 * (1 + math.cos(math.pi * min(step / max(cfg.steps, 1), 1.0)))
@@ -274,18 +301,14 @@ def lr_factor(cfg: DistillConfig, step: int) -> float:
 
 
 def _gauss_newton(loop: _Loop) -> float:
-    """One Gauss-Newton step of ``loop`` on ``gn_batch_size`` training pairs drawn without
-    replacement; the damping ``gn_lam`` carries over (and into checkpoints)."""
-    cfg = loop.cfg
-    if loop.step == cfg.steps > 0:  # after Adam: from its best iterate, not its last
+    """One Gauss-Newton step of ``loop``'s objective (:func:`bns.gauss_newton.gauss_newton_update`);
+    the damping ``gn_lam`` carries over (and into checkpoints)."""
+    if loop.step == loop.cfg.steps > 0:  # after Adam: from its best iterate, not its last
         loop.family.load_state_dict(loop.best_params)
-    idx = torch.randperm(len(loop.train), generator=loop.gen)[: cfg.gn_batch_size]
-    before = loop._params_copy()
-    loss, loop.gn_lam, _ = gauss_newton_step(
-        loop.family, loop.model, loop.train, idx, cfg, loop.gn_lam
+    o = loop.objective
+    loss, loop.gn_lam, loop.gn_rejected = gauss_newton_update(
+        o.family, o.model, o.train, loop.gen, loop.cfg, loop.gn_lam
     )
-    state = loop.family.state_dict()
-    loop.gn_rejected = all(torch.equal(before[k], state[k]) for k in before)
     return loss
 
 
@@ -300,26 +323,13 @@ def _spent(budget, ledger: Ledger) -> float:
 
 
 def _adam(loop: _Loop) -> float:
-    """One Adam step of ``loop`` on ``batch_size`` training pairs drawn with replacement; a
-    non-finite loss or gradient skips it and halves the learning rate."""
-    from .distributed import data_parallel
-
-    cfg = loop.cfg
-    for group in loop.opt.param_groups:
-        group["lr"] = loop._lr(loop.step) * group["lr_mult"]
-    idx = torch.randint(len(loop.train), (cfg.batch_size,), generator=loop.gen)
-    params = [p for p in loop.family.parameters() if p.requires_grad]
-
-    def step(part: torch.Tensor) -> tuple[float, list[torch.Tensor] | None]:
-        kw = dict(micro_batch=cfg.micro_batch, checkpoint=cfg.grad_checkpoint, loss=cfg.loss)
-        batch = loop.train[part.to(loop.train.x0.device)]
-        return loss_and_grad(loop.family, loop.model, batch, cfg.guidance, **kw)
-
-    # Each worker takes its share of the global batch; the gradients are summed over them.
-    loss, grads, _ = data_parallel(step, idx, params, loop.model)
+    """One Adam step of ``loop``'s objective; a non-finite loss or gradient skips it and halves
+    the learning rate (``lr_backoff``)."""
+    loop.objective.set_lr(loop.opt, loop.lr_backoff, lr_schedule(loop.cfg, loop.step))
+    loss, params, grads = loop.objective.gradient(loop.gen)
     if grads is None:
         loop.skipped += 1
-        loop.lr_scale *= 0.5
+        loop.lr_backoff *= 0.5
         return math.nan
     for p, g in zip(params, grads):
         p.grad = g
@@ -328,24 +338,81 @@ def _adam(loop: _Loop) -> float:
     return loss
 
 
+class Objective:
+    """What the loop minimizes: the loss of ``family``'s parameters on the training pairs at
+    one guidance scale (:func:`distill`), and the validation PSNR. An objective gives Adam its
+    batch gradient (:meth:`gradient`), Gauss-Newton its ``family``, ``model`` and ``train``
+    pairs, and the loop its validation (:meth:`validate`)."""
+
+    solver_type: Any = NSSolver  # what :meth:`validate` returns (and checkpoints hold)
+
+    def __init__(self, model, cfg, family: Family, init: NSSolver, train, val) -> None:
+        self.model, self.cfg, self.family, self.init = model, cfg, family, init
+        self.train, self.val = train, val
+
+    def set_lr(self, opt: torch.optim.Optimizer, backoff: float, schedule: float) -> None:
+        """Every group's learning rate: ``cfg.lr * backoff * schedule * lr_mult``."""
+        for group in opt.param_groups:
+            group["lr"] = self.cfg.lr * backoff * schedule * group["lr_mult"]
+
+    def gradient(self, gen: torch.Generator) -> tuple[float, list, list | None]:
+        """The loss on ``batch_size`` training pairs drawn with replacement, the trained
+        parameters and their gradients (None when not finite), summed over ``torchrun``'s
+        workers."""
+        from .distributed import data_parallel
+
+        cfg = self.cfg
+        idx = torch.randint(len(self.train), (cfg.batch_size,), generator=gen)
+        params = [p for p in self.family.parameters() if p.requires_grad]
+
+        def step(part: torch.Tensor) -> tuple[float, list[torch.Tensor] | None]:
+            kw = dict(micro_batch=cfg.micro_batch, checkpoint=cfg.grad_checkpoint, loss=cfg.loss)
+            batch = self.train[part.to(self.train.x0.device)]
+            return loss_and_grad(self.family, self.model, batch, cfg.guidance, **kw)
+
+        # Each worker takes its share of the global batch; the gradients are summed over them.
+        loss, grads, _ = data_parallel(step, idx, params, self.model)
+        return loss, params, grads
+
+    def validate(self) -> tuple[float, NSSolver]:
+        """The mean validation PSNR of the current parameters and their (detached) solver."""
+        cfg = self.cfg
+        solver = self.family.solver().detach()
+        psnr = evaluate_psnr(
+            self.model, solver, self.val, cfg.guidance, cfg.eval_batch_size, cfg.data_range
+        )
+        return float(psnr.mean()), solver
+
+    def kept(self, step: int, solver: NSSolver) -> NSSolver:
+        """The solver to keep as the best: the initial solver (step 0) as it is, not rebuilt
+        from parameters."""
+        return self.init.detach() if step == 0 else solver
+
+
 class _Loop:
-    """The optimization: learning-rate schedule, validation, best/revert, checkpoint state."""
+    """The optimization of an :class:`Objective` (by default :func:`distill`'s, of ``family``
+    on ``train`` and ``val``): learning-rate schedule, validation, best/revert, patience,
+    checkpoint state. ``step`` is the step index (patience moves it on to the Gauss-Newton
+    steps); ``steps_run`` counts the optimizer steps taken."""
 
-    SCALARS = ("step", "lr_scale", "skipped", "reverts", "bad_rounds", "elapsed", "gn_lam")
-    SCALARS += ("gn_stall", "gn_rejections")
+    SCALARS = ("step", "lr_backoff", "skipped", "reverts", "bad_rounds", "elapsed", "gn_lam")
+    SCALARS += ("gn_stall", "gn_rejections", "steps_run")
 
-    def __init__(self, model, cfg, family: Family, init, train, val, callback, ledger=None) -> None:
+    def __init__(
+        self, model, cfg, family: Family, init, train, val, callback, ledger=None, objective=None
+    ) -> None:
         self.model, self.cfg, self.family, self.init = model, cfg, family, init
         self.train, self.val, self.callback = train, val, callback
+        self.objective = objective or Objective(model, cfg, family, init, train, val)
         self.ledger = ledger if ledger is not None else Ledger()
         torch.manual_seed(cfg.seed)
-        coef = coef_lr_multiplier(model, cfg)
+        coef = coef_lr_mult(model, cfg)
         self.opt = torch.optim.Adam(family.param_groups(cfg.lr, coef), lr=cfg.lr)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.step = self.skipped = self.reverts = self.bad_rounds = self.gn_stall = 0
-        self.gn_rejections = 0
+        self.gn_rejections = self.steps_run = 0
         self.gn_rejected = self.stopped_by_budget = False
-        self.lr_scale, self.elapsed, self.gn_lam = 1.0, 0.0, 1e-3
+        self.lr_backoff, self.elapsed, self.gn_lam = 1.0, 0.0, 1e-3
         self.history: dict[str, list] = {"step": [], "train_loss": [], "val_psnr": [], "lr": []}
         self.best, self.best_psnr, self.best_step = init.detach(), -math.inf, 0
         self.best_params = self._params_copy()
@@ -354,21 +421,16 @@ class _Loop:
         return {k: v.detach().clone() for k, v in self.family.state_dict().items()}
 
     def _lr(self, step: int) -> float:
-        return self.cfg.lr * self.lr_scale * lr_factor(self.cfg, step)
+        return self.cfg.lr * self.lr_backoff * lr_schedule(self.cfg, step)
 
     def _validate(self, loss: float) -> None:
         cfg = self.cfg
         with torch.no_grad(), self.ledger.phase("validation", self.model):
-            solver = self.family.solver().detach()
-            psnr = evaluate_psnr(
-                self.model, solver, self.val, cfg.guidance, cfg.eval_batch_size, cfg.data_range
-            )
-        v = float(psnr.mean())
+            v, solver = self.objective.validate()
         for key, value in zip(self.history, (self.step, loss, v, self._lr(self.step))):
             self.history[key].append(value)
         if math.isfinite(v) and v > self.best_psnr:
-            # The initial solver (step 0) is kept as it is, not rebuilt from parameters.
-            self.best = self.init.detach() if self.step == 0 else solver
+            self.best = self.objective.kept(self.step, solver)
             self.best_psnr, self.best_step, self.bad_rounds = v, self.step, 0
             self.best_params = self._params_copy()
         else:
@@ -378,7 +440,7 @@ class _Loop:
                 # serves a model at 35 dB and one at 70 dB alike.
                 self.family.load_state_dict(self.best_params)
                 self.opt.state.clear()
-                self.lr_scale *= 0.5
+                self.lr_backoff *= 0.5
                 self.reverts += 1
         if self.callback is not None:
             record = {"val_psnr": v, "train_loss": loss, "best": self.best_psnr}
@@ -422,6 +484,7 @@ class _Loop:
                 # the Gauss-Newton steps come after Adam's
                 loss = _gauss_newton(self) if gn else _adam(self)
             self.step += 1
+            self.steps_run += 1
             at_round = self.step % cfg.val_every == 0 or self.step >= cfg.steps
             if gn and self.gn_rejected:
                 # Levenberg-Marquardt kept nothing: the solver is the one last validated.
@@ -469,6 +532,8 @@ def _restore_loop(loop: _Loop, state: dict[str, Any]) -> None:
     loop.opt.load_state_dict(state["opt"])
     loop.gen.set_state(state["gen"])
     s = json.loads(state["scalars"])
+    s.setdefault("lr_backoff", s.get("lr_scale", 1.0))  # its older name
+    s.setdefault("steps_run", s["step"])  # not recorded before: the step index
     for k in loop.SCALARS:
         setattr(loop, k, s.get(k, 0))
     loop.best_psnr = -math.inf if s["best_psnr"] is None else s["best_psnr"]
@@ -478,7 +543,7 @@ def _restore_loop(loop: _Loop, state: dict[str, Any]) -> None:
     )  # what the interrupted run spent before its checkpoint
     for name in ("optimizer", "validation"):
         loop.ledger.phases[name] = done[name]
-    loop.best = NSSolver.from_dict(json.loads(state["best"]))
+    loop.best = loop.objective.solver_type.from_dict(json.loads(state["best"]))
     loop.best_params = state["best_params"]
 
 
@@ -489,7 +554,7 @@ def _training_evaluations(cost: Ledger) -> int:
 
 def _history(loop: _Loop, cost: Ledger) -> dict[str, Any]:
     h = dict(loop.history)
-    h.update(best_step=loop.best_step, best_val_psnr=loop.best_psnr, steps_run=loop.step)
+    h.update(best_step=loop.best_step, best_val_psnr=loop.best_psnr, steps_run=loop.steps_run)
     h.update(skipped=loop.skipped, reverts=loop.reverts, forwards=_training_evaluations(cost))
     h.update(wall_time_s=loop.elapsed, cost=cost.to_dict())
     h.update(stopped_by_budget=loop.stopped_by_budget, gn_rejected=loop.gn_rejections)
@@ -514,7 +579,7 @@ def _artifact_meta(model, cfg, end: str, loop: _Loop, train: Pairs, scores, cost
         "config": cfg.to_dict(),
         "val_psnr": loop.best_psnr,
         "best_step": loop.best_step,
-        "steps_run": loop.step,
+        "steps_run": loop.steps_run,  # the steps taken (fewer where patience stopped them)
         "train_forwards": _training_evaluations(cost),
         "ground_truth_nfe_per_sample": train.nfe_per_sample,
         "wall_time_s": round(loop.elapsed, 3),
