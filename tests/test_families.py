@@ -277,3 +277,21 @@ def test_the_command_line_distills_a_family(tmp_path, monkeypatch):
     assert main(args) == 0
     solver = bns.NSSolver.load(out)
     assert solver.meta["family"] == "time" and solver.meta["init"].startswith("midpoint@")
+
+
+def test_a_builder_and_the_registry_name_a_solver_alike():
+    """``meta["solver"]`` is the registry's name whichever way a solver is built, so the time
+    family starts from either."""
+    from bns.solvers import METHODS, build
+
+    grid = bns.grids.uniform(4)
+    built = {
+        "euler": bns.solvers.euler(grid),
+        "midpoint": bns.solvers.midpoint(grid),
+        "ab2": bns.solvers.adams_bashforth(grid, 2),
+        "ab3": bns.solvers.adams_bashforth(grid, 3),
+        "ipndm": bns.solvers.ipndm(grid),
+    }
+    for name, solver in built.items():
+        assert solver.meta["solver"] == build(name, grid).meta["solver"] == name in METHODS
+        make_family("time", solver)  # accepted

@@ -101,6 +101,6 @@ def ipndm(grid: Tensor, order: int = 4, *, transform: ScheduleChange | None = No
     """Improved PNDM (Zhang & Chen, 2023): Adams-Bashforth with constant-step weights on any grid,
     lower order while the history is short (NFE = steps)."""
     order = _check_order(order)
-    return trace(
-        ipndm_method, grid, transform=transform, order=order, meta={"solver": f"ipndm{order}"}
-    )
+    # Named as in bns.solvers.METHODS, whichever way it is built: "ipndm" is order 4.
+    name = "ipndm" if order == 4 else f"ipndm{order}"
+    return trace(ipndm_method, grid, transform=transform, order=order, meta={"solver": name})
