@@ -1,6 +1,6 @@
-"""Text-to-image and text-to-video pipelines as bns nets, one adapter per family.
+"""Text-to-image and text-to-video pipelines as bns nets, one adapter per kind of pipeline.
 
-Every family encodes the prompts and the negative prompt once, with the pipeline's own
+Every kind encodes the prompts and the negative prompt once, with the pipeline's own
 ``encode_prompt`` and the arguments of its default call, into buffers ``[K + 1, ...]`` (the
 negative prompt last: the null label ``K``), and calls the denoiser the way the pipeline's
 denoising loop does (file and line numbers below are diffusers 0.42's):
@@ -65,7 +65,7 @@ def call_default(pipe: Any, name: str, fallback: Any = None) -> Any:
 
 @dataclass
 class TextBuild:
-    """What a family's builder gets: the pipeline, its denoiser, the prompts and the options."""
+    """What a kind's builder gets: the pipeline, its denoiser, the prompts and the options."""
 
     pipe: Any
     denoiser: nn.Module
@@ -519,8 +519,9 @@ def build_wan(b: TextBuild) -> tuple[nn.Module, tuple[int, ...]]:
 
 
 @dataclass(frozen=True)
-class Family:
-    """A supported text family: its pipelines, its denoiser class and the options it takes."""
+class PipelineKind:
+    """A supported kind of text pipeline: its pipeline classes, its denoiser class and the
+    options it takes (bns.families' "families" are solver families, not these)."""
 
     label: str
     pipelines: tuple[str, ...]
@@ -530,43 +531,43 @@ class Family:
 
 
 _SIZE = frozenset({"height", "width"})
-FAMILIES = (
-    Family(
+PIPELINE_KINDS = (
+    PipelineKind(
         "Stable Diffusion 1.x/2.x",
         ("StableDiffusionPipeline",),
         "UNet2DConditionModel",
         _SIZE | {"embedded_guidance"},
         build_sd,
     ),
-    Family(
+    PipelineKind(
         "SDXL",
         ("StableDiffusionXLPipeline",),
         "UNet2DConditionModel",
         _SIZE | {"embedded_guidance"},
         build_sdxl,
     ),
-    Family(
+    PipelineKind(
         "SD3/3.5",
         ("StableDiffusion3Pipeline",),
         "SD3Transformer2DModel",
         _SIZE | {"max_sequence_length"},
         build_sd3,
     ),
-    Family(
+    PipelineKind(
         "Flux",
         ("FluxPipeline",),
         "FluxTransformer2DModel",
         _SIZE | {"max_sequence_length", "embedded_guidance"},
         build_flux,
     ),
-    Family(
+    PipelineKind(
         "PixArt-alpha/Sigma",
         ("PixArtAlphaPipeline", "PixArtSigmaPipeline"),
         "PixArtTransformer2DModel",
         _SIZE | {"max_sequence_length"},
         build_pixart,
     ),
-    Family(
+    PipelineKind(
         "Wan 2.1/2.2",
         ("WanPipeline",),
         "WanTransformer3DModel",
@@ -576,13 +577,13 @@ FAMILIES = (
 )
 
 
-def find_family(pipe: Any, denoiser: nn.Module) -> Family | None:
-    kind, net = type(pipe).__name__, type(denoiser).__name__
-    for family in FAMILIES:
-        if kind in family.pipelines and net == family.denoiser:
-            return family
+def find_kind(pipe: Any, denoiser: nn.Module) -> PipelineKind | None:
+    name, net = type(pipe).__name__, type(denoiser).__name__
+    for kind in PIPELINE_KINDS:
+        if name in kind.pipelines and net == kind.denoiser:
+            return kind
     return None
 
 
 def supported_text() -> str:
-    return "; ".join(f"{f.label} ({', '.join(f.pipelines)})" for f in FAMILIES)
+    return "; ".join(f"{f.label} ({', '.join(f.pipelines)})" for f in PIPELINE_KINDS)

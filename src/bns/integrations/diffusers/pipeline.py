@@ -20,7 +20,7 @@ from ...model import Model
 from ...pairs import SPLITS
 from ._conventions import BNS_PREDICTION_OF, DiffusersError, bns_schedule, describe_scheduler
 from ._nets import _ClassNet, _PipelineNet, _UncondNet
-from ._text import TextBuild, find_family, supported_text
+from ._text import TextBuild, find_kind, supported_text
 
 __all__ = ["model_from_pipeline"]
 
@@ -97,7 +97,7 @@ def _prompt_table(
 def _supported() -> str:
     return (
         "DiT-style class-conditional (DiTPipeline), unconditional UNet2DModel (DDPM / DDIM"
-        f" pipelines), and the text families {supported_text()}"
+        f" pipelines), and the text pipelines {supported_text()}"
     )
 
 
@@ -213,13 +213,13 @@ def model_from_pipeline(
     if negative_prompt is not None and not is_text:
         raise DiffusersError(f"negative_prompt needs a text pipeline, not {kind}")
     if is_text:
-        family = find_family(pipe, denoiser)
-        if family is None:
+        text_kind = find_kind(pipe, denoiser)
+        if text_kind is None:
             raise DiffusersError(
                 f"text pipeline {kind} ({type(denoiser).__name__}) is not supported yet;"
                 f" supported: {_supported()}"
             )
-        _check_options(options, family.options, family.label)
+        _check_options(options, text_kind.options, text_kind.label)
         if not prompts:
             raise DiffusersError(
                 f"{kind} is a text pipeline: pass prompts (the command line's --prompts FILE)"
@@ -236,7 +236,7 @@ def model_from_pipeline(
             options,
             None if sample_shape is None else tuple(int(d) for d in sample_shape),
         )
-        net, sample_shape = family.build(build)
+        net, sample_shape = text_kind.build(build)
         num_classes = len(texts)
     else:
         if prompts is not None:

@@ -1,4 +1,4 @@
-"""Tiny random diffusers pipelines built offline, one per family bns supports.
+"""Tiny random diffusers pipelines built offline, one per kind of pipeline bns supports.
 
 For tests and for benchmarks that must run anywhere (CI, a machine without a model hub): every
 component is a one-layer network built from a config with random weights, CLIP uses a
@@ -46,7 +46,7 @@ from transformers import (
     UMT5EncoderModel,
 )
 
-__all__ = ["tiny_pipeline", "FAMILIES"]
+__all__ = ["tiny_pipeline", "KINDS"]
 
 VOCAB = {"<|startoftext|>": 0, "<|endoftext|>": 1}
 for c in "abcdefghijklmnopqrstuvwxyz":
@@ -281,12 +281,12 @@ def wan(two_experts: bool = False) -> WanPipeline:
     )
 
 
-FAMILIES = ("sd", "sd-v", "sdxl", "sd3", "flux", "pixart", "wan")
+KINDS = ("sd", "sd-v", "sdxl", "sd3", "flux", "pixart", "wan")
 
 
-def tiny_pipeline(family: str, folder: str | Path, **kw: Any) -> Any:
-    """A tiny random pipeline of ``family`` (:data:`FAMILIES`); ``folder`` holds the CLIP
-    tokenizer files of the families that use CLIP."""
+def tiny_pipeline(kind: str, folder: str | Path, **kw: Any) -> Any:
+    """A tiny random pipeline of ``kind`` (:data:`KINDS`); ``folder`` holds the CLIP tokenizer
+    files of the kinds that use CLIP."""
     folder = Path(folder)
     builders = {
         "sd": lambda: sd(folder, **kw),
@@ -297,6 +297,6 @@ def tiny_pipeline(family: str, folder: str | Path, **kw: Any) -> Any:
         "pixart": lambda: pixart(**kw),
         "wan": lambda: wan(**kw),
     }
-    if family not in builders:
-        raise ValueError(f"unknown family {family!r}; one of {', '.join(FAMILIES)}")
-    return builders[family]()
+    if kind not in builders:
+        raise ValueError(f"unknown pipeline kind {kind!r}; one of {', '.join(KINDS)}")
+    return builders[kind]()
