@@ -37,8 +37,9 @@ import torch
 
 from ._io import atomic_write_text
 from .errors import BNSError
-from .schedules import Schedule, schedule_from_config
+from .schedules import Schedule, noise_level, schedule_from_config
 from .solver import NSSolver
+from .solvers.ends import solver_end
 
 __all__ = ["FORMATS", "ExportError", "grid_export", "export_text", "write_export"]
 
@@ -172,20 +173,14 @@ def grid_export(solver: NSSolver, model: Any = None) -> dict[str, Any]:
     per_step = METHODS[method].per_step if exact else 1
     times = solver.times.detach().to(torch.float64).cpu()[::per_step]
     n = times.numel() - 1
-    end_zero = solver.meta.get("end") == "data"
-    v = schedule(times)
-    if kind == "flow":
-        sig = 1 - times
-    else:
-        sig = v.sigma / v.alpha
-    sigmas = [float(s) for s in sig]
+    end_zero = solver_end(solver) == "data"
+    sigmas = [float(s) for s in noise_level(schedule, times)]
     if end_zero:
         sigmas[-1] = 0.0
     if kind == "flow":
         timesteps = [float(s) * FLOW_TIMESTEPS for s in sigmas[:n]]
     elif kind == "discrete":
-        steps = schedule.alphas_cumprod.numel()
-        timesteps = [float((1 - t) * (steps - 1)) for t in times[:n]]
+        timesteps = [float(k) for k in schedule.timestep(times[:n])]
     else:
         timesteps = None
     if any(not math.isfinite(s) for s in sigmas):

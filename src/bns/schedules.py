@@ -29,6 +29,7 @@ __all__ = [
     "DiscreteVP",
     "EDM",
     "schedule_from_config",
+    "noise_level",
 ]
 
 
@@ -352,6 +353,15 @@ class EDM(Schedule):
 
 
 _REGISTRY: dict[str, type[Schedule]] = {c.name: c for c in (CondOT, VP, Cosine, DiscreteVP, EDM)}
+
+
+def noise_level(schedule: Schedule, t: Tensor | float) -> Tensor:
+    """The noise level by which samplers index the path at flow times ``t``: flow matching's
+    ``sigma_t`` on :class:`CondOT` (``1 - t``: diffusers' flow schedulers, ComfyUI's flow
+    models), else the Karras ``sigma_t / alpha_t`` (k-diffusion, diffusers' ``sigmas``,
+    ComfyUI's discrete models)."""
+    v = schedule(t)
+    return v.sigma if isinstance(schedule, CondOT) else v.sigma / v.alpha
 
 
 def schedule_from_config(config: dict[str, Any]) -> Schedule:

@@ -21,13 +21,20 @@ import torch
 from torch import Tensor
 
 from ..model import prediction_coefficients
-from ..schedules import Schedule
+from ..schedules import Schedule, noise_level
 from ..solver import NSSolver
 
 if TYPE_CHECKING:
     from ..model import Model
 
-__all__ = ["ENDS", "with_data_end", "resolve_end", "ends_short_of_data", "solver_end"]
+__all__ = [
+    "ENDS",
+    "with_data_end",
+    "resolve_end",
+    "ends_short_of_data",
+    "solver_end",
+    "solver_noise_levels",
+]
 
 ENDS = ("auto", "range", "data")
 
@@ -69,6 +76,16 @@ def resolve_end(model: Model, end: str) -> str:
 def solver_end(solver: NSSolver) -> str:
     """Where a solver ends, from its metadata (``"range"`` unless it says ``"data"``)."""
     return "data" if solver.meta.get("end") == "data" else "range"
+
+
+def solver_noise_levels(solver: NSSolver, schedule: Schedule) -> Tensor:
+    """The solver's times as a sampler's noise levels (:func:`bns.schedules.noise_level`,
+    float64, ``nfe + 1`` values), 0 last where its last step lands on the data."""
+    sig = noise_level(schedule, solver.times.to(torch.float64))
+    if solver_end(solver) == "data":
+        sig = sig.clone()
+        sig[-1] = 0.0
+    return sig
 
 
 def data_end_row(a: Tensor, b: Tensor, t_last: Tensor, schedule: Schedule) -> tuple[Tensor, Tensor]:

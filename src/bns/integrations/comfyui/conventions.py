@@ -35,8 +35,9 @@ from torch import Tensor
 
 from ...errors import BNSError
 from ...model import prediction_coefficients
-from ...schedules import CondOT, DiscreteVP, Schedule, schedule_from_config
+from ...schedules import CondOT, DiscreteVP, Schedule, noise_level, schedule_from_config
 from ...solver import NSSolver, ns_step
+from ...solvers.ends import solver_noise_levels
 
 __all__ = [
     "ComfyUIError",
@@ -44,7 +45,6 @@ __all__ = [
     "model_kind",
     "solver_kind",
     "solver_schedule",
-    "solver_sigmas",
     "check_sigmas",
     "check_guidance",
     "sample_ns",
@@ -213,26 +213,6 @@ def solver_schedule(solver: NSSolver, model: ModelKind) -> Schedule:
     return schedule
 
 
-def comfy_sigma(schedule: Schedule, t: Tensor) -> Tensor:
-    """ComfyUI's noise level at flow times ``t`` (float64): ``1 - t`` on CondOT (flow models),
-    ``sigma / alpha = exp(-lambda(t))`` on a DDPM schedule."""
-    t = t.to(torch.float64)
-    if isinstance(schedule, CondOT):
-        return 1.0 - t
-    return torch.exp(-schedule.log_snr(t))
-
-
-def solver_sigmas(solver: NSSolver, schedule: Schedule) -> Tensor:
-    """The solver's grid as ComfyUI sigmas (float64, ``nfe + 1`` values, decreasing): the noise
-    level of every time, with 0 last for a solver whose last step lands on the data
-    (``meta["end"] == "data"``)."""
-    sig = comfy_sigma(schedule, solver.times)
-    if solver.meta.get("end") == "data":
-        sig = sig.clone()
-        sig[-1] = 0.0
-    return sig
-
-
 def check_sigmas(sigmas: Tensor, expected: Tensor, nfe: int) -> None:
     """Refuse sigmas that are not the solver's grid (:class:`ComfyUIError`)."""
     got = torch.as_tensor(sigmas).detach().to("cpu", torch.float64).flatten()
@@ -308,8 +288,8 @@ def sample_ns(
     flow = isinstance(schedule, CondOT)
     n = solver.nfe
     times = solver.times.to(torch.float64)  # stays on the CPU (float64: not on every device)
-    grid = solver_sigmas(solver, schedule)
-    s_eval = comfy_sigma(schedule, times)  # noise level at every evaluation (none is 0)
+    grid = solver_noise_levels(solver, schedule)
+    s_eval = noise_level(schedule, times)  # noise level at every evaluation (none is 0)
     s0 = float(s_eval[0])
     if starts_from_data(solver):
         # Image-to-image: ComfyUI noised the latent image to sigmas[0] (``latent + s noise``,

@@ -15,6 +15,7 @@ from typing import Any
 from torch import Tensor
 
 from ...solver import NSSolver, SolverFileError
+from ...solvers.ends import solver_noise_levels
 from .conventions import (
     ComfyUIError,
     check_guidance,
@@ -23,7 +24,6 @@ from .conventions import (
     sample_ns,
     solver_kind,
     solver_schedule,
-    solver_sigmas,
 )
 
 __all__ = [
@@ -105,7 +105,7 @@ def sampler_function(
     ms = guider.inner_model.model_sampling
     kind = model_kind(ms)
     schedule = solver_schedule(solver, kind)
-    check_sigmas(sigmas, solver_sigmas(solver, schedule), solver.nfe)
+    check_sigmas(sigmas, solver_noise_levels(solver, schedule), solver.nfe)
     check_guidance(solver, guider)
     if kind.kind == "flow":
         max_denoise = True  # CONST noise scaling does not depend on it
@@ -208,7 +208,7 @@ class BNSSigmas:
         loaded = load_solver(solver)
         ms = model.get_model_object("model_sampling")
         schedule = solver_schedule(loaded, model_kind(ms))
-        return (solver_sigmas(loaded, schedule).to(torch.float32),)
+        return (solver_noise_levels(loaded, schedule).to(torch.float32),)
 
 
 NODE_CLASS_MAPPINGS = {"BNSSampler": BNSSampler, "BNSSigmas": BNSSigmas}

@@ -19,6 +19,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutpu
 from torch import Tensor
 
 from ...model import prediction_coefficients
+from ...schedules import noise_level
 from ...solver import NSSolver, SolverFileError, ns_step
 from ._conventions import (
     BNS_PREDICTION_OF,
@@ -163,7 +164,8 @@ class BNSScheduler(SchedulerMixin, ConfigMixin):
         self._begin_index: int | None = None
         self._noised = False  # add_noise / scale_noise since set_timesteps
         self._offset: Tensor | None = None  # what the pipeline changed in the latents
-        self._returned: Tensor | None = None
+        self._returned: Tensor | None = None  # the last step's output, as returned
+        self._x_ns: Tensor | None = None  # and the NS state it came from
         self.timesteps = torch.empty(0)
         self.sigmas = torch.empty(0)
         self._step_index: int | None = None
@@ -299,6 +301,12 @@ class BNSScheduler(SchedulerMixin, ConfigMixin):
             raise DiffusersError(self._wrong_start(begin_index))
         self._begin_index = begin_index
 
+    @property
+    def _top_timestep(self) -> int:
+        """The timestep of pure noise: ``N`` for flow matching (sigma = 1), else ``N - 1``."""
+        cfg = self.config
+        return cfg.num_train_timesteps - (0 if cfg.prediction_type == "flow" else 1)
+
     def _first_index(self) -> int:
         return self._pad if self._starts_inside else 0
 
@@ -336,11 +344,10 @@ class BNSScheduler(SchedulerMixin, ConfigMixin):
         n = self.solver.nfe
         out: dict[str, Any] = {"num_inference_steps": n}
         cfg = self.config
-        top = cfg.num_train_timesteps - (0 if cfg.prediction_type == "flow" else 1)
         times = self.solver.times
         if self._starts_inside:
             k0 = float(diffusers_timestep(cfg.prediction_type, cfg.num_train_timesteps, times[:1]))
-            want = k0 / top
+            want = k0 / self._top_timestep
             steps, strength = _strength_for(n, want, num_inference_steps)
             out.update(num_inference_steps=steps, strength=strength)
         if self._ends_inside:
@@ -394,7 +401,7 @@ class BNSScheduler(SchedulerMixin, ConfigMixin):
         # (strength, denoising_start / denoising_end) picks exactly its steps: the padding
         # timesteps before (above) or after (below) it are never run.
         self._pad = asked - n
-        top = cfg.num_train_timesteps - (0 if cfg.prediction_type == "flow" else 1)
+        top = self._top_timestep
         k = diffusers_timestep(cfg.prediction_type, cfg.num_train_timesteps, times)
         if self._pad and self._starts_inside:
             k = torch.cat([torch.linspace(top, float(k[0]), self._pad + 1, dtype=k.dtype)[:-1], k])
@@ -405,11 +412,7 @@ class BNSScheduler(SchedulerMixin, ConfigMixin):
         t[lo : lo + n + 1] = times  # the solver's own times, not their round trip
         steps = torch.cat([k[: lo + n], k[lo + n + 1 :]])  # all but the solver's end
         self.timesteps = steps.to(torch.float32).to(device)
-        if cfg.prediction_type == "flow":
-            sig = 1 - t  # the flow-matching sigma
-        else:
-            v = self.bns_schedule(t)
-            sig = v.sigma / v.alpha  # the noise level of Karras-style schedulers
+        sig = noise_level(self.bns_schedule, t)  # flow matching's sigma, or Karras'
         if self.solver.meta.get("end") == "data":
             sig = sig.clone()
             sig[lo + n] = 0.0  # the last step lands on the data (bns.solvers.ends)
@@ -580,7 +583,7 @@ class BNSScheduler(SchedulerMixin, ConfigMixin):
         cfg = self.config
         # In float64 on the CPU (timesteps are few; MPS has no float64), then to the sample's.
         k = torch.as_tensor(timesteps).detach().to("cpu", torch.float64).flatten()
-        top = cfg.num_train_timesteps - (0 if cfg.prediction_type == "flow" else 1)
+        top = self._top_timestep
         if k.numel() == 0 or not torch.all((k >= 0) & (k <= top)):
             got = f"{float(k.min()):g} to {float(k.max()):g}" if k.numel() else "none"
             raise DiffusersError(
@@ -673,32 +676,24 @@ def _pipeline_guidance(scheduler: Any, depth: int = 6) -> list[float]:
     def effective(w: Any) -> float:
         return float(w) if float(w) > 1 else 1.0
 
-    frame = inspect.currentframe()
+    local = _pipeline_locals(scheduler, depth + 1)  # + 1: seen from one call further in
+    if local is None:
+        return []
+    owner = local["self"]
     try:
-        for _ in range(depth):
-            frame = frame.f_back if frame is not None else None
-            if frame is None:
-                return []
-            owner = frame.f_locals.get("self")
-            if owner is None or getattr(owner, "scheduler", None) is not scheduler:
-                continue
-            local = frame.f_locals
-            if "true_cfg_scale" in local:
-                on = local.get("do_true_cfg", local.get("true_cfg_scale", 1.0) > 1)
-                return [float(local["true_cfg_scale"]) if on else 1.0]
-            w = local.get("guidance_scale", getattr(owner, "_guidance_scale", None))
-            if w is None:
-                return []
-            scales = [effective(w)]
-            second = local.get("guidance_scale_2")
-            if second is not None and getattr(owner, "transformer_2", None) is not None:
-                scales.append(effective(second))
-            return scales
+        if "true_cfg_scale" in local:
+            on = local.get("do_true_cfg", local.get("true_cfg_scale", 1.0) > 1)
+            return [float(local["true_cfg_scale"]) if on else 1.0]
+        w = local.get("guidance_scale", getattr(owner, "_guidance_scale", None))
+        if w is None:
+            return []
+        scales = [effective(w)]
+        second = local.get("guidance_scale_2")
+        if second is not None and getattr(owner, "transformer_2", None) is not None:
+            scales.append(effective(second))
+        return scales
+    except Exception:  # noqa: BLE001 - values we cannot read: no check rather than a failure
         return []
-    except Exception:  # noqa: BLE001 - a frame we cannot read: no check rather than a failure
-        return []
-    finally:
-        del frame
 
 
 def _check_agree(
