@@ -65,7 +65,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from bns.config import DistillConfig
-    from bns.distributed import all_sum, local_cuda_device, world
+    from bns.executor import current, local_cuda_device
     from bns.families import make_family
     from bns.pairs import make_pairs
     from bns.solvers import initial_solver
@@ -74,12 +74,12 @@ def worker(args: argparse.Namespace) -> None:
 
     device = (local_cuda_device() or torch.device("cuda")) if args.device == "cuda" else None
     model = load_model(args.model).to(device=device or torch.device("cpu"))
-    w = world(model.device)
+    w = current(model.device)
 
     def sync() -> None:
         if device is not None:
             torch.cuda.synchronize()
-        all_sum(0.0)  # every worker here
+        w.all_sum(0.0)  # every worker here
 
     kw = dict(guidance=args.guidance, cache=False, progress=False, batch_size=args.gt_batch)
     make_pairs(model, args.gt_batch * w.size, "test", **kw)  # warm-up (and the process group)

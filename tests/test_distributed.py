@@ -29,8 +29,9 @@ from safetensors.torch import load_file
 import bns
 from bns.cli import main
 from bns.distributed import World
+from bns.executor import _owners
 from bns.models.gmm import gaussian_mixture_model
-from bns.pairs import _digest, _owners, make_pairs
+from bns.pairs import _digest, make_pairs
 
 SRC = Path(bns.__file__).parents[1]
 
@@ -628,3 +629,42 @@ def test_a_sigterm_after_the_fault_is_claimed_prints_no_traceback(speaking):
         assert done.returncode == 2 and done.stderr == "the line\n"
     else:
         assert done.returncode == 1 and done.stderr == ""
+
+
+def test_one_worker_executor_solves_what_is_missing_and_keeps_it():
+    """The executor's map_batches on one worker: held batches are taken as they are, the others
+    solved once each and kept; a batch's tensors cross between workers byte for byte."""
+    from bns.executor import ONE, _pack, _unpack
+
+    solved, kept = [], []
+
+    def solve(b):
+        solved.append(b)
+        return {"x": torch.arange(b[0], b[1], dtype=torch.float32), "nfe": torch.ones(1)}
+
+    held = {(2, 4): {"x": torch.tensor([9.0, 9.0]), "nfe": torch.ones(1)}}
+    out = ONE.map_batches(
+        [(0, 2), (2, 4), (4, 5)],
+        solve,
+        held=held,
+        keep=lambda b, t: kept.append(b),
+        empty=lambda b: {"x": torch.empty(b[1] - b[0]), "nfe": torch.empty(1)},
+        desc="test",
+        progress=False,
+    )
+    assert solved == kept == [(0, 2), (4, 5)]
+    assert [o["x"].tolist() for o in out] == [[0.0, 1.0], [9.0, 9.0], [4.0]]
+    batch = {
+        "x": torch.randn(3, 2),
+        "y": torch.tensor([1, -2, 3]),
+        "n": torch.tensor([0.1]).double(),
+    }
+    back = _unpack(_pack(batch, batch), {k: torch.empty_like(v) for k, v in batch.items()})
+    assert all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in batch.items())
+    assert ONE.map_rows(5, lambda part: torch.arange(5)[part] * 2, "rows").tolist() == [
+        0,
+        2,
+        4,
+        6,
+        8,
+    ]

@@ -27,9 +27,10 @@ CORE = [
     "ground_truth",
     "_io",
     "_hashing",
+    "errors",
 ]
 ABOVE_CORE = {"train", "loss", "families", "checkpoint", "config", "evaluate", "report", "cli"}
-ABOVE_CORE |= {"gauss_newton", "guidance_range", "distributed"}
+ABOVE_CORE |= {"gauss_newton", "guidance_range", "distributed", "executor"}
 ABOVE_CORE |= {"demo", "specs", "integrations", "pairs", "cost", "estimate", "budget", "classical"}
 
 
@@ -79,6 +80,14 @@ def _reach(name: str) -> set[str]:
         for path in _files(m):
             todo.extend(_imports(path))
     return seen - {name}
+
+
+def test_only_the_executor_reaches_the_workers_module():
+    """Ground truth, evaluation and training run their work through :mod:`bns.executor`; what
+    torchrun adds (bns.distributed) is reached through it alone (and by the command line, which
+    ends a worker's process)."""
+    users = {p.stem for p in SRC.rglob("*.py") if "distributed" in _imports(p)}
+    assert users <= {"executor", "cli"}, sorted(users)
 
 
 def test_evaluation_does_not_import_training():

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from . import executor
 from .metrics import psnr
 from .model import in_phase
 from .solver import NSSolver, ns_step
@@ -163,23 +164,20 @@ def psnr_matrix(
     Equal to :func:`bns.evaluate.evaluate_psnr` per solver up to float rounding. Under
     ``torchrun`` each worker measures its share of the pairs and every worker gets all values.
     """
-    from .distributed import all_gather_rows, guard, world
-
-    w = world(model.device)
-    mine = pairs[w.share(len(pairs))] if w.size > 1 else pairs
 
     def velocity(x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
         return model.velocity(x, t, y, guidance)
 
-    cols = [torch.zeros(0, len(solvers), dtype=torch.float64)]
-    with guard("evaluation"), torch.no_grad():
-        for s in range(0, len(mine), batch_size):
-            p = mine[s : s + batch_size].to(model.device)
-            xs = _final_states(lambda x, t, y=p.y: velocity(x, t, y), p.x0, solvers)
-            cols.append(torch.stack([psnr(x, p.x1, data_range).double().cpu() for x in xs], 1))
-    local = torch.cat(cols)
-    if w.size > 1:
-        local = all_gather_rows(local, w.counts(len(pairs)))
+    def rows(part: slice) -> Tensor:
+        mine, cols = pairs[part], [torch.zeros(0, len(solvers), dtype=torch.float64)]
+        with torch.no_grad():
+            for s in range(0, len(mine), batch_size):
+                p = mine[s : s + batch_size].to(model.device)
+                xs = _final_states(lambda x, t, y=p.y: velocity(x, t, y), p.x0, solvers)
+                cols.append(torch.stack([psnr(x, p.x1, data_range).double().cpu() for x in xs], 1))
+        return torch.cat(cols)
+
+    local = executor.current(model.device).map_rows(len(pairs), rows, "evaluation")
     return local.t().contiguous()
 
 

@@ -335,7 +335,7 @@ def resolve_device(spec: str, model: Any) -> Any:
     available, else the CPU."""
     import torch
 
-    from .distributed import local_cuda_device
+    from .executor import local_cuda_device
 
     if spec in ("auto", "cuda") and local_cuda_device() is not None:
         return local_cuda_device()  # under torchrun: the GPU of this worker's local rank
@@ -371,10 +371,10 @@ def _cache(args) -> Any:
 
 
 def _distill_guidance_range(args, model: Any, cfg: Any, t0: float) -> int:
-    from .distributed import world
+    from .executor import current
     from .guidance_range import distill_guidance_range
 
-    if world(model.device).size > 1:
+    if current(model.device).size > 1:
         raise CLIError("--guidance-range runs on one worker (not under torchrun)")
     ckpt = args.out.with_name(args.out.name + ".ckpt")
     rs, hist = distill_guidance_range(
@@ -416,7 +416,7 @@ def load_solver(path: Path, model: Any, guidance: float, force: bool = False) ->
 
 def cmd_distill(args) -> int:
     from .config import DistillConfig, config_from_args
-    from .distributed import on_rank0, world
+    from .executor import current
     from .solver import NSSolver
     from .train import distill
 
@@ -474,8 +474,10 @@ def cmd_distill(args) -> int:
         if ckpt.exists():
             ckpt.unlink()
 
-    on_rank0(write)  # rank 0 alone writes; under torchrun the others wait for the file
-    if not world(model.device).main:
+    current(model.device).on_main(
+        write
+    )  # rank 0 alone writes; under torchrun the others wait for the file
+    if not current(model.device).main:
         return 0  # rank 0 alone speaks
     init_psnr = hist["val_psnr"][0]
     from .cost import Ledger
@@ -600,8 +602,8 @@ def _grids(text: str, model) -> tuple[str, ...] | None:
 
 
 def cmd_eval(args) -> int:
-    from .distributed import world
     from .evaluate import baseline_solvers, best_rows, evaluate
+    from .executor import current
     from .pairs import make_pairs
     from .report import comparison_grid, markdown_table, plot_psnr_vs_nfe, write_results
     from .solvers import SOLVER_NAMES
@@ -660,7 +662,7 @@ def cmd_eval(args) -> int:
         with ledger.phase("evaluation", model):
             seen_rows = evaluate(model, entries, seen, args.guidance, progress=False, **eval_kw)
     ledger = ledger.summed_over_workers()
-    if not world(model.device).main:
+    if not current(model.device).main:
         return 0  # rank 0 alone writes the results and speaks
     fid_info: dict[str, Any] = {}
     if args.fid is not None:

@@ -1,8 +1,11 @@
 """Several workers under ``torchrun``: one process group, shared-out work, one voice.
 
-Outside torchrun (no ``WORLD_SIZE`` above 1 and no process group) every function here acts as
-the one worker there is and touches nothing. Under ``torchrun`` (and so ``accelerate launch``,
-Slurm's ``srun`` with torchrun, or a Kubernetes PyTorchJob):
+:class:`World` is the :class:`bns.executor.Executor` of a ``torchrun`` job (and so of
+``accelerate launch``, Slurm's ``srun`` with torchrun, or a Kubernetes PyTorchJob):
+:func:`bns.executor.current` returns it, and the rest of bns reaches this module through it
+alone. How work is shared out (whole batches of ground truth, rows of an evaluation, a
+training step's global batch) is written once, in :mod:`bns.executor`; this module holds the
+primitives it runs on and what keeps a job honest:
 
 - :func:`world` starts the process group if the program has not: ``gloo`` for a CPU run, and
   ``cpu:gloo,cuda:nccl`` for a CUDA one (NCCL for CUDA tensors), with a timeout of
@@ -11,14 +14,14 @@ Slurm's ``srun`` with torchrun, or a Kubernetes PyTorchJob):
   goes through gloo on the CPU wherever the group has it: gloo's timeouts end in an error that
   bns can report, where NCCL's watchdog would abort the process. A CPU worker takes an equal
   share of the cores (``BNS_THREADS`` to choose), a CUDA worker the GPU of its local rank.
-- Ground truth is shared out by whole batches (:mod:`bns.pairs`), evaluation by pairs, whose
-  per-sample values are gathered (:func:`all_gather_rows`), and distillation by the global
-  batch, whose gradients are summed (:func:`data_parallel`).
 - Rank 0 alone writes and prints; the other ranks' warnings are silenced (once per job).
 - A fault ends the job with one line that names the rank and why. A worker whose own compute
   raises says so itself (:func:`guard`); a worker that dies, or that makes no progress for the
   timeout, is named by a surviving one, from what each worker keeps in the launcher's store:
   its host and pid, and a heartbeat (the collectives it reached, the network forwards it ran).
+
+Outside torchrun (no ``WORLD_SIZE`` above 1 and no process group) every function here acts as
+the one worker there is and touches nothing.
 """
 
 from __future__ import annotations
@@ -43,18 +46,17 @@ from typing import Any, NoReturn
 import torch
 from torch import Tensor
 
-from .errors import BNSError, TrainingError
+from .errors import BNSError
+from .executor import Executor, _env_size
 
 __all__ = [
     "World",
     "WorkerLost",
     "world",
-    "local_cuda_device",
     "guard",
     "watch",
     "wait_all",
     "on_rank0",
-    "data_parallel",
     "all_min",
     "all_sum",
     "all_gather_rows",
@@ -81,26 +83,44 @@ class WorkerLost(BNSError, RuntimeError):
 
 
 @dataclass(frozen=True)
-class World:
-    """This process's place in the job: rank 0 of 1 outside torchrun."""
+class World(Executor):
+    """This process's place in a ``torchrun`` job: the :class:`bns.executor.Executor` whose
+    primitives exchange through the process group, and report a fault with one line."""
 
     rank: int = 0
     size: int = 1
     local_rank: int = 0
     local_size: int = 1
 
-    @property
-    def main(self) -> bool:
-        """Rank 0: the worker that writes artifacts, logs and progress bars."""
-        return self.rank == 0
+    def guard(self, what: str) -> contextlib.AbstractContextManager[None]:
+        return guard(what)
 
-    def share(self, n: int) -> slice:
-        """This worker's contiguous share of ``n`` items (shares differ by one at most)."""
-        return slice(self.rank * n // self.size, (self.rank + 1) * n // self.size)
+    def watch(self, model: Any) -> None:
+        watch(model)
 
-    def counts(self, n: int) -> list[int]:
-        """How many of ``n`` items each rank's :meth:`share` holds."""
-        return [(r + 1) * n // self.size - r * n // self.size for r in range(self.size)]
+    def wait_all(self, what: str) -> None:
+        wait_all(what)
+
+    def on_main(self, fn: Callable[[], Any]) -> Any:
+        return on_rank0(fn)
+
+    def all_min(self, value: int) -> int:
+        return all_min(value)
+
+    def all_sum(self, value: float) -> float:
+        return all_sum(value)
+
+    def sum_(self, t: Tensor) -> Tensor:
+        return t if self.size == 1 else _all_reduce(t, "SUM")
+
+    def gather_flags(self, flags: list[bool]) -> list[list[bool]]:
+        return gather_flags(flags)
+
+    def gather_rows(self, local: Tensor, counts: list[int]) -> Tensor:
+        return all_gather_rows(local, counts)
+
+    def broadcast_(self, t: Tensor, src: int) -> Tensor:
+        return broadcast_(t, src)
 
 
 ONE = World()
@@ -139,17 +159,6 @@ def timeout_s() -> float:
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{TIMEOUT_ENV} must be positive, got {text!r}")
     return value
-
-
-def _env_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
-
-
-def local_cuda_device() -> torch.device | None:
-    """The GPU of this worker's local rank under torchrun where CUDA is available, else None."""
-    if _env_size() <= 1 or not torch.cuda.is_available():
-        return None
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def world(device: torch.device | str | None = None) -> World:
@@ -581,47 +590,3 @@ def wait_all(what: str) -> None:
         if stalled or any(not _alive(pid) for pid in _local_peers(last).values()):
             _lost(f"stopped waiting at {_JOB.at}", tuple(stalled))
         time.sleep(_POLL_S)
-
-
-def data_parallel(
-    step: Callable[[Tensor], tuple[float, list[Tensor] | None]],
-    idx: Tensor,
-    params: list[Tensor],
-    model: Any,
-) -> tuple[float, list[Tensor] | None, int]:
-    """One data-parallel step: this worker runs ``step`` on its share of the global batch
-    ``idx``; losses and gradients (each a mean over the share) are weighted by the share's
-    size and summed over the workers, so K workers give one worker's result to rounding.
-
-    ``step(part) -> (loss, grads)`` returns ``grads = None`` when they are not finite; then
-    every worker gets ``(nan, None)``. Also returns the network forwards of all workers.
-    """
-    w = world()
-    part = idx[w.share(len(idx))]
-    f0 = model.forwards
-    with guard("a distillation step"):
-        if len(idx) < w.size:
-            raise TrainingError(f"batch_size {len(idx)} is smaller than the {w.size} workers")
-        loss, grads = step(part)
-    forwards = model.forwards - f0
-    if w.size == 1:
-        return loss, grads, forwards
-    share = len(part) / len(idx)
-    dev = params[0].device if params else torch.device("cpu")
-    flat = [
-        (g * share).reshape(-1).double() if grads is not None else p.new_zeros(p.numel()).double()
-        for g, p in zip(grads or params, params)
-    ]
-    ok = grads is not None
-    tail = [loss * share if ok else 0.0, 0.0 if ok else 1.0, float(forwards)]
-    total = _all_reduce(
-        torch.cat([*flat, torch.tensor(tail, dtype=torch.float64, device=dev)]), "SUM"
-    )
-    loss, bad, forwards = total[-3:].tolist()
-    if bad > 0:
-        return math.nan, None, int(forwards)
-    out, s = [], 0
-    for p in params:
-        out.append(total[s : s + p.numel()].reshape(p.shape).to(p.dtype))
-        s += p.numel()
-    return loss, out, int(forwards)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import executor
 from .metrics import psnr
 from .model import Model, in_phase
 from .pairs import Pairs
@@ -34,21 +35,18 @@ def evaluate_psnr(
     Under ``torchrun`` each worker measures its contiguous share of the pairs and every worker
     gets all ``N`` values, in order; ``model.forwards`` counts this worker's forwards.
     """
-    from .distributed import all_gather_rows, guard, world
-
-    w = world(model.device)
     device = model.device
-    mine = pairs[w.share(len(pairs))] if w.size > 1 else pairs
-    out = [torch.zeros(0, dtype=torch.float64)]
-    with guard("evaluation"), in_phase("evaluation"), torch.no_grad():
-        for s in range(0, len(mine), batch_size):
-            p = mine[s : s + batch_size].to(device)
-            x = sample(model, p.x0, solver, p.y, guidance)
-            out.append(psnr(x, p.x1, data_range).double().cpu())
-    local = torch.cat(out)
-    if w.size == 1:
-        return local
-    return all_gather_rows(local, w.counts(len(pairs)))
+
+    def rows(part: slice) -> Tensor:
+        mine, out = pairs[part], [torch.zeros(0, dtype=torch.float64)]
+        with in_phase("evaluation"), torch.no_grad():
+            for s in range(0, len(mine), batch_size):
+                p = mine[s : s + batch_size].to(device)
+                x = sample(model, p.x0, solver, p.y, guidance)
+                out.append(psnr(x, p.x1, data_range).double().cpu())
+        return torch.cat(out)
+
+    return executor.current(device).map_rows(len(pairs), rows, "evaluation")
 
 
 def baseline_solvers(
@@ -98,11 +96,9 @@ def evaluate(
     ``batch_size`` pairs are sampled at a time."""
     from tqdm.auto import tqdm
 
-    from .distributed import world
-
     rows = []
     per = model.forwards_per_evaluation(guidance)
-    quiet = not progress or not world(model.device).main  # rank 0 alone shows progress
+    quiet = not progress or not executor.current(model.device).main  # rank 0 alone shows progress
     for name, nfe, solver in tqdm(entries, desc="evaluate", disable=quiet, leave=False):
         p = evaluate_psnr(model, solver, test, guidance, batch_size, data_range).double()
         q = torch.quantile(p, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64))

@@ -31,6 +31,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
+from . import executor
 from .config import DistillConfig, TrainingError
 from .cost import uncounted
 from .families import Family
@@ -321,8 +322,7 @@ def gauss_newton_step(
     """One Levenberg-Marquardt step of distillation on the training pairs ``idx`` (shared
     among ``torchrun`` workers like an Adam step's batch). Returns ``(batch loss, lam,
     network forwards)``; the loss is nan when the normal equations are not finite."""
-    from .distributed import data_parallel
-
+    ex = executor.current()
     params = [p for p in family.parameters() if p.requires_grad]
     P = sum(p.numel() for p in params)
     like = [torch.empty(P, P, dtype=torch.float64), torch.empty(P, dtype=torch.float64)]
@@ -345,7 +345,7 @@ def gauss_newton_step(
         ok = math.isfinite(loss) and bool(torch.isfinite(H).all() and torch.isfinite(g).all())
         return (loss, [H.cpu(), g.cpu()]) if ok else (math.nan, None)
 
-    loss0, hg, forwards = data_parallel(equations, idx, like, model)
+    loss0, hg, forwards = ex.data_parallel(equations, idx, like, model)
     if hg is None:
         return math.nan, lam, forwards
     spent = [forwards]
@@ -357,7 +357,7 @@ def gauss_newton_step(
                 x = sample(model, batch.x0, family.solver(), batch.y, cfg.guidance)
             return float(LOSSES[cfg.loss](x, batch.x1).mean()), []
 
-        loss, _, f = data_parallel(run, idx, [], model)
+        loss, _, f = ex.data_parallel(run, idx, [], model)
         spent.append(f)
         return loss
 

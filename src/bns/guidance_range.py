@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import executor
 from ._io import atomic_write_text
 from .config import DistillConfig, TrainingError, resolve_steps
 from .evaluate import evaluate_psnr
@@ -307,8 +308,6 @@ class _RangeObjective(Objective):
         return _solver(dict(self.family.named_parameters()), self.rs.t_ends, self.rs.s(w), {})
 
     def gradient(self, gen: torch.Generator) -> tuple[float, list, list | None]:
-        from .distributed import data_parallel
-
         cfg, ws = self.cfg, self.ws
         # Every scale in every step, the batch shared among them: one consistent gradient for
         # the whole range (taking the scales in turn lets Adam chase each one's gradient).
@@ -319,11 +318,8 @@ class _RangeObjective(Objective):
             n = len(self.pairs[w][0])
             per = max(1, min(cfg.batch_size // len(ws), n))
             idx.append(k * L + torch.randint(n, (per,), generator=gen))
+        idx = torch.cat(idx)
         params = list(self.family.parameters())
-        return self._data_parallel(data_parallel, torch.cat(idx), params, L)
-
-    def _data_parallel(self, data_parallel, idx, params, L):
-        cfg = self.cfg
 
         def step(part: Tensor) -> tuple[float, list[Tensor] | None]:
             grads = [torch.zeros_like(p) for p in params]
@@ -348,7 +344,7 @@ class _RangeObjective(Objective):
                 return math.nan, None
             return loss, grads
 
-        loss, grads, _ = data_parallel(step, idx, params, self.model)
+        loss, grads, _ = executor.current().data_parallel(step, idx, params, self.model)
         return loss, params, grads
 
     def validate(self) -> tuple[float, GuidanceRangeSolver]:
@@ -376,8 +372,6 @@ class _RangeObjective(Objective):
 
 
 def _train(model, cfg, ws, pairs, init, degree, progress, checkpoint_path, resume):
-    from .distributed import world
-
     base = BNSFamily(init)
     coefs = _Coefs(base, degree)
     rs = GuidanceRangeSolver(dict(coefs.named_parameters()), base.t_ends, (ws[0], ws[-1]))
@@ -385,7 +379,7 @@ def _train(model, cfg, ws, pairs, init, degree, progress, checkpoint_path, resum
     loop = _Loop(model, cfg, coefs, init, None, None, None, objective=objective)
     ident = {"model": model.fingerprint(), "cfg": cfg.to_dict(), "ws": ws, "degree": degree}
     ident["n"] = [[len(tr), len(va)] for tr, va in pairs.values()]
-    main = world(model.device or torch.device("cpu")).main
+    main = executor.current(model.device or torch.device("cpu")).main
     run_loop(loop, json.dumps(ident, sort_keys=True), checkpoint_path, resume, progress, main)
     history = _history(loop, loop.ledger.summed_over_workers())
     history["steps_run"] = loop.steps_run  # the steps taken (patience skips the others)

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import executor
 from ._hashing import hash_tensor
 from ._io import atomic_write, make_folder, remove_stale_tmp
 from .errors import StorageError
@@ -255,8 +256,6 @@ def make_pairs(
     :func:`bns.default_tolerance` of the network's dtype. Under ``torchrun`` every
     worker computes its share of the batches and returns all ``n`` pairs.
     """
-    from .distributed import all_min, world  # import bns starts no distributed machinery
-
     if n < 1:
         raise ValueError(f"need at least one pair, got n = {n}")
     if split not in SPLITS:
@@ -265,7 +264,7 @@ def make_pairs(
     rtol = tol if rtol is None else float(rtol)
     atol = rtol if atol is None else float(atol)
     device = device if device is not None else model.device
-    w = world(device)
+    ex = executor.current(device)
     if end not in ("range", "data"):
         raise ValueError(f"end must be range or data, got {end!r}")
     key = _key(model, guidance, seed, split, rtol, atol, labels)
@@ -276,7 +275,7 @@ def make_pairs(
     found = _read_cache(path, key) if path is not None else None
     have: dict[str, Tensor] = found["tensors"] if found is not None else {}
     # Every worker extends the same prefix, so that all draw the same batches.
-    start = all_min(have["x0"].shape[0] if have else 0)
+    start = ex.all_min(have["x0"].shape[0] if have else 0)
     have = {k: v[:start] for k, v in have.items()} if start else {}
     nfe_total = found["nfe"] * start if start else 0.0
     if start < n:
@@ -292,7 +291,7 @@ def make_pairs(
         batches = [(lo, min(lo + batch_size, n)) for lo in range(start, n, batch_size)]
         try:
             with in_phase(f"ground truth ({split})"):
-                new = _solve_batches(model, split, batches, shards, w, progress and w.main, run)
+                new = _solve_batches(model, split, batches, shards, ex, progress, run)
         except NetworkError:
             # The network failed (NaN, inf, an exception): what it gave before is not kept
             # either, so a fixed network (same weights, so the same cache key) never reuses it.
@@ -302,7 +301,7 @@ def make_pairs(
         nfe_total += sum(float(t["nfe"]) * (hi - lo) for t, (lo, hi) in zip(new, batches))
         parts = ([have] if have else []) + new
         have = {k: torch.cat([t[k] for t in parts]) for k in parts[-1] if k != "nfe"}
-        if path is not None and w.local_rank == 0:  # one writer per host (the same bytes)
+        if path is not None and ex.local_rank == 0:  # one writer per host (the same bytes)
             try:
                 _write_if_longer(path, key, have, nfe_total / have["x0"].shape[0])
                 shards.remove(batches)
@@ -446,55 +445,25 @@ class _Shards:
                 folder.rmdir()
 
 
-def _owners(held: list[list[bool]]) -> list[int]:
-    """Which worker provides each batch: the first that holds it already, else the missing
-    batches round-robin (batch i of a fresh run goes to rank i mod K)."""
-    owners, k = [], 0
-    for i in range(len(held[0])):
-        holders = [r for r, h in enumerate(held) if h[i]]
-        owners.append(holders[0] if holders else k % len(held))
-        k += not holders
-    return owners
-
-
-def _solve_batches(model, split, batches, shards, w, progress, run) -> list[dict[str, Tensor]]:
-    """The ground truth of each batch ``[lo, hi)``: read from a shard, or solved by its owner
-    (and kept as a shard), then sent to every worker that lacks it."""
-    from tqdm.auto import tqdm
-
-    from .distributed import broadcast_, gather_flags, guard, wait_all, watch
-
-    done = {}
+def _solve_batches(model, split, batches, shards, ex, progress, run) -> list[dict[str, Tensor]]:
+    """The ground truth of each batch ``[lo, hi)``: read from a shard, or solved (and kept as a
+    shard) by the worker :meth:`bns.executor.Executor.map_batches` gives it to."""
+    held = {}
     for b in batches if shards is not None else []:
         t = shards.read(*b)
         if t is not None:
-            done[b] = t
-    held = gather_flags([b in done for b in batches])
-    owners = _owners(held)
-    mine = [b for b, o in zip(batches, owners) if o == w.rank and b not in done]
-    watch(model)
-    bar = tqdm(
-        total=sum(hi - lo for lo, hi in mine),
-        desc=f"ground truth ({split})" + (f", rank 0 of {w.size}" if w.size > 1 else ""),
-        unit="pair",
-        disable=not progress,
-        leave=False,
-    )
-    with guard(f"ground truth ({split})"):
-        for lo, hi in mine:
-            done[lo, hi] = _solve(model, split, lo, hi, **run)
-            if shards is not None:
-                shards.write(lo, hi, done[lo, hi])
-            bar.update(hi - lo)
-            bar.set_postfix(nfe=int(done[lo, hi]["nfe"]))
-    bar.close()
-    wait_all(f"ground truth ({split})")
+            held[b] = t
     labels = model.num_classes is not None
-    for i, (b, owner) in enumerate(zip(batches, owners)):
-        if w.size > 1 and not all(h[i] for h in held):  # a worker lacks it: its owner sends it
-            buf = _pack(done[b]) if b in done else _empty(model, b[1] - b[0], labels)
-            done[b] = _unpack(broadcast_(buf, owner), model, b[1] - b[0], labels)
-    return [done[b] for b in batches]
+    ex.watch(model)
+    return ex.map_batches(
+        batches,
+        lambda b: _solve(model, split, *b, **run),
+        held=held,
+        keep=(lambda b, t: shards.write(*b, t)) if shards is not None else (lambda b, t: None),
+        empty=lambda b: _empty(model, b[1] - b[0], labels),
+        desc=f"ground truth ({split})",
+        progress=progress,
+    )
 
 
 def data_prediction(
@@ -568,30 +537,11 @@ def _solve(
     return out
 
 
-# A batch travels between workers as one byte tensor: x0, x1 (float32), y (int64), nfe (float64).
-def _layout(model: Model, m: int, labels: bool) -> list[tuple[str, torch.dtype, tuple]]:
+def _empty(model: Model, m: int, labels: bool) -> dict[str, Tensor]:
+    """A batch of ``m`` pairs as uninitialized tensors: x0, x1 (float32), y (int64), nfe."""
     shape = (m, *model.sample_shape)
-    fields = [("x0", torch.float32, shape), ("x1", torch.float32, shape)]
-    return fields + ([("y", torch.long, (m,))] if labels else []) + [("nfe", torch.float64, (1,))]
-
-
-def _pack(batch: dict[str, Tensor]) -> Tensor:
-    names = [k for k in ("x0", "x1", "y", "nfe") if k in batch]
-    return torch.cat([batch[k].contiguous().reshape(-1).view(torch.uint8) for k in names])
-
-
-def _empty(model: Model, m: int, labels: bool) -> Tensor:
-    size = sum(
-        math.prod(s) * torch.empty((), dtype=d).element_size()
-        for _, d, s in _layout(model, m, labels)
-    )
-    return torch.empty(size, dtype=torch.uint8)
-
-
-def _unpack(buf: Tensor, model: Model, m: int, labels: bool) -> dict[str, Tensor]:
-    out, s = {}, 0
-    for name, dtype, shape in _layout(model, m, labels):
-        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        out[name] = buf[s : s + size].view(dtype).reshape(shape).clone()
-        s += size
+    out = {"x0": torch.empty(shape), "x1": torch.empty(shape)}
+    if labels:
+        out["y"] = torch.empty(m, dtype=torch.long)
+    out["nfe"] = torch.empty(1, dtype=torch.float64)
     return out

@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from . import executor
 from .checkpoint import Checkpoint
 from .classical import rank
 from .config import DistillConfig, TrainingError, resolve_steps
@@ -170,10 +171,8 @@ def distill(
             check_forward_mode(model, cfg.guidance, device)
         cfg = resolve_steps(cfg, lambda: _supports_forward_mode(model, cfg, device))
         if cfg.budget is not None:  # the settings that fit it, from rank 0's estimate
-            from .distributed import on_rank0
-
             args = (model, cfg, candidates, device, cache, pairs is not None)
-            cfg = on_rank0(lambda: _fit_budget(*args))
+            cfg = executor.current(device).on_main(lambda: _fit_budget(*args))
     with frozen(model):
         return _distill(
             model,
@@ -203,9 +202,7 @@ def spanned(model: Model, span: list[float | None] | None) -> Model:
 def _distill(
     model, cfg, candidates, pairs, cache, checkpoint_path, resume, progress, callback, device
 ) -> tuple[NSSolver, dict[str, Any]]:
-    from .distributed import world  # under torchrun: bns starts the process group
-
-    main = world(device).main
+    main = executor.current(device).main  # under torchrun: bns starts the process group
     progress = progress and main  # rank 0 alone shows progress and writes checkpoints
     end = _end(model, cfg)
     ledger = Ledger()
@@ -240,11 +237,9 @@ def _distill(
 def run_loop(loop: _Loop, run_id: str, checkpoint_path, resume: bool, progress: bool, main: bool):
     """Run ``loop`` to its end, writing checkpoints of the run ``run_id`` to
     ``checkpoint_path`` (rank 0 alone: ``main``) and first continuing from one if ``resume``."""
-    from .distributed import on_rank0
-
     ckpt = Checkpoint(checkpoint_path, run_id) if checkpoint_path and main else None
     if resume:  # rank 0 reads the checkpoint and sends it to every worker
-        state = on_rank0(lambda: ckpt.load() if ckpt is not None else None)
+        state = executor.current().on_main(lambda: ckpt.load() if ckpt is not None else None)
         if state is None and ckpt is not None:
             warnings.warn(f"bns: no checkpoint at {ckpt.path}; starting anew", stacklevel=3)
         elif state is not None:
@@ -315,11 +310,10 @@ def _gauss_newton(loop: _Loop) -> float:
 def _spent(budget, ledger: Ledger) -> float:
     """What the run has spent of ``budget`` so far, the same number on every worker: all
     workers' evaluations, or rank 0's seconds."""
-    from .distributed import all_sum, on_rank0
-
+    ex = executor.current()
     if budget.kind == "evaluations":
-        return all_sum(float(ledger.total.forwards + ledger.total.jvps))
-    return on_rank0(lambda: ledger.total.seconds)
+        return ex.all_sum(float(ledger.total.forwards + ledger.total.jvps))
+    return ex.on_main(lambda: ledger.total.seconds)
 
 
 def _adam(loop: _Loop) -> float:
@@ -359,8 +353,6 @@ class Objective:
         """The loss on ``batch_size`` training pairs drawn with replacement, the trained
         parameters and their gradients (None when not finite), summed over ``torchrun``'s
         workers."""
-        from .distributed import data_parallel
-
         cfg = self.cfg
         idx = torch.randint(len(self.train), (cfg.batch_size,), generator=gen)
         params = [p for p in self.family.parameters() if p.requires_grad]
@@ -371,7 +363,7 @@ class Objective:
             return loss_and_grad(self.family, self.model, batch, cfg.guidance, **kw)
 
         # Each worker takes its share of the global batch; the gradients are summed over them.
-        loss, grads, _ = data_parallel(step, idx, params, self.model)
+        loss, grads, _ = executor.current().data_parallel(step, idx, params, self.model)
         return loss, params, grads
 
     def validate(self) -> tuple[float, NSSolver]:
