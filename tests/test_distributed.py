@@ -69,6 +69,21 @@ class Net(nn.Module):
         return out
 
 
+class CondNet(nn.Module):  # a conditional network: one solver for a range of guidance scales
+    def __init__(self):
+        super().__init__()
+        self.net, self.emb = Net(), nn.Embedding(4, 8)  # the last row: no label
+        with torch.no_grad():
+            self.emb.weight.copy_(torch.randn(4, 8, generator=torch.Generator().manual_seed(1)))
+
+    def forward(self, x, t, y):
+        return self.net(x + 0.5 * self.emb(y), t)
+
+
+def cond_net():
+    return bns.Model(CondNet(), "velocity", bns.schedules.CondOT(), (8,), num_classes=3, name="c")
+
+
 def net():
     if os.environ.get("PIDS"):
         Path(os.environ["PIDS"], os.environ["RANK"]).write_text(str(os.getpid()))
@@ -290,6 +305,14 @@ def two_worker_job(tmp_path_factory):
     warn = ["eval", "--model", f"{warn_file}:net", "--baselines", "euler", "--nfe", "2"]
     warn += ["--test-pairs", "4", "--quiet", "--json", "{out}/e.json", "--cache-dir"]
     warn += ["{out}/warn-cache"]
+    # a guidance-range solver, and a span solver (image-to-image), of the conditional network
+    small = ["--quiet", "--train-pairs", "24", "--val-pairs", "16", "--init-pairs", "16"]
+    small += ["--batch-size", "8", "--gt-batch-size", "8", "--steps", "6", "--val-every", "3"]
+    cond = ["distill", "--model", f"{user_file}:cond_net", "--nfe", "4", *small]
+    commands += [
+        cond + ["--guidance-range", "1,3", "--out", "{out}/g.json"],
+        cond + ["--guidance", "2", "--span", "0.4:", "--gn-steps", "0", "--out", "{out}/p.json"],
+    ]
     job = [str(user_file), json.dumps([*commands, warn]), str(two), str(tmp_path / "two.json")]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -308,10 +331,11 @@ def test_two_workers_give_one_workers_results(two_worker_job):
     job = two_worker_job
     one, two, ref, got = job.one, job.two, job.ref, job.got
     # rank 0 alone speaks: two distills, two evals (the warning's is the second)
-    assert job.out.count("bns distill:") == 2 and job.out.count("rows ->") == 2
+    assert job.out.count("bns distill:") == 4 and job.out.count("rows ->") == 2
     # The analytic model, on the command line.
     _assert_same_caches(one / "cache", two / "cache")
-    assert len(_caches(one / "cache")) == 3 and not (two / "cache" / "shards").exists()
+    assert len([c for c in _caches(one / "cache") if c.startswith("pairs-gmm-")]) == 3
+    assert not (two / "cache" / "shards").exists()
     s1, s2 = (json.loads((d / "s.json").read_text()) for d in (one, two))
     _assert_same_solver(s1, s2)
     assert s1["meta"]["best_step"] == s2["meta"]["best_step"]
@@ -328,6 +352,15 @@ def test_two_workers_give_one_workers_results(two_worker_job):
     }
     r1, r2 = (json.loads((d / "r.json").read_text())["rows"] for d in (one, two))
     _assert_same_rows(r1, r2)
+    # The conditional network: one solver for guidance 1 to 3, and one for the span 0.4 to 1.
+    g1, g2 = (json.loads((d / "g.json").read_text()) for d in (one, two))
+    assert g1["meta"]["steps_run"] == g2["meta"]["steps_run"] == 6
+    assert g1["meta"]["best_step"] == g2["meta"]["best_step"]
+    for k, v in g1["coefs"].items():
+        assert torch.allclose(torch.tensor(v), torch.tensor(g2["coefs"][k]), atol=1e-6), k
+    p1, p2 = (json.loads((d / "p.json").read_text()) for d in (one, two))
+    _assert_same_solver(p1, p2)
+    assert p1["meta"]["span"] == p2["meta"]["span"] and p1["times"][0] == pytest.approx(0.4)
     # The small network, through the Python API.
     _assert_same_caches(one / "api", two / "api")
     _assert_same_solver(ref["solver"], got["solver"])

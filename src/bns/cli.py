@@ -374,8 +374,6 @@ def _distill_guidance_range(args, model: Any, cfg: Any, t0: float) -> int:
     from .executor import current
     from .guidance_range import distill_guidance_range
 
-    if current(model.device).size > 1:
-        raise CLIError("--guidance-range runs on one worker (not under torchrun)")
     ckpt = args.out.with_name(args.out.name + ".ckpt")
     rs, hist = distill_guidance_range(
         model,
@@ -387,8 +385,15 @@ def _distill_guidance_range(args, model: Any, cfg: Any, t0: float) -> int:
         checkpoint_path=ckpt,
         resume=args.resume,
     )
-    rs.save(args.out)
-    ckpt.unlink(missing_ok=True)
+
+    def write() -> None:
+        rs.save(args.out)
+        ckpt.unlink(missing_ok=True)
+
+    ex = current(model.device)
+    ex.on_main(write)  # rank 0 alone writes; under torchrun the others wait for the file
+    if not ex.main:
+        return 0  # rank 0 alone speaks
     lo, hi = rs.w_range
     print(
         f"bns distill: {model.name} nfe={cfg.nfe} guidance {lo:g} to {hi:g}: mean validation"
@@ -474,10 +479,9 @@ def cmd_distill(args) -> int:
         if ckpt.exists():
             ckpt.unlink()
 
-    current(model.device).on_main(
-        write
-    )  # rank 0 alone writes; under torchrun the others wait for the file
-    if not current(model.device).main:
+    ex = current(model.device)
+    ex.on_main(write)  # rank 0 alone writes; under torchrun the others wait for the file
+    if not ex.main:
         return 0  # rank 0 alone speaks
     init_psnr = hist["val_psnr"][0]
     from .cost import Ledger

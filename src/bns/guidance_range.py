@@ -380,6 +380,7 @@ def _train(model, cfg, ws, pairs, init, degree, progress, checkpoint_path, resum
     ident = {"model": model.fingerprint(), "cfg": cfg.to_dict(), "ws": ws, "degree": degree}
     ident["n"] = [[len(tr), len(va)] for tr, va in pairs.values()]
     main = executor.current(model.device or torch.device("cpu")).main
+    progress = progress and main  # rank 0 alone shows progress and writes checkpoints
     run_loop(loop, json.dumps(ident, sort_keys=True), checkpoint_path, resume, progress, main)
     history = _history(loop, loop.ledger.summed_over_workers())
     history["steps_run"] = loop.steps_run  # the steps taken (patience skips the others)
