@@ -65,7 +65,7 @@ class Bench:
             nfe,
             guidance=guidance,
             pairs=(train, val),
-            steps=a.steps,
+            adam_steps=a.steps,
             batch_size=min(a.batch_size, len(train)),
             init_pairs=min(a.init_pairs, a.val_pairs),
             progress=False,

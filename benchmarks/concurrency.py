@@ -59,7 +59,7 @@ def vp():
     return bns.Model(Net(1), "eps", bns.schedules.VP(), (8,), name="vp")
 """
 
-COMMON = ["--init-pairs", "16", "--gt-batch-size", "8", "--batch-size", "8", "--steps", "10"]
+COMMON = ["--init-pairs", "16", "--gt-batch-size", "8", "--batch-size", "8", "--adam-steps", "10"]
 COMMON += ["--val-every", "5", "--gn-steps", "2", "--gn-batch-size", "8", "--quiet"]
 # name: (factory, settings); several share cache files (model, split, seed and tolerance).
 JOBS = {

@@ -236,7 +236,7 @@ def main() -> None:
         guidance=args.guidance,
         pairs=(pairs, pairs[:16]),
         init="midpoint",  # the steps' cost, not the search for the best initial solver
-        steps=args.steps,
+        adam_steps=args.steps,
         batch_size=args.batch_size,
         val_every=args.steps,
         progress=False,

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> dict:
                 nfe,
                 end=end,
                 pairs=(pairs[end]["train"], pairs[end]["val"]),
-                steps=args.steps,
+                adam_steps=args.steps,
                 batch_size=args.batch_size,
                 init_pairs=args.init_pairs,
                 seed=args.seed,

@@ -109,7 +109,7 @@ def run_case(
     test = make_pairs(model, test_pairs, "test", **kw)
     init = f"{method}@uniform" if kind == "flow" else f"{method}@logsnr"
     solver, hist = bns.distill(
-        model, nfe, family="time", init=init, steps=steps, val_every=max(steps // 4, 1),
+        model, nfe, family="time", init=init, adam_steps=steps, val_every=max(steps // 4, 1),
         pairs=data, progress=False, end="range",
     )  # fmt: skip
     info = grid_export(solver, model)

@@ -146,7 +146,7 @@ run()
 """
 
 DISTILL = ["distill", "--nfe", "4", "--train-pairs", "48", "--val-pairs", "24"]
-DISTILL += ["--init-pairs", "24", "--gt-batch-size", "8", "--batch-size", "8", "--steps", "20"]
+DISTILL += ["--init-pairs", "24", "--gt-batch-size", "8", "--batch-size", "8", "--adam-steps", "20"]
 DISTILL += ["--val-every", "5", "--gn-steps", "3", "--gn-batch-size", "12", "--quiet"]
 
 # What must come out the same: the solver and its validation record (not wall times and costs).

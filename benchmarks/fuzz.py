@@ -115,7 +115,7 @@ def make_bases(folder: Path) -> dict[str, list[Base]]:
         ):
             ckpt = folder / f"{family}.ckpt"
             solver, _ = distill(
-                model, 4, family=family, init=init, steps=2, val_every=1, pairs=(train, val),
+                model, 4, family=family, init=init, adam_steps=2, val_every=1, pairs=(train, val),
                 progress=False, guidance=1.5, checkpoint_path=ckpt,
             )  # fmt: skip
             solver.meta = _untimed(solver.meta)
@@ -133,7 +133,7 @@ def make_bases(folder: Path) -> dict[str, list[Base]]:
         bns.solvers.by_name("rk4", 8, model).save(folder / "rk4.json")
         out["solver"].append(_solver_base("rk4.json", folder, model))
         rs, _ = distill_guidance_range(
-            model, 4, [1, 3], steps=2, train_pairs=16, val_pairs=8, init_pairs=8, batch_size=8,
+            model, 4, [1, 3], adam_steps=2, train_pairs=16, val_pairs=8, init_pairs=8, batch_size=8,
             val_every=1, cache=folder / "range-cache", progress=False,
         )  # fmt: skip
         rs.meta = _untimed(rs.meta)

@@ -58,7 +58,7 @@ def one(model_name: str, guidance: float, nfe: int, batch: int, cache: str) -> d
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         forwards, jvps = model.forwards - f0, model.jvps - j0
         est = Estimator(model, guidance, torch.device("cpu"), cache).ledger(
-            cfg.replace(steps=0, gn_steps=1, train_pairs=batch, val_pairs=1, init_pairs=1),
+            cfg.replace(adam_steps=0, gn_steps=1, train_pairs=batch, val_pairs=1, init_pairs=1),
             "range",
             [],  # no ranking
             pairs_given=True,

@@ -584,7 +584,7 @@ def projected_cost(model, guidance, nfe, sizes: LargeSizes, device, max_stack: i
     )
     spent = time.perf_counter() - t0
     phases = ledger.to_dict()
-    keep = ("nfe", "guidance", "train_pairs", "val_pairs", "init_pairs", "steps", "gn_steps")
+    keep = ("nfe", "guidance", "train_pairs", "val_pairs", "init_pairs", "adam_steps", "gn_steps")
     keep += ("gn_batch_size", "micro_batch", "gt_batch_size", "eval_batch_size")
     return {
         "phases": phases,
@@ -789,7 +789,7 @@ def protocol_section(specs, nfes, sizes: Sizes, clock: Clock, deadline: float) -
                 nfe,
                 guidance=guidance,
                 pairs=(train, val),
-                steps=sizes.steps,
+                adam_steps=sizes.steps,
                 patience=sizes.patience,
                 progress=False,
             )

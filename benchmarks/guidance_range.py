@@ -45,7 +45,10 @@ def run(args: argparse.Namespace) -> dict:
         for w in ws_all
     }
     common = dict(
-        steps=args.steps, batch_size=args.batch_size, init_pairs=args.init_pairs, progress=False
+        adam_steps=args.steps,
+        batch_size=args.batch_size,
+        init_pairs=args.init_pairs,
+        progress=False,
     )
     t0 = time.perf_counter()
     rs, hist = bns.distill_guidance_range(
@@ -53,7 +56,7 @@ def run(args: argparse.Namespace) -> dict:
         args.nfe,
         ws_train,
         pairs={w: (pairs[w]["train"], pairs[w]["val"]) for w in ws_train},
-        **{**common, "steps": args.steps * len(ws_train)},
+        **{**common, "adam_steps": args.steps * len(ws_train)},
     )
     t_range = time.perf_counter() - t0
     rows = []

@@ -112,7 +112,7 @@ def distill_rows(args, test) -> tuple[list[dict], dict]:
             end="range",  # its test pairs end on the range (make_pairs' default)
             train_pairs=args.train_pairs,
             val_pairs=args.val_pairs,
-            steps=args.steps,
+            adam_steps=args.steps,
             batch_size=args.batch_size,
             init="best",
             cache=False,

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> dict:
                 nfe,
                 pairs=(train, val),
                 guidance=args.guidance,
-                steps=adam,
+                adam_steps=adam,
                 gn_steps=gn,
                 gn_batch_size=args.gn_batch_size,
                 batch_size=args.batch_size,

@@ -76,7 +76,7 @@ def main() -> None:
                 init=args.init,
                 precondition=s0,
                 pairs=(train, val),
-                steps=args.steps,
+                adam_steps=args.steps,
                 progress=False,
             )
             rows.append(

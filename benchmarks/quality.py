@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> dict:
             guidance=args.guidance,
             init=args.init,
             pairs=(train, val),
-            steps=args.steps,
+            adam_steps=args.steps,
             lr=args.lr,
             batch_size=args.batch_size,
             val_every=args.val_every,

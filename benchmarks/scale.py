@@ -86,7 +86,7 @@ def worker(args: argparse.Namespace) -> None:
     gt_s, train = _timed(lambda: make_pairs(model, args.gt_pairs, "train", **kw), sync)
     val = make_pairs(model, args.gt_batch, "val", **kw)
     cfg = DistillConfig(nfe=args.nfe, guidance=args.guidance, batch_size=args.batch_size)
-    cfg = cfg.replace(steps=args.steps, gn_steps=0)  # timed Adam steps
+    cfg = cfg.replace(adam_steps=args.steps, gn_steps=0)  # timed Adam steps
     init = initial_solver(model, args.nfe, "midpoint")
     loop = _Loop(model, cfg, make_family("bns", init), init, train, val, None)
     _adam(loop)  # warm-up
@@ -149,7 +149,7 @@ def main() -> None:
             distill = ["-m", "bns", "distill", "--model", args.model, "--quiet", "--init"]
             distill += ["midpoint", "--guidance", str(args.guidance), "--nfe", str(args.nfe)]
             distill += ["--train-pairs", str(args.e2e_train), "--val-pairs", str(args.e2e_val)]
-            distill += ["--steps", str(args.e2e_steps), "--val-every", str(args.e2e_steps)]
+            distill += ["--adam-steps", str(args.e2e_steps), "--val-every", str(args.e2e_steps)]
             distill += ["--batch-size", str(args.batch_size), "--gt-batch-size", str(args.gt_batch)]
             distill += ["--device", args.device, "--out", str(Path(tmp) / f"s{k}.json")]
             e2e_env = dict(env, BNS_CACHE_DIR=str(Path(tmp) / f"cache{k}"))

@@ -37,7 +37,7 @@ def main() -> None:
                 m,
                 nfe,
                 pairs=(tr, va),
-                steps=steps,
+                adam_steps=steps,
                 batch_size=24,
                 init_pairs=128,
                 loss=loss,

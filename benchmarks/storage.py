@@ -81,7 +81,7 @@ open(result, "w").write(json.dumps(out))
 """
 
 DISTILL = ["distill", "--nfe", "4", "--train-pairs", "32", "--val-pairs", "16"]
-DISTILL += ["--init-pairs", "16", "--steps", "6", "--val-every", "2", "--gn-steps", "2"]
+DISTILL += ["--init-pairs", "16", "--adam-steps", "6", "--val-every", "2", "--gn-steps", "2"]
 DISTILL += ["--gn-batch-size", "8", "--batch-size", "8", "--gt-batch-size", "8", "--quiet"]
 DISTILL += ["--device", "cpu"]
 

@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> dict:
                 nfe,
                 guidance=w,
                 pairs=(train, val),
-                steps=args.steps,
+                adam_steps=args.steps,
                 batch_size=min(args.batch_size, len(train)),
                 init_pairs=min(128, len(val)),
                 progress=False,

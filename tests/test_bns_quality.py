@@ -36,7 +36,9 @@ MARGIN_OVER_BEST = {4: 8.0, 8: 11.0}
 @pytest.mark.parametrize("nfe", [4, 8])
 def test_bns_beats_its_init_and_every_classical_solver(setup, nfe):
     model, train, val, test = setup
-    solver, hist = distill(model, nfe, pairs=(train, val), steps=150, val_every=25, progress=False)
+    solver, hist = distill(
+        model, nfe, pairs=(train, val), adam_steps=150, val_every=25, progress=False
+    )
     entries = [
         ("bns", nfe, solver),
         ("init", nfe, solver_from_label(model, nfe, solver.meta["init"])),

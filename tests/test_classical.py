@@ -206,7 +206,9 @@ def test_the_grid_search_picks_the_grid_that_measures_best(make, solver, picked,
 
 def test_init_best_starts_from_the_measured_best(tmp_path):
     model = _flow_shrunk()
-    kw = dict(steps=0, train_pairs=8, val_pairs=32, init_pairs=32, cache=tmp_path, progress=False)
+    kw = dict(
+        adam_steps=0, train_pairs=8, val_pairs=32, init_pairs=32, cache=tmp_path, progress=False
+    )
     solver, hist = bns.distill(model, 6, init="dpmpp2m", precondition=None, **kw)
     assert solver.meta["init"] == "dpmpp2m@uniform"
     scores = solver.meta["init_candidates_psnr"]

@@ -265,7 +265,7 @@ def test_the_automatic_gauss_newton_batch_shrinks_with_the_nfe():
 
     assert [auto_gn_batch_size(n) for n in (2, 4, 8, 12, 16, 20)] == [64, 64, 32, 21, 16, 16]
     cfg = resolve_steps(bns.DistillConfig(nfe=8), lambda: True)
-    assert (cfg.gn_batch_size, cfg.gn_steps, cfg.steps) == (32, 12, 0)
+    assert (cfg.gn_batch_size, cfg.gn_steps, cfg.adam_steps) == (32, 12, 0)
     assert resolve_steps(bns.DistillConfig(nfe=8, gn_batch_size=5), lambda: True).gn_batch_size == 5
     # per pair, a step's JVPs grow as nfe^3 / 6; per step, with the automatic batch, as nfe^2
     per_step = [gn_step_work(n, auto_gn_batch_size(n))[1] / n**2 for n in (8, 12, 16)]

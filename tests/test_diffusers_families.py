@@ -759,7 +759,7 @@ def _cli_distill(tmp_path, folder, prompts_file) -> bns.NSSolver:
         "4",
         "--val-pairs",
         "4",
-        "--steps",
+        "--adam-steps",
         "2",
         "--batch-size",
         "4",

@@ -104,7 +104,7 @@ def run(cache):
     from bns.pairs import make_pairs
     model = net()
     solver, hist = bns.distill(model, 4, init="euler", train_pairs=48, val_pairs=24,
-                               steps=10, val_every=5, batch_size=8, gt_batch_size=8,
+                               adam_steps=10, val_every=5, batch_size=8, gt_batch_size=8,
                                gn_steps=2, gn_batch_size=12,
                                cache=cache, progress=False)
     test = make_pairs(model, 20, "test", batch_size=8, cache=cache, progress=False)
@@ -129,7 +129,7 @@ if __name__ == "__main__":  # under torchrun: command lines, then the API run (r
 """
 
 DISTILL = ["distill", "--nfe", "4", "--init", "midpoint", "--quiet", "--batch-size", "8"]
-DISTILL += ["--train-pairs", "40", "--val-pairs", "24", "--init-pairs", "24", "--steps", "10"]
+DISTILL += ["--train-pairs", "40", "--val-pairs", "24", "--init-pairs", "24", "--adam-steps", "10"]
 DISTILL += ["--val-every", "5", "--gt-batch-size", "8"]
 EVAL = ["eval", "--baselines", "euler,midpoint", "--nfe", "4,8", "--test-pairs", "20", "--quiet"]
 
@@ -307,7 +307,7 @@ def two_worker_job(tmp_path_factory):
     warn += ["{out}/warn-cache"]
     # a guidance-range solver, and a span solver (image-to-image), of the conditional network
     small = ["--quiet", "--train-pairs", "24", "--val-pairs", "16", "--init-pairs", "16"]
-    small += ["--batch-size", "8", "--gt-batch-size", "8", "--steps", "6", "--val-every", "3"]
+    small += ["--batch-size", "8", "--gt-batch-size", "8", "--adam-steps", "6", "--val-every", "3"]
     cond = ["distill", "--model", f"{user_file}:cond_net", "--nfe", "4", *small]
     commands += [
         cond + ["--guidance-range", "1,3", "--out", "{out}/g.json"],
@@ -424,7 +424,7 @@ def _killed_job(folder: Path, user_file: Path) -> SimpleNamespace:
 
 def _hung_args(folder: Path, user_file: Path) -> list[str]:
     args = ["-m", "bns", *DISTILL, "--model", f"{user_file}:net", "--init", "euler"]
-    return args + ["--steps", "30", "--out", str(folder / "s.json")]
+    return args + ["--adam-steps", "30", "--out", str(folder / "s.json")]
 
 
 def _hung_job(folder: Path, user_file: Path, meanwhile: Callable[[], None]) -> SimpleNamespace:

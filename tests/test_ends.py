@@ -88,7 +88,9 @@ def test_ground_truth_that_ends_on_the_data(tmp_path):
 def test_distill_ends_on_the_data_by_default_on_such_a_model(tmp_path):
     model = ddpm_model()
     kw = dict(train_pairs=16, val_pairs=8, init_pairs=8, batch_size=8, val_every=2)
-    solver, _ = bns.distill(model, 4, steps=0, init="ddim", cache=tmp_path, progress=False, **kw)
+    solver, _ = bns.distill(
+        model, 4, adam_steps=0, init="ddim", cache=tmp_path, progress=False, **kw
+    )
     assert solver.meta["end"] == "data" and solver.meta["config"]["end"] == "auto"
     # Zero steps return the initial solver: here DDIM with its last step to sigma = 0.
     label = solver.meta["init"]  # DDIM on the grid that measured best
@@ -96,10 +98,10 @@ def test_distill_ends_on_the_data_by_default_on_such_a_model(tmp_path):
     init = with_data_end(initial_solver(model, 4, "ddim", grid=label.split("@")[1]), model)
     assert torch.allclose(solver.a, init.a, atol=0) and torch.allclose(solver.b, init.b, atol=0)
     # Trained, it beats that start on pairs that end on the data.
-    trained, hist = bns.distill(model, 4, steps=20, cache=tmp_path, progress=False, **kw)
+    trained, hist = bns.distill(model, 4, adam_steps=20, cache=tmp_path, progress=False, **kw)
     assert trained.meta["end"] == "data" and hist["best_val_psnr"] >= hist["val_psnr"][0]
     ranged, _ = bns.distill(
-        model, 4, steps=0, end="range", init="ddim", cache=tmp_path, progress=False, **kw
+        model, 4, adam_steps=0, end="range", init="ddim", cache=tmp_path, progress=False, **kw
     )
     assert ranged.meta["end"] == "range"
     assert torch.equal(ranged.b[:-1], solver.b[:-1]) and not torch.equal(ranged.b, solver.b)
@@ -108,7 +110,7 @@ def test_distill_ends_on_the_data_by_default_on_such_a_model(tmp_path):
 def test_bad_ends_are_refused(tmp_path):
     model = ddpm_model()
     flow = bns.Model(EpsNet(), "velocity", bns.schedules.CondOT(), (6,))
-    kw = dict(steps=0, train_pairs=8, val_pairs=8, cache=tmp_path, progress=False)
+    kw = dict(adam_steps=0, train_pairs=8, val_pairs=8, cache=tmp_path, progress=False)
     with pytest.raises(bns.TrainingError, match="reaches the data"):
         bns.distill(flow, 4, end="data", **kw)
     with pytest.raises(bns.TrainingError, match="family time ends on the model's range only"):
@@ -118,9 +120,9 @@ def test_bad_ends_are_refused(tmp_path):
     # Pairs that end elsewhere than asked.
     pairs = tuple(make_pairs(model, 8, s, cache=tmp_path, progress=False) for s in ("train", "val"))
     with pytest.raises(bns.TrainingError, match="the pairs end at range/range"):
-        bns.distill(model, 4, end="data", pairs=pairs, steps=0, progress=False)
+        bns.distill(model, 4, end="data", pairs=pairs, adam_steps=0, progress=False)
     # Given pairs decide where "auto" ends.
-    solver, _ = bns.distill(model, 4, pairs=pairs, steps=0, init="ddim", progress=False)
+    solver, _ = bns.distill(model, 4, pairs=pairs, adam_steps=0, init="ddim", progress=False)
     assert solver.meta["end"] == "range"
 
 
@@ -135,7 +137,7 @@ def test_command_line_end_to_end(tmp_path, capsys):
     cache = ["--cache-dir", str(tmp_path / "cache"), "--quiet"]
     out = tmp_path / "s.json"
     argv = ["distill", "--model", spec, "--nfe", "4", "--out", str(out), *cache]
-    argv += ["--train-pairs", "16", "--val-pairs", "8", "--init-pairs", "8", "--steps", "4"]
+    argv += ["--train-pairs", "16", "--val-pairs", "8", "--init-pairs", "8", "--adam-steps", "4"]
     argv += ["--batch-size", "8", "--val-every", "2", "--init", "ddim"]
     assert main(argv) == 0
     solver = bns.NSSolver.load(out)
@@ -177,7 +179,7 @@ def test_a_closure_and_a_bf16_network_end_on_the_data(tmp_path):
     assert half.dtype == torch.bfloat16 and closure.dtype == torch.float32
     kw = dict(train_pairs=8, val_pairs=8, init_pairs=8, batch_size=8, val_every=2, init="ddim")
     for model in (closure, half):
-        solver, hist = bns.distill(model, 4, steps=2, cache=tmp_path, progress=False, **kw)
+        solver, hist = bns.distill(model, 4, adam_steps=2, cache=tmp_path, progress=False, **kw)
         assert solver.meta["end"] == "data" and all(map(math.isfinite, hist["val_psnr"]))
         pairs = make_pairs(model, 4, "val", cache=tmp_path, progress=False, end="data")
         assert pairs.end == "data" and torch.isfinite(pairs.x1).all()

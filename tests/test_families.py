@@ -67,7 +67,7 @@ def _perturbed(family):
 @pytest.mark.parametrize("family,init,pc", CASES)
 def test_each_family_starts_at_its_initial_solver(vp, data, family, init, pc):
     solver, hist = distill(
-        vp, 4, family=family, init=init, precondition=pc, steps=0, pairs=data, progress=False
+        vp, 4, family=family, init=init, precondition=pc, adam_steps=0, pairs=data, progress=False
     )
     # init names the method; its grid (or preconditioning) is the one measured best
     assert solver.meta["init"].startswith(init)
@@ -128,7 +128,7 @@ def test_time_learns_the_grid_of_every_classical_method(request, model, name):
 
 def test_a_trained_time_solver_is_the_classical_solver_on_its_grid(vp, data):
     solver, hist = distill(
-        vp, 4, family="time", init="midpoint", precondition=None, steps=10, val_every=5,
+        vp, 4, family="time", init="midpoint", precondition=None, adam_steps=10, val_every=5,
         pairs=data, progress=False,
     )  # fmt: skip
     assert hist["best_step"] > 0 and solver.meta["init"].startswith("midpoint@")
@@ -179,7 +179,14 @@ def test_scale_time_is_the_transformed_base_method(vp, init, pc):
 
 def test_multistep_keeps_its_structure_while_it_learns(vp, data):
     solver, hist = distill(
-        vp, 4, family="multistep", init="ipndm", steps=10, val_every=5, pairs=data, progress=False
+        vp,
+        4,
+        family="multistep",
+        init="ipndm",
+        adam_steps=10,
+        val_every=5,
+        pairs=data,
+        progress=False,
     )
     assert hist["best_step"] > 0
     assert torch.all(solver.a == 1)
@@ -206,7 +213,7 @@ def test_each_family_distills_and_its_file_loads_and_samples(vp, data, family, t
     """A few steps on the small mixture gain over the initial solver on validation, and the
     solver file reads back and samples through the shared path."""
     solver, hist = distill(
-        vp, 4, family=family, steps=30, val_every=10, lr=1e-2, pairs=data, progress=False
+        vp, 4, family=family, adam_steps=30, val_every=10, lr=1e-2, pairs=data, progress=False
     )
     assert hist["best_val_psnr"] > hist["val_psnr"][0] + 0.5, hist["val_psnr"]
     path = solver.save(tmp_path / f"{family}.json")
@@ -251,7 +258,7 @@ def test_families_keep_the_initial_solvers_they_can_start_from(vp):
 
 
 def test_a_family_that_cannot_start_from_the_init_fails_before_ground_truth(vp):
-    kw = dict(steps=0, cache=False, train_pairs=2, val_pairs=2, progress=False)
+    kw = dict(adam_steps=0, cache=False, train_pairs=2, val_pairs=2, progress=False)
     with pytest.raises(TrainingError, match="family scale-time starts from euler, midpoint"):
         distill(vp, 4, family="scale-time", init="ab3", **kw)
     with pytest.raises(TrainingError, match="family multistep starts from a solver with a_i = 1"):
@@ -273,7 +280,17 @@ def test_the_command_line_distills_a_family(tmp_path, monkeypatch):
     monkeypatch.setenv("BNS_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "time.json"
     args = ["distill", "--model", "gmm", "--nfe", "4", "--family", "time", "--init", "midpoint"]
-    args += ["--train-pairs", "8", "--val-pairs", "8", "--steps", "2", "--quiet", "--out", str(out)]
+    args += [
+        "--train-pairs",
+        "8",
+        "--val-pairs",
+        "8",
+        "--adam-steps",
+        "2",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     solver = bns.NSSolver.load(out)
     assert solver.meta["family"] == "time" and solver.meta["init"].startswith("midpoint@")

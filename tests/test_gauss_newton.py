@@ -139,8 +139,8 @@ def test_gauss_newton_steps_improve_on_adam_and_keep_the_best(user_pairs):
     _, train, val = user_pairs
     model = _model()
     kw = dict(pairs=(train, val), progress=False, guidance=2.0, batch_size=16, init="midpoint")
-    adam, h_adam = distill(model, 4, steps=40, **kw)
-    both, h_both = distill(model, 4, steps=40, gn_steps=4, gn_batch_size=24, **kw)
+    adam, h_adam = distill(model, 4, adam_steps=40, **kw)
+    both, h_both = distill(model, 4, adam_steps=40, gn_steps=4, gn_batch_size=24, **kw)
     # Every step Levenberg-Marquardt kept is validated; a rejected one leaves the solver as it
     # was and is not.
     validated = 1 + 40 // 25 + 1 + 4 - h_both["gn_rejected"]
@@ -151,7 +151,7 @@ def test_gauss_newton_steps_improve_on_adam_and_keep_the_best(user_pairs):
     for p in model.modules[0].parameters():
         assert p.grad is None and p.requires_grad  # frozen meanwhile, restored after
     # Gauss-Newton alone, from the initial solver, also climbs
-    gn, h_gn = distill(model, 4, steps=0, gn_steps=3, gn_batch_size=24, **kw)
+    gn, h_gn = distill(model, 4, adam_steps=0, gn_steps=3, gn_batch_size=24, **kw)
     assert h_gn["best_val_psnr"] > h_gn["val_psnr"][0] + 1.0
 
 
@@ -194,10 +194,10 @@ def test_a_network_without_forward_mode_fails_before_any_ground_truth(tmp_path):
     wrapped, inner = _without_forward_mode()
     kw = dict(cache=tmp_path, progress=False, guidance=2.0, train_pairs=8, val_pairs=8)
     with pytest.raises(TrainingError, match="forward mode.*gn_steps=0"):
-        distill(wrapped, 4, steps=5, gn_steps=1, **kw)
+        distill(wrapped, 4, adam_steps=5, gn_steps=1, **kw)
     assert not list(tmp_path.iterdir()) and wrapped.forwards == 0  # nothing was solved
     assert all(p.requires_grad for p in inner.parameters())  # restored
-    solver, _ = distill(wrapped, 4, steps=1, gn_steps=0, init="euler", **kw)  # Adam alone runs
+    solver, _ = distill(wrapped, 4, adam_steps=1, gn_steps=0, init="euler", **kw)  # Adam alone runs
     assert solver.nfe == 4
 
 
@@ -225,7 +225,7 @@ def test_gauss_newton_through_the_command_line(user_pairs, tmp_path):
         "32",
         "--init-pairs",
         "32",
-        "--steps",
+        "--adam-steps",
         "0",
         "--gn-steps",
         "2",
@@ -251,14 +251,23 @@ def test_steps_resolve_to_gauss_newton_by_default_and_to_adam_when_asked():
 
     cfg = bns.DistillConfig(nfe=4)
     yes, no = (lambda: True), (lambda: False)
-    assert (resolve_steps(cfg, yes).steps, resolve_steps(cfg, yes).gn_steps) == (0, AUTO_GN_STEPS)
-    assert (resolve_steps(cfg, no).steps, resolve_steps(cfg, no).gn_steps) == (AUTO_ADAM_STEPS, 0)
+    assert (resolve_steps(cfg, yes).adam_steps, resolve_steps(cfg, yes).gn_steps) == (
+        0,
+        AUTO_GN_STEPS,
+    )
+    assert (resolve_steps(cfg, no).adam_steps, resolve_steps(cfg, no).gn_steps) == (
+        AUTO_ADAM_STEPS,
+        0,
+    )
     l1 = cfg.replace(loss="l1")
-    assert (resolve_steps(l1, yes).steps, resolve_steps(l1, yes).gn_steps) == (AUTO_ADAM_STEPS, 0)
+    assert (resolve_steps(l1, yes).adam_steps, resolve_steps(l1, yes).gn_steps) == (
+        AUTO_ADAM_STEPS,
+        0,
+    )
     both = [(None, 3, (0, 3)), (7, None, (7, 0)), (None, 0, (AUTO_ADAM_STEPS, 0)), (5, 2, (5, 2))]
     for steps, gn, want in both:
-        got = resolve_steps(cfg.replace(steps=steps, gn_steps=gn), no)
-        assert (got.steps, got.gn_steps) == want
+        got = resolve_steps(cfg.replace(adam_steps=steps, gn_steps=gn), no)
+        assert (got.adam_steps, got.gn_steps) == want
 
 
 def test_the_default_distillation_is_gauss_newton_or_adam_without_forward_mode(
@@ -267,13 +276,13 @@ def test_the_default_distillation_is_gauss_newton_or_adam_without_forward_mode(
     _, train, val = user_pairs
     kw = dict(pairs=(train, val), progress=False, guidance=2.0, gn_batch_size=16)
     solver, hist = distill(_model(), 4, **kw)
-    assert solver.meta["config"]["steps"] == 0 and solver.meta["config"]["gn_steps"] == 12
+    assert solver.meta["config"]["adam_steps"] == 0 and solver.meta["config"]["gn_steps"] == 12
     assert hist["steps_run"] <= 12 and hist["best_val_psnr"] > hist["val_psnr"][0] + 1.0
     monkeypatch.setattr(bns.config, "AUTO_ADAM_STEPS", 3)
     wrapped, _ = _without_forward_mode()
     with pytest.warns(UserWarning, match="forward mode.*Adam steps instead"):
         solver, hist = distill(wrapped, 4, **kw)
-    assert solver.meta["config"]["steps"] == 3 and solver.meta["config"]["gn_steps"] == 0
+    assert solver.meta["config"]["adam_steps"] == 3 and solver.meta["config"]["gn_steps"] == 0
 
 
 def test_an_interrupted_gauss_newton_run_resumes_to_the_same_solver(user_pairs, tmp_path):
@@ -315,7 +324,7 @@ def test_gauss_newton_steps_that_never_help_return_the_initial_solver(user_pairs
     model = _model()
     kw = dict(pairs=(train, val), progress=False, guidance=2.0, init="midpoint")
     solver, hist = distill(model, 4, gn_steps=3, gn_batch_size=16, **kw)
-    init, _ = distill(model, 4, steps=0, **kw)
+    init, _ = distill(model, 4, adam_steps=0, **kw)
     assert hist["best_step"] == 0 and max(hist["val_psnr"][1:]) < hist["val_psnr"][0]
     for name in ("times", "a", "b"):
         assert torch.equal(getattr(solver, name), getattr(init, name))

@@ -46,7 +46,7 @@ KW = dict(train_pairs=32, val_pairs=16, init_pairs=16, batch_size=16, val_every=
 def test_at_zero_steps_it_is_the_initial_solver_at_every_scale(tmp_path):
     model = cond_model()
     rs, hist = bns.distill_guidance_range(
-        model, 4, [1, 4], steps=0, cache=tmp_path, progress=False, **KW
+        model, 4, [1, 4], adam_steps=0, cache=tmp_path, progress=False, **KW
     )
     # The start: the classical solver with the best mean validation PSNR over the scales.
     means = {}
@@ -71,11 +71,11 @@ def test_training_improves_every_scale_and_interpolates_smoothly(tmp_path):
     model = cond_model()
     ws = [1.0, 2.0, 4.0]
     rs, hist = bns.distill_guidance_range(
-        model, 4, ws, steps=60, cache=tmp_path, progress=False, **KW
+        model, 4, ws, adam_steps=60, cache=tmp_path, progress=False, **KW
     )
     assert hist["best_val_psnr"] > hist["val_psnr"][0] + 1.0
     start, _ = bns.distill_guidance_range(
-        model, 4, ws, steps=0, cache=tmp_path, progress=False, **KW
+        model, 4, ws, adam_steps=0, cache=tmp_path, progress=False, **KW
     )
     # Better than its start at a scale it never saw (w = 3), on that scale's own pairs.
     test = make_pairs(model, 32, "test", guidance=3.0, cache=tmp_path, progress=False)
@@ -94,7 +94,7 @@ def test_training_improves_every_scale_and_interpolates_smoothly(tmp_path):
 def test_file_round_trip_and_bad_files(tmp_path):
     model = cond_model()
     rs, _ = bns.distill_guidance_range(
-        model, 4, [1, 3], steps=10, cache=tmp_path, progress=False, **KW
+        model, 4, [1, 3], adam_steps=10, cache=tmp_path, progress=False, **KW
     )
     path = tmp_path / "range.json"
     rs.save(path)
@@ -122,7 +122,7 @@ def test_file_round_trip_and_bad_files(tmp_path):
 
 def test_bad_settings_are_refused(tmp_path):
     model = cond_model()
-    kw = dict(steps=0, cache=tmp_path, progress=False, **KW)
+    kw = dict(adam_steps=0, cache=tmp_path, progress=False, **KW)
     with pytest.raises(bns.TrainingError, match="at least two"):
         bns.distill_guidance_range(model, 4, [2.0], **kw)
     with pytest.raises(bns.TrainingError, match="at least two"):
@@ -142,7 +142,7 @@ def test_command_line(tmp_path, capsys):
     common = ["--model", f"{user}:cond_model", "--cache-dir", str(tmp_path / "c"), "--quiet"]
     out = tmp_path / "range.json"
     argv = ["distill", *common, "--nfe", "4", "--guidance-range", "1,2,4", "--out", str(out)]
-    argv += ["--train-pairs", "32", "--val-pairs", "16", "--init-pairs", "16", "--steps", "10"]
+    argv += ["--train-pairs", "32", "--val-pairs", "16", "--init-pairs", "16", "--adam-steps", "10"]
     argv += ["--batch-size", "16", "--val-every", "5"]
     assert main(argv) == 0
     assert "guidance 1 to 4" in capsys.readouterr().out
@@ -182,7 +182,7 @@ def test_command_line(tmp_path, capsys):
 
 def test_micro_batches_and_checkpointing_give_the_same_solver_and_no_weight_gets_a_grad(tmp_path):
     model = cond_model()
-    kw = dict(steps=6, cache=tmp_path, progress=False, init="midpoint", **KW)
+    kw = dict(adam_steps=6, cache=tmp_path, progress=False, init="midpoint", **KW)
     full, _ = bns.distill_guidance_range(model, 4, [1, 4], **kw)
     part, _ = bns.distill_guidance_range(
         model, 4, [1, 4], micro_batch=3, grad_checkpoint=True, **kw
@@ -205,7 +205,7 @@ def test_steps_run_counts_the_steps_that_ran(tmp_path):
     """A run that stops early (too many non-finite steps: a learning rate that diverges)
     records the steps it ran, not the steps it was given."""
     rs, hist = bns.distill_guidance_range(
-        cond_model(), 4, [1, 4], steps=40, lr=1e6, max_skips=1, cache=tmp_path, progress=False,
+        cond_model(), 4, [1, 4], adam_steps=40, lr=1e6, max_skips=1, cache=tmp_path, progress=False,
         **KW,
     )  # fmt: skip
     assert hist["skipped"] == 2 and rs.meta["steps_run"] == hist["steps_run"] < 40
@@ -217,7 +217,7 @@ def test_an_interrupted_run_resumes_to_the_same_solver(tmp_path, monkeypatch):
     import bns.guidance_range as gr
 
     model = cond_model()
-    kw = dict(steps=20, cache=tmp_path, progress=False, **KW)
+    kw = dict(adam_steps=20, cache=tmp_path, progress=False, **KW)
     full, h_full = bns.distill_guidance_range(model, 4, [1, 4], **kw)
     ck = tmp_path / "run.ckpt"
     real, calls = gr._RangeObjective.validate, []
@@ -240,7 +240,7 @@ def test_an_interrupted_run_resumes_to_the_same_solver(tmp_path, monkeypatch):
         assert torch.equal(back.coefs[name], full.coefs[name])
     assert h_back["val_psnr"] == h_full["val_psnr"] and h_back["step"] == [0, 5, 10, 15, 20]
     assert back.meta["steps_run"] == full.meta["steps_run"] == 20
-    other = dict(kw, steps=21)  # other settings: refused
+    other = dict(kw, adam_steps=21)  # other settings: refused
     with pytest.raises(bns.TrainingError, match="belongs to another"):
         bns.distill_guidance_range(model, 4, [1, 4], checkpoint_path=ck, resume=True, **other)
 
@@ -249,7 +249,7 @@ def test_patience_stops_early_and_steps_run_says_so(tmp_path):
     """Validation rounds that never improve (a learning rate too small to move anything) stop
     the run after ``patience`` of them; ``steps_run`` counts the steps taken."""
     rs, hist = bns.distill_guidance_range(
-        cond_model(), 4, [1, 4], steps=40, lr=1e-300, patience=2, cache=tmp_path,
+        cond_model(), 4, [1, 4], adam_steps=40, lr=1e-300, patience=2, cache=tmp_path,
         progress=False, **KW,
     )  # fmt: skip
     assert hist["step"] == [0, 5, 10] and hist["best_step"] == 0

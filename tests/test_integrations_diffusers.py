@@ -624,7 +624,7 @@ def test_cli_distill_on_a_saved_pipeline(tmp_path, dit, monkeypatch):
         "8",
         "--val-pairs",
         "8",
-        "--steps",
+        "--adam-steps",
         "3",
         "--batch-size",
         "4",

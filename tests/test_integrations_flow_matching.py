@@ -215,7 +215,7 @@ def test_a_float32_model_wrapper_works_as_users_write_it():
     from bns.train import distill
 
     net.seen.clear()
-    tiny = {"train_pairs": 8, "val_pairs": 8, "steps": 3, "batch_size": 4}
+    tiny = {"train_pairs": 8, "val_pairs": 8, "adam_steps": 3, "batch_size": 4}
     distill(model, 4, **tiny, cache=False, progress=False)
     assert net.seen and {x for x, _ in net.seen} == {torch.float32}
     assert all(p.grad is None and p.requires_grad for p in wrapped.parameters())

@@ -298,7 +298,7 @@ def test_a_float32_module_denoiser_works_as_users_write_it():
     # Distillation trains the solver only: the network's weights get no gradient.
     from bns.train import distill
 
-    tiny = {"train_pairs": 8, "val_pairs": 8, "steps": 3, "batch_size": 4}
+    tiny = {"train_pairs": 8, "val_pairs": 8, "adam_steps": 3, "batch_size": 4}
     distill(model, 4, **tiny, cache=False, progress=False)
     assert all(p.grad is None and p.requires_grad for p in net.parameters())
     assert {x for x, _ in net.seen} == {torch.float32}

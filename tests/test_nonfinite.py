@@ -221,13 +221,13 @@ def test_distill_names_the_phase(when, phase):
     net = FaultyNet(None)
     model = _model(net)
     pairs = _pairs(model)  # ground truth of a healthy network
-    kw = dict(TINY, pairs=pairs, cache=False, progress=False, steps=2, gn_steps=0)
+    kw = dict(TINY, pairs=pairs, cache=False, progress=False, adam_steps=2, gn_steps=0)
     if when == "ranking":
         kw.update(init="best")
     else:
         kw.update(init="euler")  # one candidate: no ranking, validation comes first
     if when == "gauss-newton":
-        kw.update(steps=0, gn_steps=2)
+        kw.update(adam_steps=0, gn_steps=2)
 
     def turn_bad(step, record):  # after the validation of the initial solver
         net.fault = "nan"
@@ -268,7 +268,7 @@ def test_cli_distill_with_a_nan_network_writes_nothing(tmp_path, capsys):
     cache, out = tmp_path / "cache", tmp_path / "out" / "s.json"
     args = ["distill", "--model", f"{src}:nan_net", "--cache-dir", str(cache), "--quiet"]
     args += ["--nfe", "4", "--out", str(out), "--device", "cpu", "--train-pairs", "4"]
-    args += ["--val-pairs", "4", "--steps", "2", "--batch-size", "4"]
+    args += ["--val-pairs", "4", "--adam-steps", "2", "--batch-size", "4"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
@@ -317,7 +317,7 @@ def test_cli_distill_whose_network_turns_bad_leaves_no_checkpoint(tmp_path, caps
     stale.write_text("half a checkpoint")
     args = ["distill", "--model", f"{src}:net", "--cache-dir", str(tmp_path / "c"), "--quiet"]
     args += ["--nfe", "4", "--out", str(out), "--device", "cpu", "--train-pairs", "4"]
-    args += ["--val-pairs", "4", "--init", "euler", "--steps", "6", "--val-every", "2"]
+    args += ["--val-pairs", "4", "--init", "euler", "--adam-steps", "6", "--val-every", "2"]
     args += ["--gn-steps", "0", "--batch-size", "4"]
     saved = []
     real_save = bns.checkpoint.Checkpoint.save

@@ -168,7 +168,7 @@ def test_train_on_some_prompts_evaluate_on_new_ones_from_the_command_line(tmp_pa
     out = tmp_path / "s.json"
     common = ["--model", "toytext:", "--cache-dir", str(cache), "--quiet"]
     argv = ["distill", *common, "--prompts", f"{tr},{va},{te}", "--nfe", "4", "--out", str(out)]
-    argv += ["--train-pairs", "16", "--val-pairs", "8", "--init-pairs", "8", "--steps", "4"]
+    argv += ["--train-pairs", "16", "--val-pairs", "8", "--init-pairs", "8", "--adam-steps", "4"]
     argv += ["--batch-size", "8", "--val-every", "2", "--init", "euler"]
     assert main(argv) == 0
     # New test prompts: the same model, so no --force; the report shows both prompt sets.

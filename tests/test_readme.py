@@ -16,7 +16,7 @@ import bns
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-SMALL = dict(train_pairs=6, val_pairs=6, init_pairs=6, steps=2, val_every=2, batch_size=4)
+SMALL = dict(train_pairs=6, val_pairs=6, init_pairs=6, adam_steps=2, val_every=2, batch_size=4)
 
 
 class ConditionalEps(nn.Module):

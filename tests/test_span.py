@@ -20,7 +20,7 @@ from bns.solver import SolverFileError
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 DIM = 4
-TINY = dict(train_pairs=8, val_pairs=8, init_pairs=8, steps=4, val_every=2, batch_size=4)
+TINY = dict(train_pairs=8, val_pairs=8, init_pairs=8, adam_steps=4, val_every=2, batch_size=4)
 
 _USER_FILE = """
 import torch
@@ -166,7 +166,7 @@ def test_span_through_the_command_line(tmp_path, capsys):
     common = ["--model", spec, "--cache-dir", str(tmp_path / "cache"), "--quiet"]
     out = tmp_path / "img2img.json"
     args = ["distill", *common, "--nfe", "4", "--span", "0.4:", "--out", str(out)]
-    args += ["--train-pairs", "8", "--val-pairs", "8", "--steps", "3", "--batch-size", "4"]
+    args += ["--train-pairs", "8", "--val-pairs", "8", "--adam-steps", "3", "--batch-size", "4"]
     assert main(args) == 0, capsys.readouterr().err
     assert bns.NSSolver.load(out).meta["span"]["start"] == "noised data"
     # eval takes the solver's span: baselines and ground truth on the same part of the path.
@@ -198,7 +198,7 @@ def test_span_command_line_refusals(tmp_path, capsys):
     out = tmp_path / "s.json"
 
     def distill(path) -> list[str]:
-        args = ["distill", *common, "--nfe", "2", "--out", str(path), "--steps", "1"]
+        args = ["distill", *common, "--nfe", "2", "--out", str(path), "--adam-steps", "1"]
         return args + ["--train-pairs", "4", "--val-pairs", "4", "--batch-size", "4"]
 
     base = distill(out)

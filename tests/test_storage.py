@@ -55,7 +55,7 @@ needs_mounts = pytest.mark.skipif(
 
 def _distill(model: str, cache: Path, out: Path) -> list[str]:
     args = ["distill", "--model", model, "--nfe", "4", "--train-pairs", "16", "--val-pairs", "8"]
-    args += ["--init-pairs", "8", "--init", "euler", "--steps", "4", "--val-every", "2"]
+    args += ["--init-pairs", "8", "--init", "euler", "--adam-steps", "4", "--val-every", "2"]
     args += ["--gn-steps", "0", "--batch-size", "8", "--quiet", "--device", "cpu"]
     return [*args, "--cache-dir", str(cache), "--out", str(out)]
 

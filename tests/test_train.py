@@ -46,7 +46,7 @@ def _same(s1, s2):
 )
 def test_zero_steps_return_the_initial_solver(model, data, nfe, init, precondition):
     solver, hist = distill(
-        model, nfe, steps=0, pairs=data, progress=False, init=init, precondition=precondition
+        model, nfe, adam_steps=0, pairs=data, progress=False, init=init, precondition=precondition
     )
     assert _same(solver, initial_solver(model, nfe, init, precondition=precondition))
     assert hist["steps_run"] == 0 and len(hist["val_psnr"]) == 1
@@ -65,11 +65,13 @@ def test_init_is_the_classical_solver(model):
     with pytest.raises(ValueError, match="share times"):
         initial_solver(model, 8, "rk4")
     with pytest.raises(TrainingError, match="unknown init"):
-        distill(model, 4, init="nope", steps=0, cache=False, train_pairs=2, val_pairs=2)
+        distill(model, 4, init="nope", adam_steps=0, cache=False, train_pairs=2, val_pairs=2)
 
 
 def test_training_improves_validation_and_keeps_the_best(model, data):
-    solver, hist = distill(model, 4, steps=60, val_every=10, lr=5e-3, pairs=data, progress=False)
+    solver, hist = distill(
+        model, 4, adam_steps=60, val_every=10, lr=5e-3, pairs=data, progress=False
+    )
     assert hist["best_val_psnr"] == max(hist["val_psnr"])
     assert hist["best_val_psnr"] > hist["val_psnr"][0] + 3.0
     val_psnr = evaluate_psnr(model, solver, data[1]).mean().item()
@@ -103,7 +105,7 @@ def test_network_weights_are_frozen_and_restored():
         x1 = bns.sample(m, x0, bns.solvers.rk4(bns.grids.uniform(20)))
     pairs = bns.pairs.Pairs(x0, x1, None)
     solver, hist = distill(
-        m, 4, steps=5, val_every=5, pairs=(pairs, pairs), progress=False, batch_size=8
+        m, 4, adam_steps=5, val_every=5, pairs=(pairs, pairs), progress=False, batch_size=8
     )
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k])
@@ -129,7 +131,7 @@ def test_non_finite_steps_are_skipped_and_never_corrupt_the_best(model, data):
                     return u * float("nan")
             return u
 
-    solver, hist = distill(Flaky(), 4, steps=12, val_every=3, pairs=data, progress=False)
+    solver, hist = distill(Flaky(), 4, adam_steps=12, val_every=3, pairs=data, progress=False)
     assert hist["skipped"] == 2
     assert all(math.isfinite(v) for v in hist["val_psnr"])
     assert torch.all(torch.isfinite(solver.a)) and torch.all(torch.isfinite(solver.b))
@@ -140,19 +142,28 @@ def test_guidance_needs_a_conditional_model():
     m = gaussian_mixture_model(dim=4, components=2, num_classes=None)
     with pytest.raises(TrainingError, match="unconditional"):
         distill(
-            m, 4, guidance=2.0, steps=0, cache=False, train_pairs=2, val_pairs=2, progress=False
+            m,
+            4,
+            guidance=2.0,
+            adam_steps=0,
+            cache=False,
+            train_pairs=2,
+            val_pairs=2,
+            progress=False,
         )
 
 
 def test_grad_checkpointing_gives_the_same_solver(model, data):
-    kw = dict(steps=6, val_every=3, pairs=data, progress=False)
+    kw = dict(adam_steps=6, val_every=3, pairs=data, progress=False)
     s1, _ = distill(model, 4, **kw)
     s2, _ = distill(model, 4, grad_checkpoint=True, **kw)
     assert torch.allclose(s1.b, s2.b, atol=1e-6) and torch.allclose(s1.times, s2.times, atol=1e-9)
 
 
 def test_save_load_gives_identical_samples(model, data, tmp_path):
-    solver, _ = distill(model, 4, steps=6, val_every=3, pairs=data, progress=False, guidance=1.5)
+    solver, _ = distill(
+        model, 4, adam_steps=6, val_every=3, pairs=data, progress=False, guidance=1.5
+    )
     path = solver.save(tmp_path / "s.json")
     loaded = bns.NSSolver.load(path, model=model, guidance=1.5)
     x0, y = data[1].x0, data[1].y
@@ -166,7 +177,7 @@ def test_save_load_gives_identical_samples(model, data, tmp_path):
 
 
 # The run of the kill-and-resume test: the same settings in the script and in this process.
-_RUN = dict(steps=40, val_every=5, train_pairs=48, val_pairs=16, guidance=1.5)
+_RUN = dict(adam_steps=40, val_every=5, train_pairs=48, val_pairs=16, guidance=1.5)
 _SCRIPT = r"""
 import json, sys, time, torch
 torch.set_num_threads(1)
@@ -218,12 +229,12 @@ def test_kill_and_resume_ends_with_the_same_solver(model, tmp_path, one_thread):
 
 def test_resume_refuses_a_checkpoint_of_other_settings(model, data, tmp_path):
     ckpt = tmp_path / "x.ckpt"
-    distill(model, 4, steps=4, val_every=2, pairs=data, progress=False, checkpoint_path=ckpt)
+    distill(model, 4, adam_steps=4, val_every=2, pairs=data, progress=False, checkpoint_path=ckpt)
     with pytest.raises(TrainingError, match="other settings"):
         distill(
             model,
             4,
-            steps=4,
+            adam_steps=4,
             val_every=2,
             lr=3e-2,
             pairs=data,
@@ -236,7 +247,7 @@ def test_resume_refuses_a_checkpoint_of_other_settings(model, data, tmp_path):
         distill(
             model,
             4,
-            steps=4,
+            adam_steps=4,
             val_every=2,
             pairs=data,
             progress=False,
@@ -273,7 +284,7 @@ def test_init_best_starts_from_the_best_classical_solver_on_validation():
     full = {c.meta["init"]: evaluate_psnr(vp, c, subset).mean().item() for c in cands}
     head = {c.meta["init"]: evaluate_psnr(vp, c, subset[:16]).mean().item() for c in cands}
     best = max(full, key=full.get)
-    solver, hist = distill(vp, 6, steps=0, pairs=data, init_pairs=20, **kw)
+    solver, hist = distill(vp, 6, adam_steps=0, pairs=data, init_pairs=20, **kw)
     assert solver.meta["init"] == best
     # Successive halving: all on 16 pairs, the best 8 of those on all 20.
     kept = sorted(head, key=head.get, reverse=True)[:8]
@@ -292,7 +303,7 @@ def test_the_best_iterate_is_never_worse_than_the_initial_solver(model, data):
     """Whatever the optimizer does (here a learning rate far too large), the returned solver is
     at least as good on validation as the one it started from."""
     solver, hist = distill(
-        model, 4, steps=20, val_every=5, lr=5.0, warmup=0, pairs=data, progress=False
+        model, 4, adam_steps=20, val_every=5, lr=5.0, warmup=0, pairs=data, progress=False
     )
     init_psnr = hist["val_psnr"][0]
     assert evaluate_psnr(model, solver, data[1]).mean().item() >= init_psnr - 1e-9
@@ -302,7 +313,7 @@ def test_the_best_iterate_is_never_worse_than_the_initial_solver(model, data):
 def test_an_overshoot_reverts_to_the_best_with_half_the_learning_rate(model, data):
     """A learning rate far too large overshoots; training returns to its best point each time."""
     solver, hist = distill(
-        model, 4, steps=40, val_every=5, lr=0.5, warmup=0, pairs=data, progress=False
+        model, 4, adam_steps=40, val_every=5, lr=0.5, warmup=0, pairs=data, progress=False
     )
     assert hist["reverts"] >= 1
     assert hist["best_val_psnr"] >= hist["val_psnr"][0]
@@ -319,7 +330,7 @@ def test_each_loss_is_what_it_says_and_trains(model, data):
     assert torch.allclose(mse(x, ref), torch.tensor([2.5, 4.5]))
     assert torch.allclose(l1(x, ref), torch.tensor([1.5, 1.5]))
     assert torch.allclose(log_mse(x, ref), torch.log(torch.tensor([2.5, 4.5])))
-    kw = dict(pairs=data, steps=30, val_every=5, init="euler", progress=False)
+    kw = dict(pairs=data, adam_steps=30, val_every=5, init="euler", progress=False)
     for loss in ("mse", "l1"):
         solver, hist = distill(model, 4, loss=loss, **kw)
         assert solver.meta["config"]["loss"] == loss

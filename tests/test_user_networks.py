@@ -20,7 +20,7 @@ from bns.pairs import Pairs, make_pairs
 from bns.solvers import initial_solver
 
 DIM = 6
-TINY = dict(train_pairs=8, val_pairs=8, init_pairs=8, steps=3, val_every=3, batch_size=4)
+TINY = dict(train_pairs=8, val_pairs=8, init_pairs=8, adam_steps=3, val_every=3, batch_size=4)
 
 
 class UserNet(nn.Module):
@@ -200,7 +200,7 @@ def test_micro_batches_give_the_full_batch_gradient():
         assert loss == pytest.approx(full_loss, rel=1e-6)
         for g, f in zip(grads, full):  # to 1e-6 of the gradient's size (float32 network)
             torch.testing.assert_close(g, f, rtol=1e-6, atol=1e-6 * float(f.abs().max()))
-    kw = dict(pairs=(batch, batch), steps=4, val_every=2, batch_size=8, progress=False)
+    kw = dict(pairs=(batch, batch), adam_steps=4, val_every=2, batch_size=8, progress=False)
     s1, _ = bns.distill(model, 4, init="midpoint", **kw)
     s2, _ = bns.distill(model, 4, init="midpoint", micro_batch=3, **kw)
     for name in ("times", "a", "b"):
@@ -289,7 +289,7 @@ def test_user_network_through_the_command_line(factory, tmp_path, capsys):
     out = tmp_path / "s.json"
     common = ["--model", spec, "--cache-dir", str(tmp_path / "cache"), "--quiet"]
     args = ["distill", *common, "--nfe", "4", "--out", str(out), "--device", "cpu"]
-    args += ["--train-pairs", "8", "--val-pairs", "8", "--steps", "3", "--batch-size", "4"]
+    args += ["--train-pairs", "8", "--val-pairs", "8", "--adam-steps", "3", "--batch-size", "4"]
     assert main(args) == 0, capsys.readouterr().err
     assert bns.NSSolver.load(out).meta["model_name"] == f"user-{factory}"
     pt = tmp_path / "x.pt"
@@ -306,7 +306,7 @@ def test_cli_dtype_casts_a_builtin_model(tmp_path, capsys):
     out = tmp_path / "s.json"
     common = ["--model", "fmnist-cfg", "--cache-dir", str(tmp_path), "--quiet"]
     args = ["distill", *common, "--dtype", "bfloat16", "--nfe", "2", "--out", str(out)]
-    args += ["--train-pairs", "2", "--val-pairs", "2", "--steps", "1", "--batch-size", "2"]
+    args += ["--train-pairs", "2", "--val-pairs", "2", "--adam-steps", "1", "--batch-size", "2"]
     args += ["--init", "euler"]
     assert main(args) == 0, capsys.readouterr().err
     meta = bns.NSSolver.load(out).meta

@@ -98,8 +98,8 @@ def _rung(cfg: DistillConfig, rung: tuple[int, ...]) -> DistillConfig:
     train, val, init, batch, steps = rung
     out = replace(cfg, train_pairs=train, val_pairs=val, init_pairs=init)
     if cfg.gn_steps:
-        return replace(out, gn_batch_size=batch, gn_steps=steps, steps=0)
-    return replace(out, steps=ADAM_STEPS[steps], batch_size=min(cfg.batch_size, train))
+        return replace(out, gn_batch_size=batch, gn_steps=steps, adam_steps=0)
+    return replace(out, adam_steps=ADAM_STEPS[steps], batch_size=min(cfg.batch_size, train))
 
 
 def fit_budget(

@@ -512,8 +512,8 @@ def _estimate(args) -> int:
     steps = (
         f"{used.gn_steps} Gauss-Newton steps of {used.gn_batch_size} pairs" if used.gn_steps else ""
     )
-    if used.steps:
-        steps = f"{used.steps} Adam steps" + (f", then {steps}" if steps else "")
+    if used.adam_steps:
+        steps = f"{used.adam_steps} Adam steps" + (f", then {steps}" if steps else "")
     print(
         f"bns distill --estimate: {model.name} nfe={used.nfe} guidance={used.guidance:g} on"
         f" {model.device or 'cpu'}: {used.train_pairs} train / {used.val_pairs} validation pairs,"

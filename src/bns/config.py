@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
@@ -23,6 +24,8 @@ __all__ = [
     "parse_span",
     "add_config_arguments",
     "resolve_steps",
+    "current_names",
+    "RENAMED",
     "auto_gn_batch_size",
 ]
 
@@ -108,7 +111,12 @@ def _one_of(names: Any) -> str:
     return f"{', '.join(names[:-1])} or {names[-1]}"
 
 
-# What runs when neither ``steps`` nor ``gn_steps`` is given (benchmarks/results/optimizers_*):
+# Older names of settings, still taken (with a FutureWarning) by DistillConfig.replace, so by
+# bns.distill(**settings), and by the command line: older name -> name. ``steps`` read as the
+# solver's steps elsewhere (those are its ``nfe``).
+RENAMED = {"steps": "adam_steps"}
+
+# What runs when neither ``adam_steps`` nor ``gn_steps`` is given (benchmarks/results/optimizers_*):
 # Gauss-Newton steps from the initial solver where the network can be differentiated in
 # forward mode, else Adam steps.
 AUTO_GN_STEPS = 12
@@ -132,18 +140,25 @@ _GN_HELP = (
 )
 
 
+_INIT_HELP = (
+    "initial solver: best (every classical solver on every grid of the model, measured on"
+    " validation pairs), a solver name (euler, midpoint, ab3, ipndm, unipc2, ...: its grids"
+    " measured) or one solver on one grid (ab3@uniform, unipc2@trailing, midpoint+pc1)"
+)
+_FAMILY_HELP = (
+    "solver family: bns (the full non-stationary family), time (the time grid of a"
+    " classical solver), scale-time (a scale-time transformation of euler or midpoint, as"
+    " BES), multistep (multistep coefficients over the history on a learned grid, a_i = 1)"
+)
+
+
 @dataclass
 class DistillConfig:
     """Everything that determines a distillation run (recorded in the artifact)."""
 
     nfe: int = field(metadata={"help": "velocity evaluations of the solver (NFE)"})
     guidance: float = _opt(1.0, "classifier-free guidance scale (1 = none)")
-    init: str = _opt(
-        "best",
-        "initial solver: best (every classical solver on every grid of the model, measured on"
-        " validation pairs), a solver name (euler, midpoint, ab3, ipndm, unipc2, ...: its grids"
-        " measured) or one solver on one grid (ab3@uniform, unipc2@trailing, midpoint+pc1)",
-    )
+    init: str = _opt("best", _INIT_HELP)
     precondition: float | str | None = _opt(
         "auto",
         "run Runge-Kutta and multistep initial solvers on the CondOT(sigma0)-rescheduled ODE: a"
@@ -151,12 +166,7 @@ class DistillConfig:
         parse=parse_precondition,
         metavar="SIGMA0",
     )
-    family: str = _opt(
-        "bns",
-        "solver family: bns (the full non-stationary family), time (the time grid of a"
-        " classical solver), scale-time (a scale-time transformation of euler or midpoint, as"
-        " BES), multistep (multistep coefficients over the history on a learned grid, a_i = 1)",
-    )
+    family: str = _opt("bns", _FAMILY_HELP)
     span: list[float | None] | None = _opt(None, _SPAN_HELP, parse=parse_span, metavar="T0:T1")
     end: str = _opt(
         "auto",
@@ -176,11 +186,13 @@ class DistillConfig:
         "validation pairs that rank the candidates of --init best (all on 16 of them, the best"
         " 8 on all)",
     )
-    steps: int | None = _opt(
+    adam_steps: int | None = _opt(
         None,
         f"Adam steps (at most). auto: {AUTO_ADAM_STEPS} when Adam runs alone (gn_steps given"
-        " as 0, or a network without forward mode), 0 when Gauss-Newton steps run",
+        " as 0, or a network without forward mode), 0 when Gauss-Newton steps run."
+        " --steps is its older name",
         shown_default="auto",
+        aliases=("--steps",),
     )
     batch_size: int = _opt(40, "pairs per optimization step")
     micro_batch: int = _opt(
@@ -233,12 +245,20 @@ class DistillConfig:
     data_range: float = _opt(2.0, "data range R of the PSNR, 10 log10(R^2 / MSE)")
 
     def replace(self, **overrides: Any) -> DistillConfig:
-        """A copy with ``overrides``; unknown names raise TrainingError."""
+        """A copy with ``overrides``; unknown names raise TrainingError (an older name of a
+        setting, :data:`RENAMED`, is taken with a FutureWarning)."""
+        overrides = current_names(overrides)
         known = {f.name for f in fields(self)}
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise TrainingError(f"unknown distillation setting(s): {', '.join(unknown)}")
         return replace(self, **overrides)
+
+    @property
+    def steps(self) -> int | None:
+        """The older name of :attr:`adam_steps` (FutureWarning)."""
+        _warn_renamed("steps")
+        return self.adam_steps
 
     def check(self) -> None:
         """Raise TrainingError on settings no run can use."""
@@ -246,6 +266,28 @@ class DistillConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def current_names(settings: dict[str, Any], warn: bool = True) -> dict[str, Any]:
+    """``settings`` with every older name (:data:`RENAMED`) replaced by its name: a
+    FutureWarning for each if ``warn``; TrainingError where both are given."""
+    out = dict(settings)
+    for old, new in RENAMED.items():
+        if old in out:
+            if new in out:
+                raise TrainingError(f"{old} is the older name of {new}: give {new} alone")
+            if warn:
+                _warn_renamed(old)
+            out[new] = out.pop(old)
+    return out
+
+
+def _warn_renamed(old: str) -> None:
+    warnings.warn(
+        f"bns: the setting {old} is now {RENAMED[old]} (the older name will go)",
+        FutureWarning,
+        stacklevel=4,
+    )
 
 
 def _check(cfg: DistillConfig) -> None:
@@ -259,7 +301,7 @@ def _check(cfg: DistillConfig) -> None:
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise TrainingError(f"{name} must be a positive integer, got {v!r}")
     for name in (
-        "steps",
+        "adam_steps",
         "gn_steps",
         "micro_batch",
         "warmup",
@@ -268,7 +310,7 @@ def _check(cfg: DistillConfig) -> None:
         "gn_patience",
     ):
         v = getattr(cfg, name)
-        if v is None and name in ("steps", "gn_steps"):
+        if v is None and name in ("adam_steps", "gn_steps"):
             continue  # auto: see resolve_steps
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise TrainingError(f"{name} must be a non-negative integer, got {v!r}")
@@ -308,22 +350,22 @@ def _check(cfg: DistillConfig) -> None:
 
 
 def resolve_steps(cfg: DistillConfig, forward_mode: Callable[[], bool]) -> DistillConfig:
-    """``steps`` and ``gn_steps`` as numbers. Neither given: Gauss-Newton steps alone
+    """``adam_steps`` and ``gn_steps`` as numbers. Neither given: Gauss-Newton steps alone
     (``AUTO_GN_STEPS``) if ``forward_mode()`` says the network supports forward-mode
-    differentiation, else Adam alone (``AUTO_ADAM_STEPS``). ``steps`` alone: Adam alone.
+    differentiation, else Adam alone (``AUTO_ADAM_STEPS``). ``adam_steps`` alone: Adam alone.
     ``gn_steps`` alone: Gauss-Newton alone, or Adam alone with its default for 0. A loss
     that is not a sum of squares means Adam. ``gn_batch_size`` None: :func:`auto_gn_batch_size`."""
     if cfg.gn_batch_size is None:
         cfg = replace(cfg, gn_batch_size=auto_gn_batch_size(cfg.nfe))
-    if cfg.steps is not None:
+    if cfg.adam_steps is not None:
         return replace(cfg, gn_steps=cfg.gn_steps or 0)
     if cfg.gn_steps is not None:  # --gn-steps 0 alone: Adam alone, with its default
-        return replace(cfg, steps=0 if cfg.gn_steps else AUTO_ADAM_STEPS)
+        return replace(cfg, adam_steps=0 if cfg.gn_steps else AUTO_ADAM_STEPS)
     from .loss import SUM_OF_SQUARES  # imported here: the config stays free of the trainer
 
     if cfg.loss in SUM_OF_SQUARES and forward_mode():
-        return replace(cfg, steps=0, gn_steps=AUTO_GN_STEPS)
-    return replace(cfg, steps=AUTO_ADAM_STEPS, gn_steps=0)
+        return replace(cfg, adam_steps=0, gn_steps=AUTO_GN_STEPS)
+    return replace(cfg, adam_steps=AUTO_ADAM_STEPS, gn_steps=0)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
@@ -336,7 +378,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
     for f in fields(DistillConfig):
         if f.name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]
         default = None if f.default is MISSING else f.default
         help_text = f.metadata["help"]
         if f.default is not MISSING:
@@ -344,12 +386,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
             help_text += f" (default: {shown})"
         if isinstance(default, bool):
             parser.add_argument(
-                flag, action="store_true", default=argparse.SUPPRESS, help=help_text
+                *flags, action="store_true", default=argparse.SUPPRESS, help=help_text
             )
             continue
         parse = f.metadata.get("parse") or _type_of(f)
         parser.add_argument(
-            flag,
+            *flags,
             type=_argparse_type(parse),
             default=argparse.SUPPRESS,
             required=f.default is MISSING,

@@ -21,7 +21,7 @@ class DemoSizes:
     train_pairs: int
     val_pairs: int
     test_pairs: int
-    steps: int | None  # None: the default optimizer (Gauss-Newton steps where possible)
+    adam_steps: int | None  # None: the default optimizer (Gauss-Newton steps where possible)
     batch_size: int
     val_every: int
     nfes: tuple[int, ...]
@@ -31,13 +31,13 @@ FULL = DemoSizes(
     train_pairs=128,  # the library's defaults (DistillConfig)
     val_pairs=128,
     test_pairs=256,
-    steps=None,
+    adam_steps=None,
     batch_size=40,
     val_every=25,
     nfes=(4, 8, 16),
 )
 QUICK = DemoSizes(
-    train_pairs=16, val_pairs=8, test_pairs=16, steps=4, batch_size=8, val_every=2, nfes=(4, 8)
+    train_pairs=16, val_pairs=8, test_pairs=16, adam_steps=4, batch_size=8, val_every=2, nfes=(4, 8)
 )
 
 
@@ -87,7 +87,7 @@ def run_demo(
     settings = {
         "train_pairs": sz.train_pairs,
         "val_pairs": sz.val_pairs,
-        "steps": sz.steps,
+        "adam_steps": sz.adam_steps,
         "batch_size": sz.batch_size,
         "val_every": sz.val_every,
         "end": end,
@@ -186,13 +186,13 @@ def _reusable(path, model, guidance, settings):
         solver = NSSolver.load(path, model=model, guidance=guidance)
     except SolverFileError:
         return None
-    from .config import AUTO_ADAM_STEPS, AUTO_GN_STEPS
+    from .config import AUTO_ADAM_STEPS, AUTO_GN_STEPS, current_names
 
-    cfg = solver.meta.get("config", {})
+    cfg = current_names(solver.meta.get("config", {}), warn=False)  # older files: older names
     if not all(cfg.get(k) == v for k, v in settings.items() if v is not None):
         return None
-    if settings.get("steps") is None:  # the default optimizer: either automatic choice
-        steps = (cfg.get("steps"), cfg.get("gn_steps"))
+    if settings.get("adam_steps") is None:  # the default optimizer: either automatic choice
+        steps = (cfg.get("adam_steps"), cfg.get("gn_steps"))
         if steps not in ((0, AUTO_GN_STEPS), (AUTO_ADAM_STEPS, 0)):
             return None
     return solver

@@ -259,10 +259,10 @@ class Estimator:
         )
         # The optimizer: Adam steps, then Gauss-Newton steps (each as if it ran and was kept).
         opt = Phase()
-        if cfg.steps:
-            opt.forwards += cfg.steps * cfg.batch_size * n * fpe
+        if cfg.adam_steps:
+            opt.forwards += cfg.adam_steps * cfg.batch_size * n * fpe
             chunk = cfg.micro_batch or cfg.batch_size
-            opt.seconds += cfg.steps * n * clock.rate("backward", cfg.batch_size, chunk)
+            opt.seconds += cfg.adam_steps * n * clock.rate("backward", cfg.batch_size, chunk)
         if cfg.gn_steps:
             B = min(cfg.gn_batch_size, cfg.train_pairs)
             chunk = cfg.micro_batch or B
@@ -278,7 +278,7 @@ class Estimator:
                 step += (n - s) * clock.rate("jvp", (s + 2) * B, stack)
             opt.seconds += cfg.gn_steps * step
         ledger.phases["optimizer"] = opt
-        validations = 1 + (cfg.steps + cfg.val_every - 1) // cfg.val_every + cfg.gn_steps
+        validations = 1 + (cfg.adam_steps + cfg.val_every - 1) // cfg.val_every + cfg.gn_steps
         per_val = n * clock.rate("forward", cfg.val_pairs, cfg.eval_batch_size)
         ledger.phases["validation"] = Phase(
             forwards=validations * cfg.val_pairs * n * fpe, seconds=validations * per_val

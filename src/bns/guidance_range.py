@@ -204,7 +204,7 @@ def distill_guidance_range(
     """Train one solver for every guidance scale between ``min(guidances)`` and
     ``max(guidances)`` on pairs at each of ``guidances``.
 
-    The options of :class:`bns.DistillConfig` apply (``steps``, ``batch_size``, ``lr``, pair
+    The options of :class:`bns.DistillConfig` apply (``adam_steps``, ``batch_size``, ``lr``, pair
     counts, ``init``, ``loss``, ``micro_batch``, ``grad_checkpoint``, batch sizes, ``max_skips``);
     each step trains on every scale, ``batch_size`` shared among them. It runs on the
     network's device, ends on the model's range and trains the full family with Adam alone
@@ -399,7 +399,7 @@ def _train(model, cfg, ws, pairs, init, degree, progress, checkpoint_path, resum
         "config": cfg.to_dict(),
         "val_psnr": best,
         "best_step": best_step,
-        "steps_run": steps_run,  # fewer than cfg.steps when stopped early
+        "steps_run": steps_run,  # fewer than cfg.adam_steps when stopped early
         "wall_time_s": round(loop.elapsed, 3),
         "reverts": loop.reverts,
     }

@@ -136,7 +136,7 @@ def distill(
         model: a :class:`bns.Model`.
         nfe: steps of the solver (velocity evaluations; a guided one is 2 network forwards).
         config: the settings (:class:`bns.DistillConfig`); keyword ``overrides`` replace its
-            fields (``guidance=2.0, steps=500, init="midpoint", micro_batch=8, ...``).
+            fields (``guidance=2.0, adam_steps=500, init="midpoint", micro_batch=8, ...``).
         pairs: ``(train, val)`` pairs to use instead of computing them.
         cache: the ground-truth cache: True (``$BNS_CACHE_DIR``), False or a folder.
         checkpoint_path: where to write periodic checkpoints; ``resume=True`` continues from it.
@@ -289,8 +289,8 @@ def coef_lr_mult(model: Model, cfg: DistillConfig) -> float:
 
 def lr_schedule(cfg: DistillConfig, step: int) -> float:
     """The learning rate of ``step`` relative to ``cfg.lr``: linear warm-up over
-    ``cfg.warmup`` steps, then a cosine decay to ``cfg.lr_final`` at ``cfg.steps``."""
-    cos = 0.5 * (1 + math.cos(math.pi * min(step / max(cfg.steps, 1), 1.0)))
+    ``cfg.warmup`` steps, then a cosine decay to ``cfg.lr_final`` at ``cfg.adam_steps``."""
+    cos = 0.5 * (1 + math.cos(math.pi * min(step / max(cfg.adam_steps, 1), 1.0)))
     warm = min(1.0, (step + 1) / cfg.warmup) if cfg.warmup > 0 else 1.0
     return warm * (cfg.lr_final + (1 - cfg.lr_final) * cos)
 
@@ -298,7 +298,7 @@ def lr_schedule(cfg: DistillConfig, step: int) -> float:
 def _gauss_newton(loop: _Loop) -> float:
     """One Gauss-Newton step of ``loop``'s objective (:func:`bns.gauss_newton.gauss_newton_update`);
     the damping ``gn_lam`` carries over (and into checkpoints)."""
-    if loop.step == loop.cfg.steps > 0:  # after Adam: from its best iterate, not its last
+    if loop.step == loop.cfg.adam_steps > 0:  # after Adam: from its best iterate, not its last
         loop.family.load_state_dict(loop.best_params)
     o = loop.objective
     loss, loop.gn_lam, loop.gn_rejected = gauss_newton_update(
@@ -445,7 +445,7 @@ class _Loop:
         cfg = self.cfg
         if not self.history["step"]:
             self._validate(math.nan)
-        last = cfg.steps + cfg.gn_steps
+        last = cfg.adam_steps + cfg.gn_steps
         bar = tqdm(
             total=last,
             initial=self.step,
@@ -464,20 +464,20 @@ class _Loop:
                 self.stopped_by_budget = True
                 break  # the next step would cross the budget: keep the best so far
             if self.bad_rounds >= cfg.patience:
-                if self.step >= cfg.steps:
+                if self.step >= cfg.adam_steps:
                     break
                 # Adam has stalled: on to the Gauss-Newton steps (if any).
-                bar.update(cfg.steps - self.step)
-                self.step, self.bad_rounds = cfg.steps, 0
+                bar.update(cfg.adam_steps - self.step)
+                self.step, self.bad_rounds = cfg.adam_steps, 0
                 continue
             t_start = time.perf_counter()
-            gn = self.step >= cfg.steps
+            gn = self.step >= cfg.adam_steps
             with self.ledger.phase("optimizer", self.model):
                 # the Gauss-Newton steps come after Adam's
                 loss = _gauss_newton(self) if gn else _adam(self)
             self.step += 1
             self.steps_run += 1
-            at_round = self.step % cfg.val_every == 0 or self.step >= cfg.steps
+            at_round = self.step % cfg.val_every == 0 or self.step >= cfg.adam_steps
             if gn and self.gn_rejected:
                 # Levenberg-Marquardt kept nothing: the solver is the one last validated.
                 self.gn_stall += 1
