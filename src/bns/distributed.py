@@ -431,7 +431,7 @@ def guard(what: str) -> Iterator[None]:
     except Exception as e:
         lines = str(e).strip().splitlines()
         why = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
-        if lines and type(e).__module__.startswith("bns"):
+        if lines and isinstance(e, BNSError):
             why = lines[0]  # bns's own messages are written for people; a foreign one is named
         with contextlib.suppress(Exception):
             _JOB.store.set(f"failed/{_JOB.rank}", why)
