@@ -92,9 +92,10 @@ def measure_nfe(model, nfe, val, test, guidance, end) -> dict:
     }
 
 
-def run_bns(model, nfe, guidance, test, end) -> dict:
+def run_bns(model, nfe, guidance, test, end, gn_steps=None) -> dict:
     t0 = time.perf_counter()
-    solver, hist = bns.distill(model, nfe, guidance=guidance, progress=False)
+    kw = {} if gn_steps is None else {"gn_steps": gn_steps}
+    solver, hist = bns.distill(model, nfe, guidance=guidance, progress=False, **kw)
     seconds = time.perf_counter() - t0
     p = evaluate_psnr(model, solver, test, guidance)
     init = bns.solvers.solver_from_label(model, nfe, solver.meta["init"], end)
@@ -151,7 +152,7 @@ def run(args) -> dict:
         if nfe in diff_best:
             entry["diffusers_best"] = diff_best[nfe]
         if args.bns:
-            entry["bns"] = run_bns(model, nfe, args.guidance, test, end)
+            entry["bns"] = run_bns(model, nfe, args.guidance, test, end, args.bns_gn_steps)
         res["nfes"].append(entry)
         print(_row(entry), flush=True)
     return res
@@ -331,6 +332,12 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--end", default="auto", choices=("auto", "range", "data"))
     p.add_argument("--bns", action="store_true", help="also distill BNS (default settings)")
+    p.add_argument(
+        "--bns-gn-steps",
+        type=int,
+        default=None,
+        help="Gauss-Newton steps of --bns's distillation (default: bns's)",
+    )
     p.add_argument("--diffusers", action="store_true", help="also run diffusers' schedulers")
     p.add_argument(
         "--diffusers-json",

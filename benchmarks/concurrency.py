@@ -5,7 +5,8 @@
 Two small networks written as users write them (a flow-matching one and an epsilon one on a
 VP schedule) and job settings that overlap: the same job twice, one that needs more training
 pairs than another (it extends the same cache file), one with another guidance-free NFE, one on
-the other model. Each job first runs alone with a cache of its own: that is its reference.
+the other model. Each job first runs alone with a cache of its own: that is its reference (with
+``--share-references``, jobs with the same settings share one: the test suite's run).
 Then, in every round, all jobs start together on one fresh shared cache, each after a random
 delay of up to a second, on one thread each. Every solver must equal its reference bit for bit
 (times, a, b and the validation record), and every cache file must match its digest.
@@ -90,10 +91,16 @@ def _same(ref: dict, got: dict) -> list[str]:
     return diff + [f"meta.{k}" for k in SAME_META if ref["meta"].get(k) != got["meta"].get(k)]
 
 
-def run(folder: Path, names: list[str], rounds: int, rng: random.Random) -> dict:
+def run(
+    folder: Path, names: list[str], rounds: int, rng: random.Random, share: bool = False
+) -> dict:
     (folder / "user.py").write_text(USER_FILE)
-    refs, alone_s = {}, {}
+    refs, alone_s, reused = {}, {}, {}
     for name in names:  # alone, each with a cache of its own
+        same = next((n for n in refs if JOBS[n] == JOBS[name]), None) if share else None
+        if same is not None:  # the same command alone again would make the same solver
+            refs[name], alone_s[name], reused[name] = refs[same], alone_s[same], same
+            continue
         t0 = time.time()
         out = folder / "ref" / f"{name}.json"
         done = subprocess.run(
@@ -146,7 +153,11 @@ def run(folder: Path, names: list[str], rounds: int, rng: random.Random) -> dict
             keep = Path(tempfile.gettempdir()) / f"bns-concurrency-kept-{r}"
             shutil.copytree(folder, keep, dirs_exist_ok=True)
             rec["kept"] = str(keep)
-    return {"alone_s": alone_s, "rounds": records}
+    return {
+        "alone_s": alone_s,
+        **({"shared_references": reused} if share else {}),
+        "rounds": records,
+    }
 
 
 def write(payload: dict) -> None:
@@ -177,6 +188,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--jobs", type=int, default=len(JOBS), help=f"the first N of {list(JOBS)}")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--share-references",
+        action="store_true",
+        help="jobs with the same settings share one run alone (its solver is theirs)",
+    )
     p.add_argument("--out", type=Path, default=None, help="results folder (default: results/)")
     args = p.parse_args(argv)
     import torch
@@ -185,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     RESULTS = args.out or RESULTS
     names = list(JOBS)[: args.jobs]
     with tempfile.TemporaryDirectory(prefix="bns-concurrency-") as tmp:
-        result = run(Path(tmp), names, args.rounds, random.Random(args.seed))
+        result = run(Path(tmp), names, args.rounds, random.Random(args.seed), args.share_references)
     payload = {
         "machine": f"2-core x86_64 CPU VM, torch {torch.__version__}, one thread per job",
         "command": "python benchmarks/concurrency.py " + " ".join(argv or sys.argv[1:]),

@@ -29,11 +29,11 @@ Sections:
   patience, ``init="best"``; per (model, guidance, NFE) the BNS test PSNR, the best classical
   solver at NFE and at 2 x NFE, and the wall time including all the ground truth.
 
-``--tiny`` runs everything at toy sizes (seconds on a CPU; the large section's networks keep
-their classes with toy configs, at NFE 4): a smoke test of the script. Targets
-(pass/fail judged on a GPU at full sizes only): the protocol at NFE 8 on fmnist-cfg in under 60 s including
-ground truth; the 25M U-Net at NFE 16, batch 32, under 8 GB with checkpointing; BNS sampling
-within 1% of Euler's time.
+``--tiny`` runs everything at toy sizes (seconds on a CPU; the U-Net on 16x16 images, the large
+section's networks keep their classes with toy configs, at NFE 2): a smoke test of the script.
+Targets (pass/fail judged on a GPU at full sizes only): the protocol at NFE 8 on fmnist-cfg in
+under 60 s including ground truth; the 25M U-Net at NFE 16, batch 32, under 8 GB with
+checkpointing; BNS sampling within 1% of Euler's time.
 """
 
 from __future__ import annotations
@@ -94,6 +94,7 @@ class Sizes:
     sample_batch: dict[str, int] = field(default_factory=lambda: {"fmnist-cfg": 256, "unet": 32})
     sample_repeats: int = 20
     unet: UNetConfig = UNET_25M
+    unet_size: int = 64  # the U-Net's images: unet_size x unet_size x 3
     train_pairs: int = 520
     val_pairs: int = 1024
     test_pairs: int = 1024
@@ -111,6 +112,7 @@ TINY = Sizes(
     sample_batch={"fmnist-cfg": 2, "unet": 2},
     sample_repeats=3,
     unet=UNET_TINY,
+    unet_size=16,  # a smoke test: 64x64 costs 4x the convolutions and tests nothing more
     train_pairs=2,
     val_pairs=2,
     test_pairs=2,
@@ -138,9 +140,11 @@ class Clock:
         return time.perf_counter()
 
 
-def unet_model(config: UNetConfig, device: torch.device, seed: int = 0) -> bns.Model:
-    """A class-conditional velocity U-Net on 64x64x3 with random weights everywhere (its
-    zero-initialized output layers too, so every layer does real work)."""
+def unet_model(
+    config: UNetConfig, device: torch.device, seed: int = 0, size: int = 64
+) -> bns.Model:
+    """A class-conditional velocity U-Net on ``size`` x ``size`` x 3 images with random weights
+    everywhere (its zero-initialized output layers too, so every layer does real work)."""
     torch.manual_seed(seed)
     net = TinyUNet(config)
     with torch.no_grad():
@@ -152,7 +156,7 @@ def unet_model(config: UNetConfig, device: torch.device, seed: int = 0) -> bns.M
         net,
         prediction="velocity",
         schedule=CondOT(),
-        sample_shape=(3, 64, 64),
+        sample_shape=(3, size, size),
         num_classes=config.num_classes,
         name=f"unet-{n / 1e6:.1f}M" if n >= 1e5 else f"unet-{n / 1e3:.0f}k",
     ).to(device)
@@ -446,7 +450,7 @@ LARGE = LargeSizes(
 LARGE_TINY = LargeSizes(
     gt_pairs={a.key: 1 for a in ARCHS},
     gn_pairs={a.key: 1 for a in ARCHS},
-    nfe=4,  # forward mode on a CPU: ~10 ms of dispatch per call; NFE 4 runs 10 such calls, 8 36
+    nfe=2,  # forward mode on a CPU: ~10 ms of dispatch per call; NFE 4 runs 10 such calls, 8 36
     adam_batch=2,
     sample_batch=1,
     sample_repeats=2,
@@ -1054,7 +1058,7 @@ def large_markdown(res: dict) -> list[str]:
         lines += [
             f"Projection: bns.estimate.estimate_cost(model, {nfe}, guidance, cache=False,"
             f" micro_batch={cfg['micro_batch']}), every other setting bns's default:"
-            f" {cfg['train_pairs']} train / {cfg['val_pairs']} val pairs, {cfg['steps']} Adam +"
+            f" {cfg['train_pairs']} train / {cfg['val_pairs']} val pairs, {cfg['adam_steps']} Adam +"
             f" {cfg['gn_steps']} Gauss-Newton steps on {cfg['gn_batch_size']} pairs (an upper"
             " bound: all of them run and are validated), ground truth"
             f" {cfg['gt_batch_size']} pairs per solve. Measured here: the adaptive solver's NFE per"
@@ -1165,7 +1169,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     archs = [by_key[k] for k in wanted]
     fmnist = load_model("fmnist-cfg").to(device)
-    unet = unet_model(sizes.unet, device)
+    unet = unet_model(sizes.unet, device, size=sizes.unet_size)
     res["unet_params"] = sum(p.numel() for p in unet.net.parameters())
     if "ground_truth" in sections:
         res["ground_truth"] = ground_truth_section(fmnist, args.guidance, sizes, clock)

@@ -134,7 +134,8 @@ def main() -> None:
     args = _parser().parse_args()
     if args.worker is not None:
         return worker(args)
-    import torch
+    # This process only starts the jobs: no torch here (its import is seconds of a CPU).
+    from importlib.metadata import version
 
     ks = [int(v) for v in args.workers.split(",")]
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), BNS_THREADS=str(args.threads))
@@ -163,15 +164,16 @@ def main() -> None:
         e2e = one["end_to_end"]["seconds"] / r["end_to_end"]["seconds"]
         r["efficiency"] = {"ground_truth": gt / k, "distill_step": step / k, "end_to_end": e2e / k}
     device = args.device
-    machine = (
-        f"{_cpu_name()}, {os.cpu_count()} cores"
-        if device == "cpu"
-        else f"{torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}"
-    )
+    if device == "cpu":
+        machine = f"{_cpu_name()}, {os.cpu_count()} cores"
+    else:
+        import torch
+
+        machine = f"{torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}"
     result = {
         "machine": machine,
         "device": device,
-        "torch": torch.__version__,
+        "torch": version("torch"),
         "model": args.model,
         "guidance": args.guidance,
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "worker")},

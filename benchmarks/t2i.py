@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> dict:
     default = pipe.scheduler
     rows, summary = [], []
     for w in args.guidance:
-        kw = dict(guidance=w, progress=False, batch_size=args.gt_batch, end=end)
+        kw = dict(guidance=w, progress=False, batch_size=args.gt_batch, end=end, rtol=args.rtol)
         train = make_pairs(model, args.train_pairs, "train", **kw)
         val = make_pairs(model, args.val_pairs, "val", **kw)
         test = make_pairs(model, args.test_pairs, "test", **kw)
@@ -154,6 +154,7 @@ def run(args: argparse.Namespace) -> dict:
             "test_pairs": args.test_pairs,
             "steps": args.steps,
             "batch_size": args.batch_size,
+            **({} if args.rtol is None else {"ground_truth_rtol": args.rtol}),
         },
         "machine": machine(),
         "command": " ".join(["python", "benchmarks/t2i.py", *sys.argv[1:]]),
@@ -196,6 +197,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=24)
     p.add_argument("--gt-batch", type=int, default=64)
+    p.add_argument(
+        "--rtol",
+        type=float,
+        default=None,
+        help="ground-truth tolerance (default: bns's for the network's dtype)",
+    )
     p.add_argument("--tiny", action="store_true", help="toy sizes (seconds), for the tests")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
@@ -203,6 +210,9 @@ def main() -> None:
         args.nfe, args.guidance, args.prompts = [4], [2.0], 10
         args.train_pairs = args.val_pairs = args.test_pairs = 8
         args.steps, args.batch_size = 3, 8
+        # a smoke test of the machinery, not a measurement: at bns's float32 default the
+        # ground truth of the random network takes ~300 evaluations a pair, at 1e-3 ~30
+        args.rtol = 1e-3 if args.rtol is None else args.rtol
     res = run(args)
     stem = f"t2i_{args.family}" + ("_tiny" if args.tiny else "")
     args.out.mkdir(parents=True, exist_ok=True)

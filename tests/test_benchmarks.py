@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 from bns.estimate import gn_step_work
 
@@ -108,27 +111,27 @@ def test_gpu_benchmark_tiny_on_cpu(tmp_path):
 
 def test_gpu_benchmark_large_configs_are_the_real_networks():
     """The large section's full-size configs build the real networks: their parameter counts
-    (built on the meta device: no memory, no weights)."""
-    code = (
-        "import sys, json, torch, diffusers; sys.path.insert(0, sys.argv[1]); import gpu\n"
-        "with torch.device('meta'):\n"
-        "    n = {a.key: sum(p.numel() for p in getattr(diffusers, a.cls)(**a.config).parameters())"
-        " for a in gpu.ARCHS}\n"
-        "print(json.dumps(n))"
-    )
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
-    done = subprocess.run(
-        [sys.executable, "-c", code, str(ROOT / "benchmarks")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    (built on the meta device: no memory, no weights; here, not in a process of its own)."""
+    import diffusers
+
+    gpu = _benchmark("gpu")
+    with torch.device("meta"):
+        counts = {
+            a.key: sum(p.numel() for p in getattr(diffusers, a.cls)(**a.config).parameters())
+            for a in gpu.ARCHS
+        }
     # runwayml/stable-diffusion-v1-5 unet, stabilityai/stable-diffusion-xl-base-1.0 unet,
     # stabilityai/stable-diffusion-3-medium-diffusers transformer
     assert counts == {"sd1.5": 859_520_964, "sdxl": 2_567_463_684, "sd3-medium": 2_028_328_000}
+
+
+def _benchmark(name: str):
+    """benchmarks/<name>.py imported here (with its folder on the path for its own imports)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
 
 
 def _run_benchmark(tmp_path, script: str, *args: str) -> None:
@@ -145,6 +148,7 @@ def test_text_to_image_benchmark_tiny(tmp_path):
     _run_benchmark(tmp_path, "t2i.py", "--tiny")
     res = json.loads((tmp_path / "t2i_sd3_tiny.json").read_text())
     assert res["pipeline"] == "StableDiffusion3Pipeline" and res["prompts"]["test"] == 2
+    assert res["protocol"]["ground_truth_rtol"] == 1e-3  # --tiny: loosened (a smoke test)
     (row,) = res["rows"]
     assert abs(row["bns"] - row["bns_in_pipeline"]) < 1e-3
     assert row["pipeline_scheduler"] == "FlowMatchEulerDiscreteScheduler"
@@ -174,6 +178,7 @@ def test_scale_benchmark_tiny(tmp_path, one_thread):
     args += ["--e2e-train", "16", "--e2e-val", "8", "--e2e-steps", "2"]
     _run_benchmark(tmp_path, "scale.py", *args)
     res = json.loads((tmp_path / "scale_cpu.json").read_text())
+    assert res["torch"] == torch.__version__  # read without importing torch
     assert [r["workers"] for r in res["rows"]] == [1, 2]
     two = res["rows"][1]
     assert set(two["efficiency"]) == {"ground_truth", "distill_step", "end_to_end"}
@@ -210,7 +215,7 @@ def test_classical_benchmark_tiny(tmp_path):
     """benchmarks/classical.py: every grid measured, the rule's pick beside it, and BNS (its
     diffusers column: tests/test_diffusers_schedulers_benchmark.py)."""
     args = ["--model", "gmm", "--nfe", "4", "--test-pairs", "8", "--grid-pairs", "8"]
-    _run_benchmark(tmp_path, "classical.py", *args, "--bns")
+    _run_benchmark(tmp_path, "classical.py", *args, "--bns", "--bns-gn-steps", "2")
     res = json.loads((tmp_path / "classical_gmm_g1.json").read_text())
     (e,) = res["nfes"]
     assert res["grids"] == ["uniform"] and e["nfe"] == 4
@@ -229,11 +234,8 @@ def test_faults_benchmark_tiny(tmp_path):
     """benchmarks/faults.py: a kill inside a file write (the rename of a ground-truth shard,
     a checkpoint or the solver), a rerun with --resume, the same solver; phases are read off
     faulthandler's stacks."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "faults.py"), "--kills", "1"]
-    cmd += ["--write-share", "1", "--sleep", "0", "--out", str(tmp_path)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    faults = _benchmark("faults")  # its main here: the jobs it kills are processes of their own
+    faults.main(["--kills", "1", "--write-share", "1", "--sleep", "0", "--out", str(tmp_path)])
     res = json.loads((tmp_path / "faults_single.json").read_text())
     s = res["summary"]
     assert s["kills"] == 1 and s["reruns_ok"] == 1 and s["differing_solvers"] == 0
@@ -241,11 +243,7 @@ def test_faults_benchmark_tiny(tmp_path):
     (phase,) = s["phases"]
     assert phase.startswith("file write: ") and res["trials"][0]["job_rc"] == -9
     assert res["reference_writes"] >= 5  # shards, cache files, checkpoints, the solver
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from faults import phase_of
-    finally:
-        sys.path.pop(0)
+    phase_of = faults.phase_of
     stack = (
         'Thread 0x1 (most recent call first):\n  File "/x/torchdiffeq/_impl/rk_common.py", line 1'
         ' in _runge_kutta_step\n  File "/x/src/bns/ground_truth.py", line 80 in ground_truth\n'
@@ -259,13 +257,13 @@ def test_faults_benchmark_tiny(tmp_path):
 
 def test_concurrency_benchmark_tiny(tmp_path):
     """benchmarks/concurrency.py: two jobs that share every cache file, started together,
-    end with the solvers each makes alone; the shared cache verifies."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "concurrency.py"), "--rounds", "1"]
-    cmd += ["--jobs", "2", "--out", str(tmp_path)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    end with the solvers each makes alone; the shared cache verifies. The two jobs have the
+    same settings: one run alone is the reference of both."""
+    concurrency = _benchmark("concurrency")  # its main here: the jobs are processes of their own
+    args = ["--rounds", "1", "--jobs", "2", "--share-references", "--out", str(tmp_path)]
+    concurrency.main(args)
     res = json.loads((tmp_path / "concurrency.json").read_text())
+    assert res["shared_references"] == {"flow-nfe4-again": "flow-nfe4"}
     (r,) = res["rounds"]
     assert r["jobs"] == 2 and r["failed_jobs"] == 0 and r["differing_solvers"] == 0
     assert r["cache_files"] == 2 and r["corrupt_cache_files"] == 0 and r["tmp_files_left"] == 0

@@ -185,7 +185,7 @@ def test_eval_fid_on_the_command_line(tmp_path, monkeypatch, capsys):
     )
     out = tmp_path / "r.json"
     args = ["eval", "--model", "fmnist-vp", "--baselines", "euler", "--nfe", "2"]
-    args += ["--test-pairs", "4", "--fid", "4", "--quiet", "--json", str(out)]
+    args += ["--test-pairs", "4", "--grid-pairs", "4", "--fid", "4", "--quiet", "--json", str(out)]
     assert main(args) == 0
     result = json.loads(out.read_text())
     (row,) = result["rows"]
