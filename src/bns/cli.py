@@ -370,8 +370,17 @@ def _cache(args) -> Any:
     return args.cache_dir if getattr(args, "cache_dir", None) else True
 
 
-def _distill_guidance_range(args, model: Any, cfg: Any, t0: float) -> int:
+def _written_by_rank0(model: Any, write: Any) -> bool:
+    """Run ``write()`` on rank 0 alone (under torchrun the others wait for the file); whether
+    this process is rank 0, the one that speaks."""
     from .executor import current
+
+    ex = current(model.device)
+    ex.on_main(write)
+    return ex.main
+
+
+def _distill_guidance_range(args, model: Any, cfg: Any, t0: float) -> int:
     from .guidance_range import distill_guidance_range
 
     ckpt = args.out.with_name(args.out.name + ".ckpt")
@@ -390,9 +399,7 @@ def _distill_guidance_range(args, model: Any, cfg: Any, t0: float) -> int:
         rs.save(args.out)
         ckpt.unlink(missing_ok=True)
 
-    ex = current(model.device)
-    ex.on_main(write)  # rank 0 alone writes; under torchrun the others wait for the file
-    if not ex.main:
+    if not _written_by_rank0(model, write):
         return 0  # rank 0 alone speaks
     lo, hi = rs.w_range
     print(
@@ -421,7 +428,6 @@ def load_solver(path: Path, model: Any, guidance: float, force: bool = False) ->
 
 def cmd_distill(args) -> int:
     from .config import DistillConfig, config_from_args
-    from .executor import current
     from .solver import NSSolver
     from .train import distill
 
@@ -479,9 +485,7 @@ def cmd_distill(args) -> int:
         if ckpt.exists():
             ckpt.unlink()
 
-    ex = current(model.device)
-    ex.on_main(write)  # rank 0 alone writes; under torchrun the others wait for the file
-    if not ex.main:
+    if not _written_by_rank0(model, write):
         return 0  # rank 0 alone speaks
     init_psnr = hist["val_psnr"][0]
     from .cost import Ledger

@@ -117,12 +117,14 @@ class Executor:
         empty: Callable[[Batch], dict[str, Tensor]],
         desc: str,
         progress: bool,
+        postfix: Callable[[dict[str, Tensor]], dict[str, Any]] | None = None,
     ) -> list[dict[str, Tensor]]:
         """Every batch's tensors, on every worker. A batch some worker ``held`` already (read
         from a shard an earlier run kept) is taken from there; a missing one is solved once, by
         one worker (batch i of a fresh run by rank i mod K), who ``keep``-s it and sends it to
         the workers that lack it. ``empty(b)`` gives a batch's tensors' shapes and dtypes (what
-        a receiver fills). ``desc`` names the work in the progress bar and in fault reports."""
+        a receiver fills). ``desc`` names the work in the progress bar and in fault reports,
+        ``postfix(tensors)`` what the bar shows of the batch last solved."""
         from tqdm.auto import tqdm
 
         done = dict(held)
@@ -141,8 +143,8 @@ class Executor:
                 done[b] = solve(b)
                 keep(b, done[b])
                 bar.update(b[1] - b[0])
-                if "nfe" in done[b]:
-                    bar.set_postfix(nfe=int(done[b]["nfe"]))
+                if postfix is not None:
+                    bar.set_postfix(postfix(done[b]))
         bar.close()
         self.wait_all(desc)
         for i, (b, owner) in enumerate(zip(batches, owners)):

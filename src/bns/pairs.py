@@ -463,6 +463,7 @@ def _solve_batches(model, split, batches, shards, ex, progress, run) -> list[dic
         empty=lambda b: _empty(model, b[1] - b[0], labels),
         desc=f"ground truth ({split})",
         progress=progress,
+        postfix=lambda t: {"nfe": int(t["nfe"])},
     )
 
 
