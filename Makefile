@@ -22,9 +22,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/bns demo --out bns-demo
 
+# The suite on up to TEST_WORKERS processes, one per core (pytest-xdist), each test file whole
+# in one of them (its module fixtures run once). TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= auto
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist loadscope --no-loadscope-reorder tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts

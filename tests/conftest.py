@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Under pytest-xdist (make test) each core runs a worker of its own: one torch thread each, and
+# one for the processes the tests start, else their OpenMP threads spin-wait on each other's
+# cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture()
@@ -44,3 +53,13 @@ def sd3(tok):
     from bns.integrations.diffusers import tiny
 
     return tiny.sd3(tok)
+
+
+# The files of multi-process jobs take a third of the suite: collected first, so that make
+# test's workers (which take whole files, in this order with --no-loadscope-reorder) start
+# them at once and share the rest, instead of one of them starting one at the end.
+FIRST = ("test_benchmarks.py", "test_distributed.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.path.name not in FIRST)  # stable: the rest keep their order
