@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
@@ -392,12 +394,25 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
         parse = f.metadata.get("parse") or _type_of(f)
         parser.add_argument(
             *flags,
+            action=_OlderFlagWarns if len(flags) > 1 else "store",
             type=_argparse_type(parse),
             default=argparse.SUPPRESS,
             required=f.default is MISSING,
             metavar=f.metadata.get("metavar"),
             help=help_text,
         )
+
+
+class _OlderFlagWarns(argparse.Action):
+    """Stores the value; given by an older flag (a field's ``aliases``), it also says so on
+    stderr, once per job (rank 0 under torchrun), as argparse's own warnings read."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: ANN001
+        new = self.option_strings[0]
+        if option_string != new and os.environ.get("RANK", "0") == "0":
+            print(f"{parser.prog}: warning: {option_string} is now {new} (the older flag will go)",
+                  file=sys.stderr)  # fmt: skip
+        setattr(namespace, self.dest, values)
 
 
 def _type_of(f: Any) -> Any:
