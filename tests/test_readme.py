@@ -3,6 +3,7 @@ distillation sizes, and the cost estimate's, shrunk so that it takes seconds).""
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import re
 import types
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 import bns
+from bns.cli import build_parser
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
@@ -91,3 +93,58 @@ def test_every_dotted_name_the_docs_use_resolves_as_written(name):
 @pytest.mark.parametrize("name", ["distill", "DistillConfig", "sample", "NSSolver", "Model"])
 def test_names_the_readme_uses_are_public(name):
     assert name in bns.__all__ and hasattr(bns, name)
+
+
+DOCS = [README, *sorted(README.parent.glob("docs/*.md"))]
+COMMANDS = ("distill", "eval", "sample", "demo", "comfyui", "export")
+# `bns CMD ...` wherever the README or a doc shows one: in a code span, a sentence or a block
+# (``torchrun ... -m bns CMD`` included), up to the end of the span or line.
+SHOWN = re.compile(rf"(?<![\w/.-])bns ((?:{'|'.join(COMMANDS)})\b[^`\n]*)")
+
+
+def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices
+    return {}
+
+
+def _shown_commands() -> list[tuple[str, str]]:
+    return [(p.name, m.group(1)) for p in DOCS for m in SHOWN.finditer(p.read_text())]
+
+
+def test_every_option_the_docs_show_exists_for_its_command():
+    """A renamed or removed option fails here, not in a user's terminal: each ``--flag`` shown
+    after ``bns CMD`` is one of CMD's options, spelled in full (placeholders, ``a|b`` and
+    ``[--opt X]`` included; the values are checked below where a line is runnable)."""
+    shown = _shown_commands()
+    assert len(shown) > 30
+    wrong = []
+    for doc, text in shown:
+        parser = build_parser()
+        for token in text.split():
+            token = token.strip("[](),;:")
+            name = token.split("/")[0]  # "sample/eval": the first of the two
+            if name in _commands(parser):
+                parser = _commands(parser)[name]
+            elif (
+                token.startswith("--") and token.split("=")[0] not in parser._option_string_actions
+            ):
+                wrong.append(f"{doc}: {token.split('=')[0]} in `bns {text.strip()}`")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_every_runnable_command_line_the_docs_show_parses():
+    """The command lines of the README's and the docs' blocks, those with no placeholder, parse
+    as written: options, values and their types (a program's output, ``bns distill
+    --estimate: ...``, is not a command)."""
+    found = re.compile(rf"^\s*(?:\S.*?-m )?bns ((?:{'|'.join(COMMANDS)})\b.*?)\s*(?:#.*)?$", re.M)
+    lines = [(p.name, m.group(1)) for p in DOCS for m in found.finditer(p.read_text())]
+    placeholder = re.compile(r"\.\.\.|\||\b[A-Z]{2,}\b|/path/|\S:(\s|$)|`")
+    runnable = [(doc, text) for doc, text in lines if not placeholder.search(text)]
+    assert len(runnable) >= 8
+    for doc, text in runnable:
+        try:
+            build_parser().parse_args(text.split())
+        except SystemExit:
+            pytest.fail(f"{doc}: `bns {text}` does not parse")
