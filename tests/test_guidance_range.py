@@ -105,7 +105,7 @@ def test_file_round_trip_and_bad_files(tmp_path):
     other = cond_model()
     with torch.no_grad():
         other.net.l1.bias += 0.1
-    with pytest.raises(SolverFileError, match="was trained for model"):
+    with pytest.raises(SolverFileError, match="trained for model"):
         GuidanceRangeSolver.load(path, model=other)
     GuidanceRangeSolver.load(path, model=other, force=True)
     bad = json.loads(path.read_text())

@@ -113,13 +113,14 @@ def _spanned(model: Any, span: Any, paths: list[Path]) -> Any:
     """``model`` over ``--span``, or over the span the solver files were made for (all the
     same); the model itself where neither says."""
     from .config import parse_span
+    from .guidance_range import GuidanceRangeSolver, is_guidance_range_file
     from .solver import NSSolver
     from .train import spanned
 
     ranges = set()
     for p in paths:
-        if p.is_file() and not _is_range_file(p):
-            meta = NSSolver.load(p).meta  # the file's own validation; the model's comes later
+        if p.is_file():  # the file's own validation here; the model's comes later
+            meta = (GuidanceRangeSolver if is_guidance_range_file(p) else NSSolver).load(p).meta
             found = meta.get("span") if isinstance(meta.get("span"), dict) else None
             ranges.add(tuple(found["t_range"]) if found else None)
     if span is not None:
@@ -135,12 +136,6 @@ def _spanned(model: Any, span: Any, paths: list[Path]) -> Any:
         )
     found = next(iter(ranges), None)
     return model if found is None else spanned(model, list(found))
-
-
-def _is_range_file(path: Path) -> bool:
-    from .guidance_range import is_guidance_range_file
-
-    return is_guidance_range_file(path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -447,8 +442,6 @@ def cmd_distill(args) -> int:
     from .train import spanned
 
     model = spanned(model, cfg.span)
-    if args.guidance_range is not None and cfg.span is not None:
-        raise CLIError("--span and --guidance-range do not combine yet: distill one scale")
     if args.guidance_range is not None:
         return _distill_guidance_range(args, model, cfg, t0)
     from .model import NetworkError

@@ -40,6 +40,7 @@ from .train import (
     candidate_solvers,
     choose_initial_solver,
     run_loop,
+    spanned,
 )
 
 __all__ = ["GuidanceRangeSolver", "distill_guidance_range", "FORMAT"]
@@ -156,12 +157,8 @@ class GuidanceRangeSolver:
         except (OSError, ValueError, RecursionError) as e:  # also: nesting, 5000-digit ints
             raise SolverFileError(f"cannot read {path}: {e}") from None
         out = cls.from_dict(d)
-        fp = out.meta.get("model_fingerprint")
-        if model is not None and not force and fp is not None and fp != model.fingerprint():
-            raise SolverFileError(
-                f"{path} was trained for model {fp}, not for {model.name} ({model.fingerprint()});"
-                " pass force=True / --force to use it anyway"
-            )
+        if model is not None and not force:  # an NS solver's checks: span, model, times
+            out.at(out.w_range[0]).check_compatible(model, where=str(path))
         return out
 
 
@@ -213,7 +210,9 @@ def distill_guidance_range(
     (``checkpoint_path``, ``resume=True``) and ``torchrun`` workers apply.
     The initial solver is the classical solver with the best mean validation PSNR over the
     scales, at every ``w``.
-    Validation is the mean PSNR over the scales; the best iterate is kept.
+    Validation is the mean PSNR over the scales; the best iterate is kept. With ``span``
+    (image-to-image) every scale's pairs start from that scale's samples, noised to the span's
+    start, and the file records the span as :func:`bns.distill`'s does.
     """
     ws = sorted({float(w) for w in guidances})
     if len(ws) < 2 or ws[0] <= 0 or not all(math.isfinite(w) for w in ws):
@@ -234,6 +233,7 @@ def distill_guidance_range(
         raise TrainingError("a guidance-range solver ends on the model's range (end range)")
     if cfg.budget is not None:
         raise TrainingError("a guidance-range solver takes no budget: set its steps and pairs")
+    model = spanned(model, cfg.span)  # image-to-image: every scale starts from noised samples
     with frozen(model):
         if pairs is None:
             kw = dict(seed=cfg.seed, rtol=cfg.rtol, atol=cfg.atol, cache=cache, progress=progress)
@@ -402,5 +402,6 @@ def _train(model, cfg, ws, pairs, init, degree, progress, checkpoint_path, resum
         "steps_run": steps_run,  # fewer than cfg.adam_steps when stopped early
         "wall_time_s": round(loop.elapsed, 3),
         "reverts": loop.reverts,
+        **({"span": model.span_info()} if model.parent is not None else {}),
     }
     return out, history
