@@ -312,3 +312,61 @@ def test_a_builder_and_the_registry_name_a_solver_alike():
     for name, solver in built.items():
         assert solver.meta["solver"] == build(name, grid).meta["solver"] == name in METHODS
         make_family("time", solver)  # accepted
+
+
+def test_the_grid_keeps_every_step_when_a_logit_runs_away():
+    """A softmax increment that would round away is raised to MIN_SHARE of the range, the rest
+    scaled down: the times stay strictly increasing, ends exact, gradients finite. Ordinary
+    logits give the plain softmax's times, bit for bit."""
+    from bns.families import MIN_SHARE, _increasing
+
+    ends = torch.tensor([0.0, 0.999], dtype=torch.float64)
+    logits = torch.tensor([0.3, -1.2, 0.0, 0.7], dtype=torch.float64)
+    plain = torch.cat([ends[:1], torch.cumsum(torch.softmax(logits, 0) * 0.999, 0)[:-1], ends[1:]])
+    assert torch.equal(_increasing(logits, ends), plain)
+    for away in (-40.0, -1e4):  # under 1e-16 of the range, then exactly 0
+        lg = torch.tensor([0.3, away, 0.0, away], dtype=torch.float64, requires_grad=True)
+        t = _increasing(lg, ends)
+        assert t[0] == 0.0 and t[-1] == 0.999 and torch.all(t[1:] > t[:-1])
+        assert torch.all(t[1:] - t[:-1] >= 0.5 * MIN_SHARE * 0.999)
+        t.sum().backward()
+        assert torch.all(torch.isfinite(lg.grad))
+
+
+# A user's network (float32, no dtype=) on which Gauss-Newton at NFE 3 pushes two times
+# together: the run once ended, after all its steps, with "solver times must be strictly
+# increasing" and no solver.
+_RUNAWAY = dict(nfe=3, guidance=2.0, train_pairs=32, val_pairs=16, init_pairs=16)
+
+
+class _TinyCondEps(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(5, 4)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(13, 32), torch.nn.SiLU(), torch.nn.Linear(32, 8)
+        )
+
+    def forward(self, x, t, y=None):
+        h = torch.cat([x, t[:, None].to(x.dtype), self.emb(y)], dim=1)
+        return 0.1 * self.net(h)
+
+
+def _tiny_cond_eps() -> bns.Model:
+    return bns.Model(
+        _TinyCondEps(), "eps", "vp", (8,), t_range=(0.0, 1 - 1e-3), num_classes=4, name="tiny"
+    )
+
+
+def test_a_step_that_pushes_two_times_together_still_ends_with_a_solver(tmp_path, monkeypatch):
+    model = _tiny_cond_eps()
+    solver, hist = distill(model, **_RUNAWAY, cache=tmp_path, progress=False)
+    dt = solver.times[1:] - solver.times[:-1]
+    assert torch.all(dt > 0) and float(dt.min()) < 1e-6  # it went there, one step kept
+    assert hist["best_val_psnr"] > hist["val_psnr"][0] + 10  # and gained by it
+    # Without the floor, a solver whose times coincide is an overshoot: back to the best.
+    monkeypatch.setattr(bns.families, "MIN_SHARE", 0.0)
+    solver, hist = distill(model, **_RUNAWAY, cache=tmp_path, progress=False)
+    assert torch.all(solver.times[1:] > solver.times[:-1])
+    assert any(v != v for v in hist["val_psnr"]) and hist["reverts"] > 0

@@ -51,11 +51,23 @@ __all__ = [
 F64 = torch.float64
 
 
+# The smallest share of the range one step may take. An optimizer step can push a logit so far
+# down that its increment rounds away and two times coincide (a step of length zero, which no
+# solver file may hold); shares below this are raised to it and the rest scaled down. Above it
+# (every grid a classical solver or a sane step gives) the times are the plain softmax's.
+MIN_SHARE = 1e-9
+
+
 def _increasing(logits: Tensor, ends: Tensor) -> Tensor:
     """Strictly increasing points from ``ends[0]`` to ``ends[1]``: a softmax of ``logits`` as
-    increments; both ends exact, not rounded sums."""
+    increments, each at least :data:`MIN_SHARE` of the range; both ends exact, not rounded
+    sums."""
     t0, t1 = ends
-    inner = t0 + torch.cumsum(torch.softmax(logits, 0) * (t1 - t0), 0)[:-1]
+    share = torch.softmax(logits, 0)
+    if bool((share < MIN_SHARE).any()):
+        share = share.clamp(min=MIN_SHARE)
+        share = share / share.sum()
+    inner = t0 + torch.cumsum(share * (t1 - t0), 0)[:-1]
     return torch.cat([t0[None], inner, t1[None]])
 
 

@@ -41,6 +41,7 @@ from .train import (
     choose_initial_solver,
     run_loop,
     spanned,
+    strictly_increasing,
 )
 
 __all__ = ["GuidanceRangeSolver", "distill_guidance_range", "FORMAT"]
@@ -349,19 +350,22 @@ class _RangeObjective(Objective):
 
     def validate(self) -> tuple[float, GuidanceRangeSolver]:
         cfg, ws = self.cfg, self.ws
-        scores = [
-            float(
-                evaluate_psnr(
-                    self.model,
-                    self._solver_at(w).detach(),
-                    self.pairs[w][1],
-                    w,
-                    cfg.eval_batch_size,
-                    cfg.data_range,
-                ).mean()
-            )
-            for w in ws
-        ]
+        if not all(strictly_increasing(self._solver_at(w).times) for w in ws):
+            scores = [math.nan]  # an overshoot (train.strictly_increasing)
+        else:
+            scores = [
+                float(
+                    evaluate_psnr(
+                        self.model,
+                        self._solver_at(w).detach(),
+                        self.pairs[w][1],
+                        w,
+                        cfg.eval_batch_size,
+                        cfg.data_range,
+                    ).mean()
+                )
+                for w in ws
+            ]
         coefs = {k: v.detach().clone() for k, v in self.family.state_dict().items()}
         return sum(scores) / len(scores), GuidanceRangeSolver(
             coefs, self.rs.t_ends, self.rs.w_range

@@ -112,6 +112,13 @@ def choose_initial_solver(
     return best, scores, model.forwards - f0
 
 
+def strictly_increasing(times: torch.Tensor) -> bool:
+    """Whether a solver's times increase strictly. A step can push two of them together (their
+    softmax increment underflows): such a solver has a step of length zero, no solver file
+    holds one, and the loop treats its validation as an overshoot, back to the best iterate."""
+    return bool(torch.all(times[1:] > times[:-1]))
+
+
 def _finite_or(v: float, default: float = -math.inf) -> float:
     return v if math.isfinite(v) else default
 
@@ -370,6 +377,8 @@ class Objective:
         """The mean validation PSNR of the current parameters and their (detached) solver."""
         cfg = self.cfg
         solver = self.family.solver().detach()
+        if not strictly_increasing(solver.times):
+            return math.nan, solver  # an overshoot: the loop goes back to the best
         psnr = evaluate_psnr(
             self.model, solver, self.val, cfg.guidance, cfg.eval_batch_size, cfg.data_range
         )
