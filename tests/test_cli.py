@@ -178,6 +178,12 @@ def test_bad_inputs_end_with_one_clear_line(env, capsys):
     # An existing artifact is never overwritten by accident.
     assert "exists" in _error(capsys, ["distill", "--model", m, "--nfe", "4", "--out", str(good)])
     assert good.read_text() == content
+    # --resume continues an interrupted run: on a finished one (no OUT.ckpt) it is refused,
+    # whatever the settings (it once replaced an NFE 4 solver with an NFE 5 one, silently).
+    for nfe in ("4", "5"):
+        argv = ["distill", "--model", m, "--nfe", nfe, "--out", str(good), "--resume"]
+        assert "its run finished, there is nothing to resume" in _error(capsys, argv)
+        assert good.read_text() == content
     # A solver of another model, or another guidance, is refused.
     assert "trained for model" in _error(
         capsys,

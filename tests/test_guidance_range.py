@@ -148,8 +148,11 @@ def test_command_line(tmp_path, capsys):
     assert "guidance 1 to 4" in capsys.readouterr().out
     assert not out.with_name("range.json.ckpt").exists()  # written while it ran, then removed
     first = json.loads(out.read_text())
+    # --resume on a finished run: nothing to resume, and the solver is kept
+    assert main([*argv, "--resume"]) == 2
+    assert "its run finished, there is nothing to resume" in capsys.readouterr().err
     with pytest.warns(UserWarning, match="no checkpoint"):  # --resume reaches the loop
-        assert main([*argv, "--resume"]) == 0
+        assert main([*argv, "--resume", "--overwrite"]) == 0
     again = json.loads(out.read_text())
     for d in (first, again):  # all but the clock and the checksum over it
         del d["checksum"], d["meta"]["wall_time_s"]

@@ -430,14 +430,20 @@ def cmd_distill(args) -> int:
         return _estimate(args)
     if args.out is None:
         raise CLIError("--out is required (the solver file to write), or pass --estimate")
-    if args.out.exists() and not (args.overwrite or args.resume):
-        raise CLIError(f"{args.out} exists; pass --overwrite to replace it")
+    ckpt = args.out.with_name(args.out.name + ".ckpt")
+    if args.out.exists() and not args.overwrite:
+        if not args.resume:
+            raise CLIError(f"{args.out} exists; pass --overwrite to replace it")
+        if not ckpt.exists():  # --resume continues a run; this one finished
+            raise CLIError(
+                f"{args.out} exists and {ckpt.name} does not: its run finished, there is"
+                " nothing to resume; pass --overwrite to run it again"
+            )
     if args.out.exists() and args.out.is_dir():
         raise CLIError(f"{args.out} is a folder; --out names the solver file")
     check_writable(args.out.parent)  # now, not after the run whose result it is to hold
     model = _model(args)
     t0 = time.perf_counter()
-    ckpt = args.out.with_name(args.out.name + ".ckpt")
     cfg = DistillConfig(**config_from_args(args))
     from .train import spanned
 
