@@ -187,3 +187,37 @@ def test_a_file_without_the_factory_or_that_fails_to_import(model_file, tmp_path
     broken = tmp_path / "broken.py"
     broken.write_text("raise ImportError('torch.nope')\n")
     assert _error(f"{broken}:f") == f"importing {broken} failed: ImportError: torch.nope"
+
+
+def test_a_model_file_imports_its_network_from_beside_it(tmp_path, monkeypatch, capsys):
+    """The way users split it: the network in one module, the factory in another next to it,
+    run by the ``bns`` command from anywhere (which, unlike ``python -m bns``, puts neither the
+    working folder nor the file's on ``sys.path``)."""
+    monkeypatch.setattr(sys, "path", list(sys.path))  # put back after the test
+    monkeypatch.chdir(tmp_path.parent)
+    name = f"usernet_{abs(hash(str(tmp_path)))}"
+    (tmp_path / f"{name}.py").write_text(
+        "import torch\n\n\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.lin = torch.nn.Linear(4, 4)\n\n"
+        "    def forward(self, x, t):\n"
+        "        return self.lin(x) * t[:, None]\n"
+    )
+    (tmp_path / "factory.py").write_text(
+        f"import bns\nfrom {name} import Net\n\n\n"
+        "def model():\n"
+        "    return bns.Model(Net(), 'velocity', 'condot', (4,), name='split')\n"
+    )
+    model = load_model(f"{tmp_path / 'factory.py'}:model")
+    assert model.name == "split" and sys.path[0] == str(tmp_path)
+    from bns.cli import main
+
+    out = tmp_path / "s.json"
+    argv = ["distill", "--model", f"{tmp_path.name}/factory.py:model", "--nfe", "2", "--quiet"]
+    argv += ["--train-pairs", "8", "--val-pairs", "8", "--init-pairs", "8", "--adam-steps", "1"]
+    argv += ["--cache-dir", str(tmp_path / "c"), "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert bns.NSSolver.load(out).meta["model_name"] == "split"
+    sys.modules.pop(name, None)
