@@ -9,6 +9,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
+import torch
 
 import bns
 from bns.cli import build_parser
@@ -183,3 +184,45 @@ def test_the_older_name_of_adam_steps_still_works_and_says_so(capsys):
     args = build_parser().parse_args([*argv, "--adam-steps", "5"])
     assert DistillConfig(**config_from_args(args)).adam_steps == 5
     assert capsys.readouterr().err == ""  # the current flag: nothing to say
+
+
+def test_a_bad_model_or_schedule_raises_a_bns_error():
+    """``except bns.BNSError`` catches what a user's own bns.Model(...) call gets wrong (it
+    raised plain ValueErrors once); each is still a ValueError."""
+
+    def net(x, t):
+        return x
+
+    bad_models = [
+        dict(prediction="noise"),
+        dict(schedule=None),
+        dict(t_range=(0.5, 0.2)),
+        dict(num_classes=0),
+        dict(num_classes=3, label_splits={"train": []}),
+        dict(label_splits={"train": [0]}),
+    ]
+    for bad in bad_models:
+        kw = {**dict(prediction="velocity", schedule="condot", sample_shape=(2,)), **bad}
+        with pytest.raises(bns.BNSError) as e:
+            bns.Model(net, **kw)
+        assert isinstance(e.value, ValueError), bad
+    bad_schedules = [
+        lambda: bns.schedules.VP(-1.0, 20.0),
+        lambda: bns.schedules.CondOT(sigma0=0.0),
+        lambda: bns.schedules.DiscreteVP(torch.tensor([0.5, 0.9])),
+        lambda: bns.schedules.schedule_from_config({"name": "nope"}),
+    ]
+    for make in bad_schedules:
+        with pytest.raises(bns.BNSError) as e:
+            make()
+        assert isinstance(e.value, ValueError)
+    model = bns.Model(net, "velocity", "condot", (2,))
+    with pytest.raises(bns.BNSError):
+        model.span(0.7, 0.2)
+    # and what the other public functions refuse: an unknown solver, an NFE it cannot make
+    from bns.solvers import initial_solver
+
+    for bad in [lambda: initial_solver(model, 4, "nope"), lambda: initial_solver(model, 3, "rk4")]:
+        with pytest.raises(bns.InputError) as e:
+            bad()
+        assert isinstance(e.value, ValueError)

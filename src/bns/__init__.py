@@ -11,7 +11,7 @@ Only torch is needed to import bns; integrations are imported lazily.
 from . import grids, metrics, schedules, solvers, transforms
 from .config import DistillConfig, TrainingError
 from .cost import Ledger
-from .errors import BNSError, StorageError
+from .errors import BNSError, InputError, StorageError
 from .estimate import estimate_cost
 from .ground_truth import default_tolerance, ground_truth
 from .guidance_range import GuidanceRangeSolver, distill_guidance_range
@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BNSError",
     "StorageError",
+    "InputError",
     "Model",
     "ModelError",
     "NetworkError",

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from .errors import TrainingError
+from .errors import InputError, TrainingError
 
 if TYPE_CHECKING:
     from .config import DistillConfig
@@ -55,7 +55,7 @@ def parse_budget(text: str | float | int) -> Budget:
     raw = str(text).strip().replace("_", "").replace(",", "")
     m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)", raw)
     if m is None:
-        raise ValueError(
+        raise InputError(
             f"budget must be a number of network evaluations (200000, 200k, 1.5M) or a duration"
             f" (90s, 10m, 1h), got {text!r}"
         )
@@ -65,9 +65,9 @@ def parse_budget(text: str | float | int) -> Budget:
     elif unit in _COUNT:
         kind, value = "evaluations", number * _COUNT[unit]
     else:
-        raise ValueError(f"unknown budget unit {unit!r} in {text!r} (k, M, G; s, m, h)")
+        raise InputError(f"unknown budget unit {unit!r} in {text!r} (k, M, G; s, m, h)")
     if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"budget must be positive, got {text!r}")
+        raise InputError(f"budget must be positive, got {text!r}")
     return Budget(kind, value)
 
 

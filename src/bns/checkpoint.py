@@ -13,7 +13,7 @@ import torch
 
 from ._io import atomic_write
 from .config import TrainingError
-from .errors import StorageError
+from .errors import InputError, StorageError
 
 __all__ = ["Checkpoint"]
 
@@ -49,7 +49,7 @@ class Checkpoint:
             with zipfile.ZipFile(self.path) as z:
                 bad = z.testzip()
             if bad is not None:
-                raise ValueError(f"{bad} fails its CRC-32 check (corrupt)")
+                raise InputError(f"{bad} fails its CRC-32 check (corrupt)")
             state = torch.load(self.path, weights_only=True, map_location="cpu")
             fingerprint = state.pop("fingerprint")
         except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is an error here

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import executor
+from .errors import InputError
 from .metrics import psnr
 from .model import in_phase
 from .solver import NSSolver, ns_step
@@ -64,7 +65,7 @@ def candidates(
     exactly ``nfe`` evaluations; with ``end="data"``, each ending on the data."""
     unknown = [n for n in names if n not in SOLVER_NAMES]
     if unknown:
-        raise ValueError(f"unknown solver(s) {unknown}; known: {', '.join(SOLVER_NAMES)}")
+        raise InputError(f"unknown solver(s) {unknown}; known: {', '.join(SOLVER_NAMES)}")
     out = []
     for name in names:
         for grid in grids or grid_names(model):

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
-from .errors import TrainingError
+from .errors import InputError, TrainingError
 
 __all__ = [
     "DistillConfig",
@@ -41,9 +41,9 @@ def parse_precondition(text: str | float | None) -> float | str | None:
     try:
         value = float(text)
     except (TypeError, ValueError):
-        raise ValueError(f"precondition must be a number, none or auto, got {text!r}") from None
+        raise InputError(f"precondition must be a number, none or auto, got {text!r}") from None
     if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"precondition sigma0 must be a finite number > 0, got {text!r}")
+        raise InputError(f"precondition sigma0 must be a finite number > 0, got {text!r}")
     return value
 
 
@@ -56,15 +56,15 @@ def parse_span(text: Any) -> list[float | None] | None:
     if isinstance(text, str):
         parts = text.split(":")
         if len(parts) != 2:
-            raise ValueError(f"span must be T0:T1 in flow time (0.4:, :0.8, 0.2:0.8), got {text!r}")
+            raise InputError(f"span must be T0:T1 in flow time (0.4:, :0.8, 0.2:0.8), got {text!r}")
         values = [p.strip() or None for p in parts]
     else:
         try:
             values = list(text)
         except TypeError:
-            raise ValueError(f"span must be T0:T1 or a pair, got {text!r}") from None
+            raise InputError(f"span must be T0:T1 or a pair, got {text!r}") from None
         if len(values) != 2:
-            raise ValueError(f"span must hold two flow times, got {text!r}")
+            raise InputError(f"span must hold two flow times, got {text!r}")
     out: list[float | None] = []
     for v in values:
         if v is None:
@@ -73,14 +73,14 @@ def parse_span(text: Any) -> list[float | None] | None:
         try:
             f = float(v)
         except (TypeError, ValueError):
-            raise ValueError(f"span ends must be numbers, got {v!r}") from None
+            raise InputError(f"span ends must be numbers, got {v!r}") from None
         if not (math.isfinite(f) and 0 <= f <= 1):
-            raise ValueError(f"span ends are flow times in [0, 1], got {v!r}")
+            raise InputError(f"span ends are flow times in [0, 1], got {v!r}")
         out.append(f)
     if out == [None, None]:
         return None
     if None not in out and not out[0] < out[1]:
-        raise ValueError(f"span must start before it ends, got {text!r}")
+        raise InputError(f"span must start before it ends, got {text!r}")
     return out
 
 

@@ -46,7 +46,7 @@ from typing import Any, NoReturn
 import torch
 from torch import Tensor
 
-from .errors import BNSError
+from .errors import BNSError, InputError
 from .executor import Executor, _env_size
 
 __all__ = [
@@ -155,9 +155,9 @@ def timeout_s() -> float:
     try:
         value = float(text) if text else DEFAULT_TIMEOUT
     except ValueError:
-        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds, got {text!r}") from None
+        raise InputError(f"{TIMEOUT_ENV} must be a number of seconds, got {text!r}") from None
     if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{TIMEOUT_ENV} must be positive, got {text!r}")
+        raise InputError(f"{TIMEOUT_ENV} must be positive, got {text!r}")
     return value
 
 

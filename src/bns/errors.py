@@ -8,11 +8,16 @@ from that too (``ValueError`` for bad input, ``OSError`` for storage)."""
 
 from __future__ import annotations
 
-__all__ = ["BNSError", "StorageError", "TrainingError"]
+__all__ = ["BNSError", "InputError", "StorageError", "TrainingError"]
 
 
 class BNSError(Exception):
     """The base class of every error bns raises on purpose."""
+
+
+class InputError(BNSError, ValueError):
+    """A function was given a value it cannot take (an unknown name, a bad shape or range),
+    where no more specific error of its module says so."""
 
 
 class TrainingError(BNSError, RuntimeError):

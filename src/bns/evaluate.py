@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from . import executor
+from .errors import InputError
 from .metrics import psnr
 from .model import Model, in_phase
 from .pairs import Pairs
@@ -68,7 +69,7 @@ def baseline_solvers(
 
     unknown = [n for n in names if n not in SOLVER_NAMES]
     if unknown:
-        raise ValueError(f"unknown baseline(s) {unknown}; known: {', '.join(SOLVER_NAMES)}")
+        raise InputError(f"unknown baseline(s) {unknown}; known: {', '.join(SOLVER_NAMES)}")
     out = []
     for name in names:
         for nfe in nfes:

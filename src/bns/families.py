@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .errors import InputError
 from .schedules import schedule_from_config
 from .solver import NSSolver
 from .solvers import METHODS
@@ -161,7 +162,7 @@ class MultistepFamily(Family):
     @classmethod
     def check_init(cls, init: NSSolver) -> None:
         if not torch.all(init.a == 1):
-            raise ValueError(
+            raise InputError(
                 f"family multistep starts from a solver with a_i = 1 (x_(i+1) = x_i + ...):"
                 f" euler, midpoint, ab2, ab3 or ipndm, not preconditioned; not"
                 f" {init.meta.get('init', 'this solver')}"
@@ -197,7 +198,7 @@ def _method_kwargs(family: str, init: NSSolver) -> dict[str, Any]:
         kw["lower_order_final"] = bool(init.meta["lower_order_final"])
     if method.needs_schedule:
         if not isinstance(init.meta.get("schedule"), dict):
-            raise ValueError(
+            raise InputError(
                 f"family {family}: {init.meta['solver']} records no schedule (meta['schedule']);"
                 " build it with bns.solvers"
             )
@@ -208,17 +209,17 @@ def _method_kwargs(family: str, init: NSSolver) -> dict[str, Any]:
 def _check_method(family: str, init: NSSolver, names: tuple[str, ...]) -> None:
     name = init.meta.get("solver")
     if name not in names:
-        raise ValueError(
+        raise InputError(
             f"family {family} starts from {', '.join(names)} (each also preconditioned), not"
             f" {init.meta.get('init', name or 'a solver without a classical method')}"
         )
     if init.nfe % METHODS[name].per_step:
-        raise ValueError(f"{name} cannot make nfe = {init.nfe}")
+        raise InputError(f"{name} cannot make nfe = {init.nfe}")
     try:
         _transform_of(init)
         _method_kwargs(family, init)
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(
+        raise InputError(
             f"family {family}: unreadable transform or schedule of {name}: {e}"
         ) from None
 
@@ -350,7 +351,7 @@ FAMILIES: dict[str, type[Family]] = {
 
 def _family_class(name: str) -> type[Family]:
     if name not in FAMILIES:
-        raise ValueError(f"unknown solver family {name!r}; known: {', '.join(FAMILIES)}")
+        raise InputError(f"unknown solver family {name!r}; known: {', '.join(FAMILIES)}")
     return FAMILIES[name]
 
 
@@ -371,5 +372,5 @@ def usable_inits(name: str, candidates: list[NSSolver]) -> list[NSSolver]:
         except ValueError as e:
             errors.append(str(e))
     if not out:
-        raise ValueError(errors[0] if len(errors) == 1 else f"{errors[0]} (nor any other)")
+        raise InputError(errors[0] if len(errors) == 1 else f"{errors[0]} (nor any other)")
     return out

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ._io import atomic_write
-from .errors import BNSError
+from .errors import BNSError, InputError
 from .metrics import frechet_distance, psd_sqrt
 
 if TYPE_CHECKING:
@@ -327,7 +327,7 @@ def add_fid(
 
     check_fid(model, n, len(test), extractor=features is None)
     if [(r["solver"], r["nfe"]) for r in rows] != [(name, nfe) for name, nfe, _ in entries]:
-        raise ValueError("rows and entries do not match")
+        raise InputError("rows and entries do not match")
     device = model.device or torch.device("cpu")
     kw: dict[str, Any] = {"features": features}
     if features is None:

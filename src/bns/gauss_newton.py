@@ -34,6 +34,7 @@ from torch import Tensor
 from . import executor
 from .config import DistillConfig, TrainingError
 from .cost import uncounted
+from .errors import InputError
 from .families import Family
 from .loss import LOSSES, SUM_OF_SQUARES
 from .model import Model, NetworkError, NonFiniteVelocity, _first_line, in_phase
@@ -194,7 +195,7 @@ def normal_equations(
     rounding, in the memory of ``k``).
     """
     if loss not in SUM_OF_SQUARES:
-        raise ValueError(
+        raise InputError(
             f"Gauss-Newton steps need a sum-of-squares loss {SUM_OF_SQUARES}, got {loss!r}"
         )
     params = [p for p in family.parameters() if p.requires_grad]

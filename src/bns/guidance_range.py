@@ -27,6 +27,7 @@ from torch import Tensor
 from . import executor
 from ._io import atomic_write_text
 from .config import DistillConfig, TrainingError, resolve_steps
+from .errors import InputError
 from .evaluate import evaluate_psnr
 from .families import BNSFamily, _increasing
 from .loss import LOSSES
@@ -67,7 +68,7 @@ class GuidanceRangeSolver:
     ) -> None:
         lo, hi = (float(v) for v in w_range)
         if not (0 < lo < hi and math.isfinite(hi)):
-            raise ValueError(f"w_range must satisfy 0 < lo < hi, got {w_range}")
+            raise InputError(f"w_range must satisfy 0 < lo < hi, got {w_range}")
         self.coefs = {k: v.detach().to(torch.float64) for k, v in coefs.items()}
         self.t_ends = t_ends.detach().to(torch.float64)
         self.w_range = (lo, hi)
@@ -89,7 +90,7 @@ class GuidanceRangeSolver:
         w = float(w)
         lo, hi = self.w_range
         if not (lo - 1e-9 <= w <= hi + 1e-9) and not extrapolate:
-            raise ValueError(
+            raise InputError(
                 f"guidance {w:g} is outside the range this solver was trained on [{lo:g}, {hi:g}]"
             )
         return _solver(self.coefs, self.t_ends, self.s(w), {**self.meta, "guidance": w})

@@ -8,15 +8,17 @@ import math
 import torch
 from torch import Tensor
 
+from .errors import InputError
+
 __all__ = ["psnr", "mse", "frechet_distance", "psd_sqrt"]
 
 
 def mse(x: Tensor, reference: Tensor) -> Tensor:
     """Per-sample mean squared error, shape ``[B]``, in at least float32."""
     if x.shape != reference.shape:
-        raise ValueError(f"shapes differ: {list(x.shape)} vs {list(reference.shape)}")
+        raise InputError(f"shapes differ: {list(x.shape)} vs {list(reference.shape)}")
     if x.dim() < 1:
-        raise ValueError("expected a batch [B, ...] of samples, got a 0-d tensor")
+        raise InputError("expected a batch [B, ...] of samples, got a 0-d tensor")
     dt = torch.promote_types(torch.promote_types(x.dtype, reference.dtype), torch.float32)
     per_sample = math.prod(x.shape[1:])  # explicit, so that an empty batch works too
     d = (x.to(dt) - reference.to(dt)).reshape(x.shape[0], per_sample)
@@ -29,7 +31,7 @@ def psnr(x: Tensor, reference: Tensor, data_range: float = 2.0) -> Tensor:
     ``data_range`` R is 2 for data in [-1, 1]. Identical samples give +inf.
     """
     if not (math.isfinite(data_range) and data_range > 0):
-        raise ValueError(f"data_range must be a finite number > 0, got {data_range}")
+        raise InputError(f"data_range must be a finite number > 0, got {data_range}")
     return 10 * torch.log10(data_range**2 / mse(x, reference))
 
 
@@ -67,7 +69,7 @@ def frechet_distance(
     c1, c2 = (torch.as_tensor(v, dtype=torch.float64) for v in (cov1, cov2))
     d = m1.numel()
     if m2.numel() != d or c1.shape != (d, d) or c2.shape != (d, d):
-        raise ValueError(
+        raise InputError(
             f"shapes do not fit: means {m1.numel()} and {m2.numel()}, covariances"
             f" {list(c1.shape)} and {list(c2.shape)}"
         )

@@ -161,7 +161,7 @@ def prediction_coefficients(
     if prediction == "v":
         n = a * a + s * s
         return (da * a + ds * s) / n, (ds * a - da * s) / n
-    raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
+    raise ModelError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
 
 
 _LEAVES = (str, bytes, int, float, complex, bool, Tensor, type, types.ModuleType)
@@ -291,15 +291,15 @@ def _check_label_splits(
     if splits is None:
         return None
     if num_classes is None:
-        raise ValueError("label_splits needs a class-conditional model (num_classes)")
+        raise ModelError("label_splits needs a class-conditional model (num_classes)")
     out = {}
     for split, labels in splits.items():
         labels = tuple(int(v) for v in labels)
         if not labels:
-            raise ValueError(f"label_splits[{split!r}] is empty")
+            raise ModelError(f"label_splits[{split!r}] is empty")
         bad = [v for v in labels if not 0 <= v < num_classes]
         if bad:
-            raise ValueError(
+            raise ModelError(
                 f"label_splits[{split!r}] holds labels outside [0, {num_classes}): {bad[:5]}"
             )
         out[str(split)] = labels
@@ -354,20 +354,20 @@ class Model:
         label_splits: Mapping[str, Sequence[int]] | None = None,
     ) -> None:
         if prediction not in PREDICTIONS:
-            raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
+            raise ModelError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
         if schedule is None:
-            raise ValueError("a Model needs a schedule (e.g. bns.schedules.CondOT())")
+            raise ModelError("a Model needs a schedule (e.g. bns.schedules.CondOT())")
         if isinstance(schedule, str):  # a name: that scheduler with its default parameters
             schedule = schedule_from_config({"name": schedule})
         if not isinstance(schedule, Schedule):
-            raise ValueError(
+            raise ModelError(
                 f"schedule must be a bns.schedules.Schedule or its name, got {type(schedule).__name__}"
             )
         t_min, t_max = (float(v) for v in t_range)
         if not (0.0 <= t_min < t_max <= 1.0):
-            raise ValueError(f"t_range must satisfy 0 <= t_min < t_max <= 1, got {t_range}")
+            raise ModelError(f"t_range must satisfy 0 <= t_min < t_max <= 1, got {t_range}")
         if num_classes is not None and int(num_classes) < 1:
-            raise ValueError(f"num_classes must be a positive integer, got {num_classes}")
+            raise ModelError(f"num_classes must be a positive integer, got {num_classes}")
         self.net = net
         self.prediction = prediction
         self.schedule = schedule
@@ -464,7 +464,7 @@ class Model:
         t0 = self.t_range[0] if t_start is None else float(t_start)
         t1 = self.t_range[1] if t_end is None else float(t_end)
         if not (math.isfinite(t0) and math.isfinite(t1) and lo <= t0 < t1 <= hi):
-            raise ValueError(
+            raise ModelError(
                 f"a span of {self.name} must satisfy {lo:g} <= t_start < t_end <= {hi:g}"
                 f" (its range, in flow time), got [{t0:g}, {t1:g}]"
             )
@@ -730,7 +730,7 @@ class Model:
         if self.label_splits is None or self.num_classes is None:
             return None
         if split not in self.label_splits:
-            raise ValueError(
+            raise ModelError(
                 f"{self.name} has label splits {sorted(self.label_splits)}, not {split!r}"
             )
         return list(self.label_splits[split])

@@ -36,7 +36,7 @@ from torch import Tensor
 from . import executor
 from ._hashing import hash_tensor
 from ._io import atomic_write, make_folder, remove_stale_tmp
-from .errors import StorageError
+from .errors import InputError, StorageError
 from .ground_truth import default_tolerance, ground_truth
 from .model import Model, NetworkError, in_phase, prediction_coefficients
 
@@ -101,7 +101,7 @@ def pair_noise(
     The labels are drawn from ``model.labels_for(labels or split)`` (all classes by default):
     ``labels="train"`` gives test noise with training labels (prompts)."""
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise InputError(f"split must be one of {SPLITS}, got {split!r}")
     pool = model.labels_for(labels or split) if model.num_classes is not None else None
     xs, ys = [], []
     for i in indices:
@@ -257,16 +257,16 @@ def make_pairs(
     worker computes its share of the batches and returns all ``n`` pairs.
     """
     if n < 1:
-        raise ValueError(f"need at least one pair, got n = {n}")
+        raise InputError(f"need at least one pair, got n = {n}")
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise InputError(f"split must be one of {SPLITS}, got {split!r}")
     tol = default_tolerance(model.precision)
     rtol = tol if rtol is None else float(rtol)
     atol = rtol if atol is None else float(atol)
     device = device if device is not None else model.device
     ex = executor.current(device)
     if end not in ("range", "data"):
-        raise ValueError(f"end must be range or data, got {end!r}")
+        raise InputError(f"end must be range or data, got {end!r}")
     key = _key(model, guidance, seed, split, rtol, atol, labels)
     folder, stem, path = _cache_place(model, split, key, labels, cache)
     if folder is not None:  # what writers killed mid-write (kill -9) left in this job's places
@@ -499,7 +499,7 @@ def start_states(
 
     parent = model.parent
     if parent is None or not model.starts_from_data:
-        raise ValueError(f"{model.name} starts from noise, not from noised data")
+        raise InputError(f"{model.name} starts from noise, not from noised data")
     before = parent.forwards
     data = make_pairs(
         parent, n, split, seed=seed, guidance=guidance, end=resolve_end(parent, "auto"), **kw

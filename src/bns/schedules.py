@@ -20,6 +20,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from .errors import BNSError
+
 __all__ = [
     "Schedule",
     "ScheduleValues",
@@ -30,7 +32,12 @@ __all__ = [
     "EDM",
     "schedule_from_config",
     "noise_level",
+    "ScheduleError",
 ]
+
+
+class ScheduleError(BNSError, ValueError):
+    """A scheduler was given parameters it cannot take (or a config that names none)."""
 
 
 def _as_tensor(t: Tensor | float) -> Tensor:
@@ -46,7 +53,7 @@ def _positive(owner: str, **values: float) -> None:
         except (TypeError, ValueError):
             ok = False
         if not ok:
-            raise ValueError(f"{owner} needs a finite {key} > 0, got {v!r}")
+            raise ScheduleError(f"{owner} needs a finite {key} > 0, got {v!r}")
 
 
 def _increasing(owner: str, **values: float) -> tuple[float, float]:
@@ -54,7 +61,7 @@ def _increasing(owner: str, **values: float) -> tuple[float, float]:
     _positive(owner, **values)
     (k0, v0), (k1, v1) = values.items()
     if not v0 < v1:
-        raise ValueError(f"{owner} needs 0 < {k0} < {k1}, got {v0}, {v1}")
+        raise ScheduleError(f"{owner} needs 0 < {k0} < {k1}, got {v0}, {v1}")
     return float(v0), float(v1)
 
 
@@ -250,12 +257,12 @@ class DiscreteVP(Schedule):
     def __init__(self, alphas_cumprod: Tensor | list[float]) -> None:
         ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().cpu()
         if ac.dim() != 1:
-            raise ValueError(f"alphas_cumprod must be 1-D, got shape {list(ac.shape)}")
+            raise ScheduleError(f"alphas_cumprod must be 1-D, got shape {list(ac.shape)}")
         if ac.numel() < 2 or not torch.all((ac > 0) & (ac < 1)):
-            raise ValueError("alphas_cumprod must hold at least 2 values in (0, 1)")
+            raise ScheduleError("alphas_cumprod must hold at least 2 values in (0, 1)")
         lam = 0.5 * (torch.log(ac) - torch.log1p(-ac))
         if not torch.all(lam[1:] < lam[:-1]):
-            raise ValueError("alphas_cumprod must be strictly decreasing")
+            raise ScheduleError("alphas_cumprod must be strictly decreasing")
         self.alphas_cumprod = ac
         self._lam = lam  # indexed by timestep k, decreasing in k
         self._dlam = lam[1:] - lam[:-1]
@@ -367,12 +374,12 @@ def noise_level(schedule: Schedule, t: Tensor | float) -> Tensor:
 def schedule_from_config(config: dict[str, Any]) -> Schedule:
     """Rebuild a scheduler from :meth:`Schedule.config`."""
     if not isinstance(config, dict):
-        raise ValueError(f"a scheduler config must be a dict, got {type(config).__name__}")
+        raise ScheduleError(f"a scheduler config must be a dict, got {type(config).__name__}")
     cfg = dict(config)
     name = cfg.pop("name", None)
     if name not in _REGISTRY:
-        raise ValueError(f"unknown scheduler {name!r}; known: {sorted(_REGISTRY)}")
+        raise ScheduleError(f"unknown scheduler {name!r}; known: {sorted(_REGISTRY)}")
     try:
         return _REGISTRY[name](**cfg)
     except TypeError as e:
-        raise ValueError(f"bad config for scheduler {name!r}: {e}") from None
+        raise ScheduleError(f"bad config for scheduler {name!r}: {e}") from None

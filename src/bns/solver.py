@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ._io import atomic_write_text
-from .errors import BNSError
+from .errors import BNSError, InputError
 from .model import in_phase
 
 if TYPE_CHECKING:
@@ -58,12 +58,12 @@ class NSSolver:
         self.b = torch.as_tensor(self.b, dtype=torch.float64)
         n = self.a.numel()
         if self.times.shape != (n + 1,) or self.a.shape != (n,) or self.b.shape != (n, n):
-            raise ValueError(
+            raise InputError(
                 f"NSSolver shapes do not fit: times {list(self.times.shape)}, a {list(self.a.shape)},"
                 f" b {list(self.b.shape)}; expected [n+1], [n], [n, n]"
             )
         if n < 1:
-            raise ValueError("an NSSolver needs at least one step")
+            raise InputError("an NSSolver needs at least one step")
 
     @property
     def nfe(self) -> int:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import BNSError
+from ..errors import BNSError, InputError
 from ..model import Model
 from ..schedules import VP, CondOT, DiscreteVP, Schedule
 from .unet import TinyUNet, UNetConfig
@@ -139,7 +139,7 @@ RECIPES: dict[str, Recipe] = {
 
 def _recipe(name: str) -> Recipe:
     if name not in RECIPES:
-        raise ValueError(f"unknown reference model {name!r}; known: {sorted(RECIPES)}")
+        raise InputError(f"unknown reference model {name!r}; known: {sorted(RECIPES)}")
     return RECIPES[name]
 
 
@@ -148,7 +148,7 @@ def _read_idx(path: Path, magic: int, header: int) -> Tensor:
     with gzip.open(path, "rb") as f:
         raw = bytearray(f.read())  # writable, so torch can share it without a warning
     if len(raw) < header or int.from_bytes(raw[:4], "big") != magic:
-        raise ValueError(f"{path} is not an IDX file (bad magic number)")
+        raise InputError(f"{path} is not an IDX file (bad magic number)")
     return torch.frombuffer(raw, dtype=torch.uint8, offset=header)
 
 
@@ -162,7 +162,7 @@ def load_fashion_mnist(
     """
     prefix = {"train": "train", "test": "t10k"}.get(split)
     if prefix is None:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise InputError(f"split must be 'train' or 'test', got {split!r}")
     root = Path(path)
     img_path = root / f"{prefix}-images-idx3-ubyte.gz"
     lab_path = root / f"{prefix}-labels-idx1-ubyte.gz"
@@ -176,7 +176,7 @@ def load_fashion_mnist(
     labels = _read_idx(lab_path, 2049, 8)
     n = labels.numel()
     if images.numel() != n * 28 * 28:
-        raise ValueError(f"{img_path}: {images.numel()} bytes of pixels for {n} labels")
+        raise InputError(f"{img_path}: {images.numel()} bytes of pixels for {n} labels")
     if limit is not None:
         n = min(n, int(limit))
     x = images[: n * 784].reshape(n, 1, 28, 28).float()
@@ -297,7 +297,7 @@ def training_loss(
     elif model.prediction == "eps":
         target = eps
     else:
-        raise ValueError(f"training_loss supports velocity and eps models, not {model.prediction}")
+        raise InputError(f"training_loss supports velocity and eps models, not {model.prediction}")
     if y is not None and label_dropout > 0:
         drop = torch.rand(b, generator=generator) < label_dropout
         y = torch.where(drop, torch.full_like(y, model.num_classes), y)
@@ -338,7 +338,7 @@ def train(
     ``net_config`` overrides the recipe's architecture (used by the tests for a tiny net).
     """
     if steps < 1 or batch_size < 1:
-        raise ValueError(f"steps and batch_size must be positive, got {steps}, {batch_size}")
+        raise InputError(f"steps and batch_size must be positive, got {steps}, {batch_size}")
     r = _recipe(name)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)

@@ -14,6 +14,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..errors import InputError
 from ..model import Model
 from ..schedules import CondOT, Schedule
 
@@ -55,13 +56,13 @@ class GaussianMixtureNet(nn.Module):
         self.prediction = prediction
         self.sample_shape = tuple(sample_shape or (self.means.shape[1],))
         if math.prod(self.sample_shape) != self.means.shape[1]:
-            raise ValueError(
+            raise InputError(
                 f"sample_shape {self.sample_shape} does not hold {self.means.shape[1]} values"
             )
         # The null label must be the Model's (K), not one past the largest label in use.
         self.num_classes = int(self.labels.max()) + 1 if num_classes is None else int(num_classes)
         if int(self.labels.max()) >= self.num_classes:
-            raise ValueError(f"component labels must lie in [0, {self.num_classes})")
+            raise InputError(f"component labels must lie in [0, {self.num_classes})")
 
     def posterior(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(E[x_1 | x_t], E[eps | x_t])`` computed in float64, shapes ``[B, D]``."""
@@ -110,7 +111,7 @@ class GaussianMixtureNet(nn.Module):
         elif self.prediction == "v":
             f = a * eps - s * x1
         else:
-            raise ValueError(f"unknown prediction {self.prediction!r}")
+            raise InputError(f"unknown prediction {self.prediction!r}")
         return f.to(x.dtype).reshape(x.shape)
 
     def sample_data(
@@ -143,14 +144,14 @@ def gaussian_mixture_model(
     (small ``std``: strongly curved trajectories); component ``k`` has label ``k % num_classes``.
     """
     if int(dim) < 1 or int(components) < 1:
-        raise ValueError(f"need dim >= 1 and components >= 1, got {dim}, {components}")
+        raise InputError(f"need dim >= 1 and components >= 1, got {dim}, {components}")
     if num_classes is not None and not 1 <= int(num_classes) <= int(components):
-        raise ValueError(
+        raise InputError(
             f"num_classes must lie in [1, components = {components}] so that every class has a"
             f" component, got {num_classes}"
         )
     if not (math.isfinite(std) and std > 0):
-        raise ValueError(f"std must be a finite number > 0, got {std}")
+        raise InputError(f"std must be a finite number > 0, got {std}")
     g = torch.Generator().manual_seed(seed)
     means = torch.randn(components, dim, generator=g, dtype=torch.float64)
     means = scale * means

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import InputError
+
 __all__ = ["UNetConfig", "TinyUNet", "time_features"]
 
 
@@ -117,9 +119,9 @@ class TinyUNet(nn.Module):
         self.config = config
         ch, e = config.channels, config.emb_dim
         if len(ch) < 2:
-            raise ValueError("TinyUNet needs at least two resolutions")
+            raise InputError("TinyUNet needs at least two resolutions")
         if config.timesteps is not None and config.timesteps < 2:
-            raise ValueError(f"timesteps must be None or at least 2, got {config.timesteps}")
+            raise InputError(f"timesteps must be None or at least 2, got {config.timesteps}")
         self.time_mlp = nn.Sequential(nn.Linear(e, e), nn.SiLU(), nn.Linear(e, e))
         self.label_emb = (
             nn.Embedding(config.num_classes + 1, e) if config.num_classes is not None else None
@@ -163,7 +165,7 @@ class TinyUNet(nn.Module):
                 y = torch.full(t.shape, c.num_classes, dtype=torch.long, device=t.device)
             emb = emb + self.label_emb(y)
         elif y is not None:
-            raise ValueError("this TinyUNet is unconditional but labels were given")
+            raise InputError("this TinyUNet is unconditional but labels were given")
         return self.emb_act(emb)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from .. import grids as _grids
+from ..errors import InputError
 from ..solver import NSSolver
 from ..transforms import ScheduleChange
 from ..transforms import precondition as _precondition
@@ -122,7 +123,7 @@ def build(
     kw = dict(m.kwargs)
     if m.needs_schedule:
         if schedule is None:
-            raise ValueError(f"{name} needs the model's schedule")
+            raise InputError(f"{name} needs the model's schedule")
         if "lower_order_final" in kw:
             meta["lower_order_final"] = kw["lower_order_final"]
         meta["schedule"] = schedule.config()
@@ -145,10 +146,10 @@ GRID_NAMES: tuple[str, ...] = (
 
 def _steps_of(name: str, nfe: int) -> int:
     if isinstance(nfe, bool) or int(nfe) != nfe or nfe < 1:
-        raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
+        raise InputError(f"nfe must be a positive integer, got {nfe!r}")
     per_step = METHODS[name].per_step
     if nfe % per_step:
-        raise ValueError(
+        raise InputError(
             f"{name} uses {per_step} velocity evaluations per step, so its NFE must be a multiple"
             f" of {per_step}; got nfe = {nfe}"
         )
@@ -245,15 +246,15 @@ def by_name(
         bns.grids.GridError: a log-SNR or EDM grid on a range with an infinite log-SNR end.
     """
     if name not in METHODS:
-        raise ValueError(f"unknown solver {name!r}; known: {', '.join(SOLVER_NAMES)}")
+        raise InputError(f"unknown solver {name!r}; known: {', '.join(SOLVER_NAMES)}")
     if grid not in GRID_NAMES:
-        raise ValueError(f"unknown grid {grid!r}; known: {', '.join(GRID_NAMES)}")
+        raise InputError(f"unknown grid {grid!r}; known: {', '.join(GRID_NAMES)}")
     steps = _steps_of(name, nfe)
     t_range = tuple(model.t_range)
     schedule = model.schedule
     if precondition is not None:
         if not preconditionable(name):
-            raise ValueError(f"{name} is invariant under a change of scheduler: no precondition")
+            raise InputError(f"{name} is invariant under a change of scheduler: no precondition")
         transform = _precondition(schedule, float(precondition))
         solver = build(name, _grids.uniform(steps, transform.r_range(t_range)), None, transform)
         solver.meta.update({"solver": name, "grid": "uniform-r", "precondition": precondition})

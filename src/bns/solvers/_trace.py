@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ..grids import check_grid
 from ..solver import NSSolver
 from ..transforms import ScheduleChange
@@ -90,17 +91,17 @@ class Tracer:
     def to_ns(self, out: Sym, t_end: float | Tensor, meta: dict[str, Any]) -> NSSolver:
         n = len(self.times)
         if n == 0:
-            raise ValueError("the solver made no velocity evaluation")
+            raise InputError("the solver made no velocity evaluation")
         first = self.points[0].c.detach()
         if first.numel() < 1 or abs(float(first[0]) - 1) > 1e-12 or torch.any(first[1:] != 0):
-            raise ValueError("an NS solver must evaluate its first velocity at x_0")
+            raise InputError("an NS solver must evaluate its first velocity at x_0")
         a = torch.zeros(n, dtype=torch.float64)
         b = torch.zeros(n, n, dtype=torch.float64)
         rows = self.points[1:] + [out]
         for i, row in enumerate(rows):
             c = row.c
             if c.numel() > i + 2 and torch.any(c[i + 2 :] != 0):
-                raise ValueError(f"point {i + 1} uses a velocity not yet evaluated")
+                raise InputError(f"point {i + 1} uses a velocity not yet evaluated")
             a[i] = c[0]
             m = min(c.numel() - 1, i + 1)
             b[i, :m] = c[1 : 1 + m]

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ..model import prediction_coefficients
 from ..schedules import Schedule, noise_level
 from ..solver import NSSolver
@@ -56,17 +57,17 @@ def resolve_end(model: Model, end: str) -> str:
     """``"range"`` or ``"data"`` for the option ``end`` (``"auto"``: ``"data"`` on a model
     that stops short of the data, measured in benchmarks/results/ends_fmnist-ddpm.md)."""
     if end not in ENDS:
-        raise ValueError(f"end must be one of {', '.join(ENDS)}, got {end!r}")
+        raise InputError(f"end must be one of {', '.join(ENDS)}, got {end!r}")
     if end == "auto":
         return "data" if ends_short_of_data(model) else "range"
     if end == "data" and getattr(model, "ends_inside", False):
-        raise ValueError(
+        raise InputError(
             f"this span of {model.name} ends inside the path (t = {model.t_range[1]:g}), where"
             " the next part takes over: it has no final step to the data; use end range (or"
             " auto)"
         )
     if end == "data" and not ends_short_of_data(model):
-        raise ValueError(
+        raise InputError(
             f"{model.name} reaches the data at t_max = {model.t_range[1]:g} (sigma = 0): there is"
             " no final step to add; use end range (or auto)"
         )
@@ -116,7 +117,7 @@ def with_data_end(solver: NSSolver, schedule: Schedule | Any) -> NSSolver:
     t_last = solver.times[n - 1].to(torch.float64)
     sigma = float(schedule(t_last.reshape(1)).sigma)
     if not sigma > 0:
-        raise ValueError(
+        raise InputError(
             f"the last evaluation (t = {float(t_last):g}) has sigma = 0: no data prediction there"
         )
     a, b = solver.a.clone(), solver.b.clone()

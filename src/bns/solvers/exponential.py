@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ..grids import GridError, check_grid
 from ..model import prediction_coefficients
 from ..schedules import Schedule
@@ -179,12 +180,12 @@ def ddim_method(f, x, grid, schedule: Schedule):
 def _resolve_schedule(schedule: Schedule | None, transform: ScheduleChange | None) -> Schedule:
     if transform is None:
         if schedule is None:
-            raise ValueError("an exponential solver needs the model's schedule")
+            raise InputError("an exponential solver needs the model's schedule")
         return schedule
     if schedule is None:
         return transform.target
     if schedule != transform.target:
-        raise ValueError(
+        raise InputError(
             f"with a transform the solver steps the transformed ODE, whose scheduler is the"
             f" target {transform.target!r}; got schedule={schedule!r}"
         )
@@ -425,7 +426,7 @@ def unipc(
 def _export_multistep(method, title, name, grid, schedule, order, lower_order_final, transform):
     """Trace a multistep exponential integrator of ``order`` (1-3) into an NSSolver."""
     if order not in (1, 2, 3):
-        raise ValueError(f"{title} order must be 1, 2 or 3, got {order!r}")
+        raise InputError(f"{title} order must be 1, 2 or 3, got {order!r}")
     schedule = _resolve_schedule(schedule, transform)
     return trace(
         method,

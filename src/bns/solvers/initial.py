@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..errors import InputError
 from ..schedules import CondOT
 from ..solver import NSSolver
 from .ends import with_data_end
@@ -58,12 +59,12 @@ def initial_solver(
 
     solver = by_name(init, nfe, model, grid=grid, precondition=precondition)
     if not torch.all(solver.times[1:] > solver.times[:-1]):
-        raise ValueError(
+        raise InputError(
             f"init {init} evaluates twice at one time (stages share times); BNS needs strictly"
             " increasing times: use euler, midpoint or a multistep/exponential solver"
         )
     if abs(float(solver.times[0]) - model.t_range[0]) > 1e-9:
-        raise ValueError(
+        raise InputError(
             f"the {solver.meta['grid']} grid starts at t = {float(solver.times[0]):.6g}, after"
             f" t_min = {model.t_range[0]:g}: a BNS solver starts on the noise"
         )
@@ -94,13 +95,13 @@ def init_candidates(
     if "@" in init or "+pc" in init:
         name, grid, pc = _parse(init)
         if name not in SOLVER_NAMES or grid not in GRID_NAMES:
-            raise ValueError(
+            raise InputError(
                 f"unknown init {init!r}: solver@grid with a solver of"
                 f" {', '.join(SOLVER_NAMES)} and a grid of {', '.join(GRID_NAMES)}"
             )
         return [initial_solver(model, nfe, name, pc, end, grid)]
     if init != "best" and init not in SOLVER_NAMES:
-        raise ValueError(f"unknown init {init!r}; use best or one of {', '.join(SOLVER_NAMES)}")
+        raise InputError(f"unknown init {init!r}; use best or one of {', '.join(SOLVER_NAMES)}")
     names = SOLVER_NAMES if init == "best" else (init,)
     grids = grid_names(model)
     if precondition == "auto" and model.schedule == CondOT(AUTO_SIGMA0):
@@ -120,7 +121,7 @@ def init_candidates(
                 except ValueError as e:  # an NFE it cannot make, repeated times, a late start
                     errors.append(str(e))
     if not out:
-        raise ValueError(f"no initial solver {init!r} at nfe = {nfe}: {'; '.join(errors)}")
+        raise InputError(f"no initial solver {init!r} at nfe = {nfe}: {'; '.join(errors)}")
     return out
 
 

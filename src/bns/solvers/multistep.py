@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ..errors import InputError
 from ..solver import NSSolver
 from ..transforms import ScheduleChange
 from ._trace import points, trace
@@ -25,7 +26,7 @@ _AB_CONSTANT = {
 
 def _check_order(order: int) -> int:
     if order not in _AB_CONSTANT:
-        raise ValueError(f"order must be 1, 2, 3 or 4, got {order!r}")
+        raise InputError(f"order must be 1, 2, 3 or 4, got {order!r}")
     return order
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ..errors import InputError
 from ..solver import NSSolver
 from ..transforms import ScheduleChange
 from ._trace import points, trace
@@ -105,6 +106,6 @@ def rk4(
     what torchdiffeq's fixed-grid ``method="rk4"`` runs.
     """
     if variant not in _RK4_VARIANTS:
-        raise ValueError(f"rk4 variant must be one of {sorted(_RK4_VARIANTS)}, got {variant!r}")
+        raise InputError(f"rk4 variant must be one of {sorted(_RK4_VARIANTS)}, got {variant!r}")
     method, name = _RK4_VARIANTS[variant]
     return _export(method, name, grid, transform)

@@ -46,6 +46,8 @@ from transformers import (
     UMT5EncoderModel,
 )
 
+from ...errors import InputError
+
 __all__ = ["tiny_pipeline", "KINDS"]
 
 VOCAB = {"<|startoftext|>": 0, "<|endoftext|>": 1}
@@ -298,5 +300,5 @@ def tiny_pipeline(kind: str, folder: str | Path, **kw: Any) -> Any:
         "wan": lambda: wan(**kw),
     }
     if kind not in builders:
-        raise ValueError(f"unknown pipeline kind {kind!r}; one of {', '.join(KINDS)}")
+        raise InputError(f"unknown pipeline kind {kind!r}; one of {', '.join(KINDS)}")
     return builders[kind]()
