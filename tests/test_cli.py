@@ -413,3 +413,25 @@ def test_eval_rows_are_named_by_their_solver_files(env, capsys):
         err = capsys.readouterr().err
         assert says in err and len(err.strip().splitlines()) == 1
         assert not (env / "x.json").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        (["distill", "--model", "gmm", "--nfe", "4", "--guidence", "2", "--out", "x.json"],
+         "bns distill: error: unrecognized arguments: --guidence 2; did you mean --guidance?"),
+        (["distill", "--model", "gmm", "--nfe", "four", "--out", "x.json"],
+         "bns distill: error: argument --nfe: invalid"),
+        (["comfyui", "install", "--forse", "x"],
+         "bns comfyui install: error: unrecognized argument: --forse; did you mean --force?"),
+        (["distil"], "bns: error: argument command: invalid choice: 'distil'"),
+    ],
+)  # fmt: skip
+def test_a_bad_option_is_one_line_naming_the_nearest(argv, said, capsys):
+    """argparse's own refusals, as every other bad input: one line (no usage block), in the
+    command's name, with the nearest known option for a misspelled one."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(said) and len(err.splitlines()) == 1, err
+    assert err.rstrip().endswith("--help)")

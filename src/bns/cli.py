@@ -14,11 +14,12 @@ Wrong input ends with one line on stderr and exit status 2, never a traceback (s
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from ._io import atomic_write, check_writable, remove_stale_tmp
 from .errors import BNSError, StorageError
@@ -138,8 +139,45 @@ def _spanned(model: Any, span: Any, paths: list[Path]) -> Any:
     return model if found is None else spanned(model, list(found))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad option or value said in one line (the usage is one --help away),
+    as every other bad input is; an unknown option names the nearest known one."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201 - argparse's
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            # the innermost command chosen: its options, its name in the line
+            parser = self
+            while (choices := _subcommands(parser)) and (
+                name := getattr(parsed, _dest(parser), None)
+            ) in choices:
+                parser = choices[name]
+            option = extra[0].split("=")[0]
+            near = difflib.get_close_matches(option, list(parser._option_string_actions), 1)
+            hint = f"; did you mean {near[0]}?" if near and option.startswith("-") else ""
+            parser.error(f"unrecognized argument{'s' * (len(extra) > 1)}: {' '.join(extra)}{hint}")
+        return parsed
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices
+    return {}
+
+
+def _dest(parser: argparse.ArgumentParser) -> str:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.dest
+    return ""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="bns",
         description="Bespoke Non-Stationary solvers: few-step sampling for diffusion and flow models.",
     )
