@@ -257,3 +257,21 @@ def test_patience_stops_early_and_steps_run_says_so(tmp_path):
     )  # fmt: skip
     assert hist["step"] == [0, 5, 10] and hist["best_step"] == 0
     assert hist["steps_run"] == rs.meta["steps_run"] == 10
+
+
+def test_sample_takes_the_solvers_guidance_unless_told_and_warns_at_another(tmp_path):
+    """bns.sample with labels and no guidance samples at the scale the solver was trained for
+    (it sampled at 1, silently, once); another scale runs, with a warning."""
+    model = cond_model()
+    rs, _ = bns.distill_guidance_range(
+        model, 4, [1.0, 3.0], adam_steps=0, cache=tmp_path, progress=False, **KW
+    )
+    solver = rs.at(2.0)  # meta: guidance 2
+    x0 = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(4) % 3
+    with torch.no_grad():
+        at_2 = bns.sample(model, x0, solver, y, 2.0)
+        assert torch.equal(bns.sample(model, x0, solver, y), at_2)
+        with pytest.warns(UserWarning, match="guidance 3 with a solver trained for 2"):
+            at_3 = bns.sample(model, x0, solver, y, 3.0)
+    assert not torch.allclose(at_3, at_2)

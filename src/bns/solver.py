@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -343,7 +344,7 @@ def sample(
     x0: Tensor,
     solver: NSSolver,
     y: Tensor | None = None,
-    guidance: float = 1.0,
+    guidance: float | None = None,
     *,
     return_trajectory: bool = False,
     checkpoint: bool = False,
@@ -357,6 +358,10 @@ def sample(
     ``return_trajectory`` it also returns ``[x_0, x_1, ..., x_n]``. ``checkpoint`` recomputes
     each network call in the backward pass (memory of one step).
 
+    ``guidance`` defaults to the scale the solver was trained for (``solver.meta["guidance"]``,
+    else 1); another scale runs with a warning, since the coefficients fit the trained one
+    (:class:`bns.GuidanceRangeSolver` gives a solver for each scale of its range).
+
     A network that fails (raises, returns NaN or inf for finite states, ...) raises
     :class:`bns.model.NetworkError` naming the flow time, "during sampling" (or the phase
     of the run that sampled).
@@ -365,7 +370,27 @@ def sample(
         return _sample(model, x0, solver, y, guidance, return_trajectory, checkpoint)
 
 
+def _guidance(solver: NSSolver, guidance: float | None) -> float:
+    """The scale to sample at: the given one (a warning if the solver was trained for
+    another), else the solver's."""
+    try:
+        trained = float(solver.meta["guidance"])
+    except (KeyError, TypeError, ValueError):
+        trained = None
+    if guidance is None:
+        return 1.0 if trained is None else trained
+    if trained is not None and not math.isclose(trained, float(guidance), abs_tol=1e-12):
+        warnings.warn(
+            f"bns: sampling at guidance {float(guidance):g} with a solver trained for"
+            f" {trained:g}: its coefficients fit {trained:g}",
+            UserWarning,
+            stacklevel=4,
+        )
+    return float(guidance)
+
+
 def _sample(model, x0, solver, y, guidance, return_trajectory, checkpoint):
+    guidance = _guidance(solver, guidance)
     if callable(getattr(model, "velocity", None)):  # a bns.Model, or anything shaped like one
 
         def velocity(x: Tensor, t: Tensor) -> Tensor:
