@@ -435,3 +435,26 @@ def test_a_bad_option_is_one_line_naming_the_nearest(argv, said, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith(said) and len(err.splitlines()) == 1, err
     assert err.rstrip().endswith("--help)")
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    """--help is where a user looks: no option without a help text, and a default said once."""
+    import argparse
+
+    from bns.cli import _subcommands, build_parser
+
+    missing, twice = [], []
+    todo = [build_parser()]
+    while todo:
+        parser = todo.pop()
+        todo += _subcommands(parser).values()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction) or not action.option_strings:
+                continue
+            text = action.help or ""
+            if not text.strip():
+                missing.append(f"{parser.prog} {action.option_strings[0]}")
+            if text.count("(default") > 1:
+                twice.append(f"{parser.prog} {action.option_strings[0]}")
+    assert not missing, missing
+    assert not twice, twice

@@ -239,7 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=64,
         help="validation pairs that choose each baseline's grid (default: 64)",
     )
-    e.add_argument("--test-pairs", type=int, default=1024)
+    e.add_argument(
+        "--test-pairs",
+        type=int,
+        default=1024,
+        help="held-out pairs of the table (each an adaptive ground-truth solve, cached)"
+        " (default: 1024)",
+    )
     e.add_argument("--span", metavar="T0:T1", help=_SPAN_HELP)
     e.add_argument(
         "--gt-batch-size", type=int, default=128, help="pairs per ground-truth solve (default: 128)"
@@ -277,8 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="sample with a solver and save a grid image")
     _add_model(s)
-    s.add_argument("--solver", type=Path, required=True)
-    s.add_argument("--n", type=int, default=16)
+    s.add_argument(
+        "--solver", type=Path, required=True, help="the solver file (NS or guidance-range)"
+    )
+    s.add_argument("--n", type=int, default=16, help="how many samples (default: 16)")
     s.add_argument(
         "--data",
         type=Path,
@@ -297,14 +305,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, required=True, help="PNG grid (or .pt tensor file)")
 
     m = sub.add_parser("demo", help="the main job on the embedded default model")
-    m.add_argument("--out", type=Path, default=Path("bns-demo"))
-    m.add_argument("--model", default="fmnist-cfg")
-    m.add_argument("--guidance", type=float, default=2.0)
-    m.add_argument("--nfe", type=int, default=8)
+    m.add_argument(
+        "--out", type=Path, default=Path("bns-demo"), help="the report's folder (default: bns-demo)"
+    )
+    m.add_argument("--model", default="fmnist-cfg", help="the model spec (default: fmnist-cfg)")
+    m.add_argument("--guidance", type=float, default=2.0, help="guidance scale (default: 2)")
+    m.add_argument("--nfe", type=int, default=8, help="the BNS solver's NFE (default: 8)")
     m.add_argument("--quick", action="store_true", help="a much smaller run (for tests)")
     m.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K (default: auto)")
-    m.add_argument("--cache-dir", type=Path)
-    m.add_argument("--quiet", action="store_true")
+    m.add_argument(
+        "--cache-dir", type=Path, help="ground-truth cache (default $BNS_CACHE_DIR or ~/.cache/bns)"
+    )
+    m.add_argument("--quiet", action="store_true", help="no progress bars")
     from .integrations.comfyui.install import add_parser as add_comfyui_parser
 
     add_comfyui_parser(sub)  # bns comfyui install COMFYUI_DIR

@@ -87,7 +87,7 @@ def parse_span(text: Any) -> list[float | None] | None:
 _BUDGET_HELP = (
     "fit the run to a number of network evaluations (forwards + JVPs: 200k, 1.5M) or a"
     " duration (90s, 10m, 1h), ground truth included: it chooses train_pairs, val_pairs,"
-    " init_pairs, gn_batch_size and gn_steps (or steps) from the estimate, stops the optimizer"
+    " init_pairs, gn_batch_size and gn_steps (or adam_steps) from the estimate, stops the optimizer"
     " before the budget is crossed and returns the best solver so far"
 )
 _SPAN_HELP = (
@@ -137,7 +137,7 @@ _GN_HELP = (
     "Gauss-Newton (Levenberg-Marquardt) steps after the Adam steps (at most: see gn_patience),"
     " each validated: exact forward-mode Jacobians of the solver's output, about n^3/6 JVPs per"
     " pair and n^2/2 x micro_batch (or gn_batch_size) samples of memory; log-mse or mse loss."
-    f" auto: {AUTO_GN_STEPS} when neither steps nor gn_steps is given and the network supports"
+    f" auto: {AUTO_GN_STEPS} when neither adam_steps nor gn_steps is given and the network supports"
     " forward mode, else 0"
 )
 
@@ -240,7 +240,7 @@ class DistillConfig:
         "ground-truth relative tolerance; none: 1e-5, or what a half-precision network can"
         " resolve (bns.default_tolerance)",
     )
-    atol: float | None = _opt(None, "ground-truth absolute tolerance (default: as rtol)")
+    atol: float | None = _opt(None, "ground-truth absolute tolerance", shown_default="as rtol")
     budget: str | None = _opt(None, _BUDGET_HELP, parse=_parse_budget, metavar="N|DURATION")
     gt_batch_size: int = _opt(128, "pairs per ground-truth solve")
     eval_batch_size: int = _opt(256, "pairs per validation batch")
