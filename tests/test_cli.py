@@ -454,7 +454,7 @@ def test_every_option_of_every_command_says_what_it_does():
             text = action.help or ""
             if not text.strip():
                 missing.append(f"{parser.prog} {action.option_strings[0]}")
-            if text.count("(default") > 1:
+            if text.count("(default:") > 1:
                 twice.append(f"{parser.prog} {action.option_strings[0]}")
     assert not missing, missing
     assert not twice, twice
