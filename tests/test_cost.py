@@ -158,6 +158,13 @@ def test_distill_estimate_and_cost_through_the_command_line(tmp_path, capsys):
     assert main(["distill", *common, "--estimate"]) == 0
     out = capsys.readouterr().out
     assert "predicted cost" in out and "optimizer" in out and "ground_truth_train" in out
+    assert "2 Gauss-Newton steps of 8 pairs" in out
+    # a batch over the training pairs: the pairs a step draws, as the estimate counts them
+    big = [
+        a if a != "8" or common[i - 1] != "--gn-batch-size" else "64" for i, a in enumerate(common)
+    ]
+    assert main(["distill", *big, "--estimate"]) == 0
+    assert "2 Gauss-Newton steps of 16 pairs" in capsys.readouterr().out
     assert not (tmp_path / "c").exists() or not list((tmp_path / "c").glob("*.safetensors"))
     path = tmp_path / "s.json"
     assert main(["distill", *common, "--out", str(path)]) == 0

@@ -563,7 +563,10 @@ def _estimate(args) -> int:
     ledger, used = estimate_cost(model, config=cfg, cache=_cache(args), return_config=True)
     took = time.perf_counter() - t0
     steps = (
-        f"{used.gn_steps} Gauss-Newton steps of {used.gn_batch_size} pairs" if used.gn_steps else ""
+        # a step draws at most the training pairs there are (as the estimate counts it)
+        f"{used.gn_steps} Gauss-Newton steps of {min(used.gn_batch_size, used.train_pairs)} pairs"
+        if used.gn_steps
+        else ""
     )
     if used.adam_steps:
         steps = f"{used.adam_steps} Adam steps" + (f", then {steps}" if steps else "")
