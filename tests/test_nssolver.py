@@ -319,7 +319,10 @@ def test_load_checks_the_model_and_guidance(tmp_path):
     NSSolver.load(path, model)  # guidance not asked: not checked
     with pytest.raises(SolverFileError, match="trained for model .* force=True"):
         NSSolver.load(path, other)
-    with pytest.raises(SolverFileError, match="trained for guidance 2.0, asked for 3.0"):
+    with pytest.raises(
+        SolverFileError,
+        match=r"trained for guidance 2, asked for 3; sample at 2 \(guidance=2, --guidance 2\)",
+    ):
         NSSolver.load(path, model, guidance=3.0)
     assert torch.equal(NSSolver.load(path, other, guidance=3.0, force=True).a, s.a)
 

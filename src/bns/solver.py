@@ -268,8 +268,9 @@ class NSSolver:
                 ) from None
             if not math.isclose(trained, float(guidance), abs_tol=1e-12):
                 raise SolverFileError(
-                    f"{where}: trained for guidance {self.meta['guidance']!r}, asked for {guidance};"
-                    " pass force=True / --force to use it anyway"
+                    f"{where}: trained for guidance {trained:g}, asked for {float(guidance):g};"
+                    f" sample at {trained:g} (guidance={trained:g}, --guidance {trained:g}), or pass"
+                    " force=True / --force to use it anyway"
                 )
 
     def __repr__(self) -> str:
