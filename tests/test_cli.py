@@ -403,7 +403,15 @@ def test_eval_rows_are_named_by_their_solver_files(env, capsys):
     assert rows("--solver", str(s), str(env / "fast.json")) == ["s", "fast"]
     assert rows("--solver", str(env / "a" / "s.json"), str(env / "b" / "s.json")) == ["a/s", "b/s"]
     assert rows("--solver", str(s), str(env / "fast.json"), "--name", "one,two") == ["one", "two"]
-    capsys.readouterr()
+    out = capsys.readouterr().out
+    assert "one nfe=4:" in out and "vs best classical euler" in out
+    # a solver whose NFE has no baseline row: said, with what to add
+    js = env / "e2.json"
+    base2 = [a if a != "4" else "2" for a in base]
+    assert main([*base2, "--solver", str(s), "--json", str(js)]) == 0
+    assert "s nfe=4: no baseline at NFE 4 to compare with (--nfe 2): add 4 to --nfe" in (
+        capsys.readouterr().out
+    )
     for argv, says in [
         (["--solver", str(s), "--name", "x,y"], "one distinct name per --solver file"),
         (["--solver", str(s), str(s)], "names one file twice"),

@@ -783,6 +783,11 @@ def cmd_eval(args) -> int:
                 f" {b['solver']}{'@' + b['grid'] if b.get('grid') else ''} {b['psnr_mean']:.2f} dB"
                 f" ({r['psnr_mean'] - b['psnr_mean']:+.2f} dB)"
             )
+        elif r["kind"] == "bns" and names:
+            print(
+                f"bns eval: {r['solver']} nfe={r['nfe']}: no baseline at NFE {r['nfe']} to"
+                f" compare with (--nfe {','.join(map(str, args.nfe))}): add {r['nfe']} to --nfe"
+            )
     print(ledger.table("cost of this evaluation"))
     print(f"bns eval: {len(rows)} rows -> {args.json}, {table}")
     return 0
