@@ -466,3 +466,13 @@ def test_every_option_of_every_command_says_what_it_does():
                 twice.append(f"{parser.prog} {action.option_strings[0]}")
     assert not missing, missing
     assert not twice, twice
+
+
+def test_bns_debug_shows_the_traceback_and_0_turns_it_off(env, monkeypatch, capsys):
+    argv = ["sample", "--model", "gmm", "--solver", str(env / "none.json"), "--out", "x.pt"]
+    monkeypatch.setenv("BNS_DEBUG", "1")
+    with pytest.raises(bns.SolverFileError, match="solver file not found"):
+        main(argv)
+    monkeypatch.setenv("BNS_DEBUG", "0")
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith("bns sample: error: solver file not found")

@@ -924,7 +924,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bns: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - one clear line, never a traceback
-        if os.environ.get("BNS_DEBUG"):
+        if os.environ.get("BNS_DEBUG", "") not in ("", "0"):  # BNS_DEBUG=0: off
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         # bns's own errors are written for people; a foreign one is named by its type.

@@ -2,8 +2,8 @@
 
 Ground-truth pairs (cached), a BNS solver distilled at one NFE with the library's defaults,
 every classical solver at NFE 4, 8 and 16 on held-out test pairs, and a folder with the table,
-the plot, the sample grid and the solver. The first run, ground truth included, fits in about 4
-minutes on a 2-core CPU; the README states its sizes and time.
+the plot, the sample grid and the solver. The first run, ground truth included, takes between two and
+three minutes on a 2-core CPU; the README states its sizes and measured time.
 """
 
 from __future__ import annotations
