@@ -433,6 +433,7 @@ def test_eval_rows_are_named_by_their_solver_files(env, capsys):
         (["comfyui", "install", "--forse", "x"],
          "bns comfyui install: error: unrecognized argument: --forse; did you mean --force?"),
         (["distil"], "bns: error: argument command: invalid choice: 'distil'"),
+        (["--quiet", "demo"], "bns demo: error: unrecognized argument: --quiet; --quiet goes after 'bns demo'"),
     ],
 )  # fmt: skip
 def test_a_bad_option_is_one_line_naming_the_nearest(argv, said, capsys):

@@ -7,6 +7,7 @@ embedding, no ``dtype=``), through the Python API and the command line.
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -275,3 +276,13 @@ def test_sample_takes_the_solvers_guidance_unless_told_and_warns_at_another(tmp_
         with pytest.warns(UserWarning, match="guidance 3 with a solver trained for 2"):
             at_3 = bns.sample(model, x0, solver, y, 3.0)
     assert not torch.allclose(at_3, at_2)
+    # Without labels guidance does nothing: 1, one forward per step, no warning; a plain
+    # velocity function guides itself, whatever the solver was trained for.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        f0 = model.forwards
+        with torch.no_grad():
+            bns.sample(model, x0, solver)
+        assert model.forwards - f0 == 4 * solver.nfe
+        out = bns.sample(lambda x, t: -x, x0, solver)
+    assert out.shape == x0.shape

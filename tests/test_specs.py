@@ -192,7 +192,8 @@ def test_a_file_without_the_factory_or_that_fails_to_import(model_file, tmp_path
 def test_a_model_file_imports_its_network_from_beside_it(tmp_path, monkeypatch, capsys):
     """The way users split it: the network in one module, the factory in another next to it,
     run by the ``bns`` command from anywhere (which, unlike ``python -m bns``, puts neither the
-    working folder nor the file's on ``sys.path``)."""
+    working folder nor the file's on ``sys.path``); a module named like the standard library's
+    beside it does not replace that one."""
     monkeypatch.setattr(sys, "path", list(sys.path))  # put back after the test
     monkeypatch.chdir(tmp_path.parent)
     name = f"usernet_{abs(hash(str(tmp_path)))}"
@@ -210,8 +211,10 @@ def test_a_model_file_imports_its_network_from_beside_it(tmp_path, monkeypatch, 
         "def model():\n"
         "    return bns.Model(Net(), 'velocity', 'condot', (4,), name='split')\n"
     )
+    (tmp_path / "secrets.py").write_text("raise RuntimeError('the user secrets module')\n")
     model = load_model(f"{tmp_path / 'factory.py'}:model")
-    assert model.name == "split" and sys.path[0] == str(tmp_path)
+    # on sys.path, last: a secrets.py or profile.py beside it shadows nothing bns imports later
+    assert model.name == "split" and sys.path[-1] == str(tmp_path)
     from bns.cli import main
 
     out = tmp_path / "s.json"
@@ -221,3 +224,7 @@ def test_a_model_file_imports_its_network_from_beside_it(tmp_path, monkeypatch, 
     assert main(argv) == 0, capsys.readouterr().err
     assert bns.NSSolver.load(out).meta["model_name"] == "split"
     sys.modules.pop(name, None)
+    sys.modules.pop("secrets", None)
+    import secrets  # the standard library's, found first
+
+    assert callable(secrets.token_hex)

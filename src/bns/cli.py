@@ -158,6 +158,8 @@ class _Parser(argparse.ArgumentParser):
             option = extra[0].split("=")[0]
             near = difflib.get_close_matches(option, list(parser._option_string_actions), 1)
             hint = f"; did you mean {near[0]}?" if near and option.startswith("-") else ""
+            if option in parser._option_string_actions:  # given before the command's name
+                hint = f"; {option} goes after '{parser.prog}'"
             parser.error(f"unrecognized argument{'s' * (len(extra) > 1)}: {' '.join(extra)}{hint}")
         return parsed
 

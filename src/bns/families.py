@@ -65,9 +65,10 @@ def _increasing(logits: Tensor, ends: Tensor) -> Tensor:
     sums."""
     t0, t1 = ends
     share = torch.softmax(logits, 0)
-    if bool((share < MIN_SHARE).any()):
-        share = share.clamp(min=MIN_SHARE)
-        share = share / share.sum()
+    floored = share.clamp(min=MIN_SHARE)
+    # no data-dependent branch (torch.func.vmap); where nothing is below the floor, the plain
+    # softmax itself is selected, bit for bit
+    share = torch.where((share < MIN_SHARE).any(), floored / floored.sum(), share)
     inner = t0 + torch.cumsum(share * (t1 - t0), 0)[:-1]
     return torch.cat([t0[None], inner, t1[None]])
 

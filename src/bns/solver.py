@@ -359,9 +359,10 @@ def sample(
     ``return_trajectory`` it also returns ``[x_0, x_1, ..., x_n]``. ``checkpoint`` recomputes
     each network call in the backward pass (memory of one step).
 
-    ``guidance`` defaults to the scale the solver was trained for (``solver.meta["guidance"]``,
-    else 1); another scale runs with a warning, since the coefficients fit the trained one
-    (:class:`bns.GuidanceRangeSolver` gives a solver for each scale of its range).
+    With labels ``y``, ``guidance`` defaults to the scale the solver was trained for
+    (``solver.meta["guidance"]``, else 1); another scale runs with a warning, since the
+    coefficients fit the trained one (:class:`bns.GuidanceRangeSolver` gives a solver for each
+    scale of its range). Without labels, or for a plain velocity function, it is 1.
 
     A network that fails (raises, returns NaN or inf for finite states, ...) raises
     :class:`bns.model.NetworkError` naming the flow time, "during sampling" (or the phase
@@ -371,9 +372,11 @@ def sample(
         return _sample(model, x0, solver, y, guidance, return_trajectory, checkpoint)
 
 
-def _guidance(solver: NSSolver, guidance: float | None) -> float:
+def _guidance(solver: NSSolver, guidance: float | None, y: Tensor | None) -> float:
     """The scale to sample at: the given one (a warning if the solver was trained for
-    another), else the solver's."""
+    another), else the solver's. Without labels guidance does nothing: 1."""
+    if y is None:
+        return 1.0 if guidance is None else float(guidance)
     try:
         trained = float(solver.meta["guidance"])
     except (KeyError, TypeError, ValueError):
@@ -391,14 +394,14 @@ def _guidance(solver: NSSolver, guidance: float | None) -> float:
 
 
 def _sample(model, x0, solver, y, guidance, return_trajectory, checkpoint):
-    guidance = _guidance(solver, guidance)
     if callable(getattr(model, "velocity", None)):  # a bns.Model, or anything shaped like one
+        guidance = _guidance(solver, guidance, y)
 
         def velocity(x: Tensor, t: Tensor) -> Tensor:
             return model.velocity(x, t, y, guidance)
 
-    elif callable(model):
-        if y is not None or guidance != 1.0:
+    elif callable(model):  # the function guides itself, if at all: the solver's meta is moot
+        if y is not None or guidance not in (None, 1.0):
             raise TypeError("labels and guidance need a bns.Model, not a plain velocity function")
         velocity = model
     else:

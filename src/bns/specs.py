@@ -158,15 +158,16 @@ def _is_file_spec(spec: str) -> bool:
 
 def _from_file(spec: str) -> Any:
     """``path/to/file.py:factory``: import the file and call ``factory()``. The file's folder
-    goes first on ``sys.path``, as ``python file.py`` puts it: a factory imports its own
-    network's module from beside it (now or when it runs)."""
+    goes on ``sys.path`` (last: a user's ``secrets.py`` or ``profile.py`` beside it must not
+    shadow the modules bns imports later), so a factory imports its own network's module from
+    beside it, now or when it runs."""
     file, _, factory = spec.rpartition(":")
     path = Path(file)
     if not path.is_file():
         raise SpecError(f"model file not found: {file}")
     folder = str(path.resolve().parent)
     if folder not in sys.path:
-        sys.path.insert(0, folder)
+        sys.path.append(folder)
     mod_name = f"_bns_user_model_{abs(hash(str(path.resolve())))}"
     loader = importlib.util.spec_from_file_location(mod_name, path)
     if loader is None or loader.loader is None:
