@@ -3,7 +3,6 @@ distillation sizes, and the cost estimate's, shrunk so that it takes seconds).""
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import re
 import types
@@ -14,7 +13,7 @@ import torch
 from torch import nn
 
 import bns
-from bns.cli import build_parser
+from bns.cli import _subcommands, build_parser
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
@@ -102,13 +101,6 @@ COMMANDS = ("distill", "eval", "sample", "demo", "comfyui", "export")
 SHOWN = re.compile(rf"(?<![\w/.-])bns ((?:{'|'.join(COMMANDS)})\b[^`\n]*)")
 
 
-def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action.choices
-    return {}
-
-
 def _shown_commands() -> list[tuple[str, str]]:
     return [(p.name, m.group(1)) for p in DOCS for m in SHOWN.finditer(p.read_text())]
 
@@ -125,8 +117,8 @@ def test_every_option_the_docs_show_exists_for_its_command():
         for token in text.split():
             token = token.strip("[](),;:")
             name = token.split("/")[0]  # "sample/eval": the first of the two
-            if name in _commands(parser):
-                parser = _commands(parser)[name]
+            if name in _subcommands(parser):
+                parser = _subcommands(parser)[name]
             elif (
                 token.startswith("--") and token.split("=")[0] not in parser._option_string_actions
             ):

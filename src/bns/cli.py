@@ -151,10 +151,8 @@ class _Parser(argparse.ArgumentParser):
         if extra:
             # the innermost command chosen: its options, its name in the line
             parser = self
-            while (choices := _subcommands(parser)) and (
-                name := getattr(parsed, _dest(parser), None)
-            ) in choices:
-                parser = choices[name]
+            while (sub := _subparsers(parser)) and getattr(parsed, sub.dest, None) in sub.choices:
+                parser = sub.choices[getattr(parsed, sub.dest)]
             option = extra[0].split("=")[0]
             near = difflib.get_close_matches(option, list(parser._option_string_actions), 1)
             hint = f"; did you mean {near[0]}?" if near and option.startswith("-") else ""
@@ -164,18 +162,17 @@ class _Parser(argparse.ArgumentParser):
         return parsed
 
 
+def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction | None:
+    """``parser``'s commands (their ``dest`` and ``choices``), if it has any."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    return None
+
+
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action.choices
-    return {}
-
-
-def _dest(parser: argparse.ArgumentParser) -> str:
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action.dest
-    return ""
+    sub = _subparsers(parser)
+    return {} if sub is None else sub.choices
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -427,10 +424,9 @@ def _written_by_rank0(model: Any, write: Any) -> bool:
     return ex.main
 
 
-def _distill_guidance_range(args, model: Any, cfg: Any, t0: float) -> int:
+def _distill_guidance_range(args, model: Any, cfg: Any, t0: float, ckpt: Path) -> int:
     from .guidance_range import distill_guidance_range
 
-    ckpt = args.out.with_name(args.out.name + ".ckpt")
     rs, hist = distill_guidance_range(
         model,
         cfg.nfe,
@@ -501,7 +497,7 @@ def cmd_distill(args) -> int:
 
     model = spanned(model, cfg.span)
     if args.guidance_range is not None:
-        return _distill_guidance_range(args, model, cfg, t0)
+        return _distill_guidance_range(args, model, cfg, t0, ckpt)
     from .model import NetworkError
 
     remove_stale_tmp(args.out.parent)  # what a killed run left half-written (a checkpoint)

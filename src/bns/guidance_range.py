@@ -351,21 +351,17 @@ class _RangeObjective(Objective):
 
     def validate(self) -> tuple[float, GuidanceRangeSolver]:
         cfg, ws = self.cfg, self.ws
-        if not all(strictly_increasing(self._solver_at(w).times) for w in ws):
+        solvers = {w: self._solver_at(w).detach() for w in ws}
+        if not all(strictly_increasing(s.times) for s in solvers.values()):
             scores = [math.nan]  # an overshoot (train.strictly_increasing)
         else:
             scores = [
                 float(
                     evaluate_psnr(
-                        self.model,
-                        self._solver_at(w).detach(),
-                        self.pairs[w][1],
-                        w,
-                        cfg.eval_batch_size,
-                        cfg.data_range,
+                        self.model, s, self.pairs[w][1], w, cfg.eval_batch_size, cfg.data_range
                     ).mean()
                 )
-                for w in ws
+                for w, s in solvers.items()
             ]
         coefs = {k: v.detach().clone() for k, v in self.family.state_dict().items()}
         return sum(scores) / len(scores), GuidanceRangeSolver(
