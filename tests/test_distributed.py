@@ -113,9 +113,18 @@ def run(cache):
             "val_psnr": hist["val_psnr"], "forwards": hist["forwards"]}
 
 
+def record_threads(folder):  # at this worker's very end, after bns's exit handlers (Linux)
+    names = [Path(f"/proc/self/task/{t}/comm").read_text().strip()
+             for t in os.listdir("/proc/self/task")] if os.path.isdir("/proc/self/task") else []
+    Path(folder, "threads-" + os.environ["RANK"]).write_text(json.dumps(names))
+
+
 if __name__ == "__main__":  # under torchrun: command lines, then the API run (result "-": none)
+    import atexit
     from bns.cli import main
     commands, folder, result = json.loads(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+    folder.mkdir(parents=True, exist_ok=True)
+    atexit.register(record_threads, folder)  # registered first: runs last
     for argv in commands:
         if isinstance(argv, dict):  # {"env": {NAME: value, or None to unset}, "argv": [...]}
             for name, value in argv["env"].items():
@@ -630,6 +639,19 @@ class Net(torch.nn.Module):
 def net():
     return bns.Model(Net(), "velocity", bns.schedules.CondOT(), (4,))
 """
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="thread names from /proc")
+def test_a_worker_frees_its_process_group_before_the_interpreter_ends(two_worker_job):
+    """bns started the job's group, so its exit handler destroys it, and gloo's threads end
+    there, before the interpreter finalizes (where they aborted a finished worker now and then).
+
+    The job's Adam steps import ``torch._dynamo`` after the group starts, which imports
+    ``torch.distributed.nn``: unless bns imported it first, its ``group=group.WORLD`` defaults
+    held the group and its threads outlived every exit handler."""
+    for rank in (0, 1):
+        names = json.loads((two_worker_job.two / f"threads-{rank}").read_text())
+        assert names and not [n for n in names if "gloo" in n], (rank, names)
 
 
 def test_a_warning_prints_once_per_job_not_once_per_worker(two_worker_job):

@@ -212,12 +212,27 @@ def _start(dist: Any, device: torch.device | str | None) -> None:
         # torchrun sets OMP_NUM_THREADS=1 by default: an equal share uses the machine.
         torch.set_num_threads(_threads())
         backend = "gloo"
+    _import_group_defaults()
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s()))
     _JOB.started = True
     atexit.register(_close, dist)
     if threading.current_thread() is threading.main_thread():
         # The launcher stops the others with SIGTERM when a worker dies: say who and why.
         signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _import_group_defaults() -> None:
+    """Import, before the process group exists, the torch modules whose functions take
+    ``group=group.WORLD`` as a default argument.
+
+    Such a default is evaluated once, at import. Imported after the group starts (torch's
+    optimizers import ``torch._dynamo`` on first use, which imports these), the defaults hold
+    the group itself: :func:`_close`'s ``destroy_process_group`` then cannot free it, gloo's
+    threads outlive the exit handlers, and a worker whose work is done and written aborted in
+    the interpreter's finalization now and then ("terminate called without an active
+    exception"). Imported before, the defaults are ``None``."""
+    with contextlib.suppress(ImportError):
+        import torch.distributed.nn  # noqa: F401 - its functional API's defaults
 
 
 def _close(dist: Any) -> None:
