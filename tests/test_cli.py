@@ -282,8 +282,6 @@ def test_image_model_grids_from_eval_and_sample(env, capsys):
                 "eval",
                 "--model",
                 m,
-                "--guidance",
-                "2",
                 "--solver",
                 str(out),
                 "--baselines",
@@ -302,6 +300,7 @@ def test_image_model_grids_from_eval_and_sample(env, capsys):
         == 0
     )
     assert grid.stat().st_size > 1000
+    assert json.loads((env / "e.json").read_text())["guidance"] == 2  # the solver's, not 1
     png = env / "s.png"
     assert (
         main(
@@ -324,9 +323,25 @@ def test_image_model_grids_from_eval_and_sample(env, capsys):
         == 0
     )
     assert png.stat().st_size > 1000
-    assert "guidance" in _error(
-        capsys, ["sample", "--model", m, "--solver", str(out), "--n", "2", "--out", str(png)]
-    )
+    # Without --guidance, sample runs at the solver's scale: the samples of --guidance 2.
+    smp = ["sample", "--model", m, "--solver", str(out), "--n", "3"]
+    assert main([*smp, "--out", str(env / "a.pt")]) == 0
+    assert main([*smp, "--guidance", "2", "--out", str(env / "b.pt")]) == 0
+    a, b = torch.load(env / "a.pt"), torch.load(env / "b.pt")
+    assert torch.equal(a, b)
+    assert main([*smp, "--guidance", "1", "--force", "--out", str(env / "u.pt")]) == 0
+    assert (torch.load(env / "u.pt") - a).abs().max() > 1e-3  # (the scale matters here)
+    err = _error(capsys, [*smp, "--guidance", "3", "--out", str(env / "c.pt")])
+    assert "trained for guidance 2, asked for 3" in err
+    # Solvers of two scales in one eval: --guidance says which.
+    one = env / "g1.json"
+    distill1 = ["distill", "--model", m, "--nfe", "4", "--train-pairs", "8", "--val-pairs", "4"]
+    distill1 += ["--adam-steps", "2", "--val-every", "1", "--quiet", "--out", str(one)]
+    assert main(distill1) == 0
+    ev = ["eval", "--model", m, "--solver", str(out), str(one), "--baselines", "euler"]
+    ev += ["--nfe", "4", "--test-pairs", "4", "--quiet", "--json", str(env / "two.json")]
+    assert "trained at different guidance scales (1, 2): pass --guidance W" in _error(capsys, ev)
+    assert not (env / "two.json").exists()
 
 
 def test_eval_batch_sizes_change_memory_not_results(env, tmp_path_factory, monkeypatch, capsys):

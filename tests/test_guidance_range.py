@@ -182,6 +182,10 @@ def test_command_line(tmp_path, capsys):
     capsys.readouterr()
     assert main([*ev[:-2], "--json", str(tmp_path / "x.json"), "--guidance", "9"]) == 2
     assert "outside the range this solver was trained on [1, 4]" in capsys.readouterr().err
+    # the file names no one scale: without --guidance, one line asks for it
+    assert main(["sample", *common, "--solver", str(out), "--out", str(pt)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("is a solver for guidance 1 to 4: pass --guidance W, W in that range")
 
 
 def test_micro_batches_and_checkpointing_give_the_same_solver_and_no_weight_gets_a_grad(tmp_path):

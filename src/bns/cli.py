@@ -89,8 +89,9 @@ def _add_model(p: argparse.ArgumentParser, config_options: bool = False) -> None
         p.add_argument(
             "--guidance",
             type=float,
-            default=_default("guidance"),
-            help="classifier-free guidance scale, 1 = none (default: %(default)s)",
+            default=None,
+            help="classifier-free guidance scale, 1 = none (default: the scale the --solver"
+            " files were trained at, else 1)",
         )
         p.add_argument(
             "--seed",
@@ -137,6 +138,37 @@ def _spanned(model: Any, span: Any, paths: list[Path]) -> Any:
         )
     found = next(iter(ranges), None)
     return model if found is None else spanned(model, list(found))
+
+
+def _guidance(given: float | None, paths: list[Path]) -> float:
+    """``--guidance``, or else the scale the solver files were trained at (all the same), as
+    :func:`bns.sample` does; 1 without solver files. A guidance-range file names no one scale:
+    it needs ``--guidance``."""
+    from .guidance_range import GuidanceRangeSolver, is_guidance_range_file
+    from .solver import NSSolver
+
+    if given is not None:
+        return given
+    scales: set[float] = set()
+    for p in paths:
+        if not p.is_file():
+            continue  # said where the file is loaded
+        if is_guidance_range_file(p):
+            lo, hi = GuidanceRangeSolver.load(p).w_range
+            raise CLIError(
+                f"{p} is a solver for guidance {lo:g} to {hi:g}: pass --guidance W, W in that range"
+            )
+        try:
+            scales.add(float(NSSolver.load(p).meta.get("guidance", 1.0)))
+        except (TypeError, ValueError):
+            continue  # a bad meta value: said where the file is loaded for the model
+    if len(scales) > 1:
+        raise CLIError(
+            "the solvers were trained at different guidance scales"
+            f" ({', '.join(f'{w:g}' for w in sorted(scales))}): pass --guidance W and evaluate"
+            " the solvers of W (or add --force to run every one at W)"
+        )
+    return next(iter(scales), 1.0)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -669,6 +701,7 @@ def cmd_eval(args) -> int:
     for out in (args.json, args.table, args.plot):  # now, not after the evaluation
         if out is not None:
             check_writable(Path(out).parent)
+    args.guidance = _guidance(args.guidance, args.solver)
     model = _spanned(_model(args), args.span, args.solver)
     if args.fid is not None:  # before any ground truth: a missing extra fails now
         from .fid import check_fid
@@ -798,6 +831,7 @@ def cmd_sample(args) -> int:
     from .solver import sample
 
     check_writable(Path(args.out).parent)  # now, not after sampling
+    args.guidance = _guidance(args.guidance, [args.solver])
     model = _spanned(_model(args), None, [args.solver])
     solver = load_solver(args.solver, model, args.guidance, args.force)
     if args.n < 1:
