@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -230,6 +231,40 @@ def test_console_script_runs_as_a_process(env):
     )
     assert r.returncode == 2 and r.stderr.startswith("bns sample: error:")
     assert "Traceback" not in r.stderr
+
+
+def test_a_warning_on_the_command_line_is_one_line_in_the_commands_name(env):
+    """bns's own warning says what it says; the network's says its kind and where."""
+    spec = importlib.util.spec_from_file_location("user_models", env / "m.py")
+    user = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(user)
+    solver = bns.solvers.by_name("euler", 2, user.img())
+    solver.meta["guidance"] = 2.0  # as if trained at 2
+    solver.save(env / "g2.json")
+    noisy = env / "noisy.py"
+    noisy.write_text(
+        MODEL_FILE.format(seed=0)
+        + "def loud():\n    import warnings\n    m = img()\n    f = m.net.forward\n"
+        + "    def forward(*a):\n        warnings.warn('the net\\nsays hi')\n        return f(*a)\n"
+        + "    m.net.forward = forward\n    return m\n"
+    )
+    at = [i for i, t in enumerate(noisy.read_text().splitlines(), 1) if "warnings.warn" in t]
+    exe = Path(sys.executable).with_name("bns")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "bns"]
+    argv = ["sample", "--solver", str(env / "g2.json"), "--guidance", "1", "--force", "--n", "2"]
+    r = subprocess.run(
+        cmd + argv + ["--model", f"{noisy}:loud", "--out", str(env / "x.pt")],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+    )
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    assert lines == [
+        "bns sample: warning: sampling at guidance 1 with a solver trained for 2: its"
+        " coefficients fit 2",
+        f"bns sample: warning: UserWarning: the net says hi ({noisy}:{at[0]})",
+    ], r.stderr
 
 
 def test_demo_quick_on_the_analytic_model(env, capsys):

@@ -18,6 +18,7 @@ import difflib
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -936,10 +937,29 @@ def cmd_comfyui(args) -> int:
 COMMANDS["comfyui"] = cmd_comfyui
 
 
+def _warnings_as_lines(prog: str) -> None:
+    """Print each warning in one line in the command's name, as errors are: bns's own as what
+    it says, another's (torch's, the network's) with its kind and where it was raised.
+
+    The command line's alone (:func:`run`): a program calling :func:`main` keeps Python's."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        text = " ".join(str(message).split())
+        if text.startswith("bns: "):
+            text = text[len("bns: ") :]
+        else:
+            text = f"{category.__name__}: {text} ({filename}:{lineno})"
+        print(f"{prog}: warning: {text}", file=file if file is not None else sys.stderr)
+
+    warnings.showwarning = show
+
+
 def run() -> None:
     """The ``bns`` and ``python -m bns`` entry point: :func:`main`, then the process exits
     (under torchrun, a worker of a job bns started ends as :func:`bns.distributed.end_command`
     says)."""
+    command = sys.argv[1] if len(sys.argv) > 1 else ""
+    _warnings_as_lines(f"bns {command}" if command in COMMANDS else "bns")
     rc = main()
     if "bns.distributed" in sys.modules:  # only a multi-worker job loaded it
         from .distributed import end_command
