@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
+import bns
 from bns.estimate import gn_step_work
+from bns.schedules import DiscreteVP
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -271,3 +273,36 @@ def test_concurrency_benchmark_tiny(tmp_path):
     assert (
         "| solvers differing from the job alone | 0 |" in (tmp_path / "concurrency.md").read_text()
     )
+
+
+def test_timestep_rounding_hands_the_network_integer_timesteps(monkeypatch):
+    """What benchmarks/timestep_rounding.py's claims rest on: the wrapped network sees the
+    nearest integer timestep (the noise level stays exact), and snapped times are integer
+    timesteps with the ends kept."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    tr = importlib.import_module("timestep_rounding")
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    sched = DiscreteVP(torch.cumprod(1 - betas, 0))
+    seen = []
+
+    class Net(torch.nn.Module):
+        def forward(self, x, t):
+            seen.append(sched.timestep(t.double()))
+            return x * 0 + t[:, None].to(x.dtype)
+
+    model = bns.Model(Net(), "eps", sched, (2,), dtype=torch.float64)
+    rounded = tr.rounded_model(model)
+    t = torch.tensor([0.1234, 0.5, 0.9876], dtype=torch.float64)
+    x = torch.randn(3, 2, dtype=torch.float64)
+    exact, got = model.velocity(x, t), rounded.velocity(x, t)
+    k = seen[-1]
+    assert (
+        torch.allclose(k, k.round(), atol=1e-9)
+        and (k - sched.timestep(t)).abs().max() <= 0.5 + 1e-9
+    )
+    assert not torch.allclose(exact, got)  # the network's time changed, not the scaling alone
+    solver = bns.solvers.by_name("euler", 4, model)
+    snap = tr.snapped(solver, sched)
+    ks = sched.timestep(snap.times)
+    assert torch.allclose(ks, ks.round(), atol=1e-9)
+    assert snap.t_range == solver.t_range and torch.equal(snap.a, solver.a)

@@ -196,7 +196,9 @@ def test_bad_inputs_raise_one_clear_model_error(call, match):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"prediction": "score"}, "unknown prediction"),
+        ({"prediction": "score"}, r"unknown prediction 'score'; expected one of .*'v'\)$"),
+        ({"prediction": "epsilon"}, "bns calls 'epsilon' 'eps'"),  # diffusers' word
+        ({"prediction": "v_prediction"}, "bns calls 'v_prediction' 'v'"),
         ({"schedule": None}, "needs a schedule"),
         ({"t_range": (0.5, 0.5)}, "t_range"),
         ({"t_range": (-0.1, 1.0)}, "t_range"),

@@ -39,6 +39,16 @@ __all__ = [
 ]
 
 PREDICTIONS = ("velocity", "eps", "x1", "v")
+# What other libraries call them (diffusers' prediction_type, k-diffusion's denoiser): named in
+# the error a user who writes theirs gets, never taken silently.
+_PREDICTION_ELSEWHERE = {
+    "epsilon": "eps",
+    "v_prediction": "v",
+    "sample": "x1",
+    "x0": "x1",
+    "flow": "velocity",
+    "flow_prediction": "velocity",
+}
 
 
 def _is_dual(v: Tensor) -> bool:
@@ -354,7 +364,11 @@ class Model:
         label_splits: Mapping[str, Sequence[int]] | None = None,
     ) -> None:
         if prediction not in PREDICTIONS:
-            raise ModelError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
+            ours = _PREDICTION_ELSEWHERE.get(prediction)
+            hint = f"; bns calls {prediction!r} {ours!r}" if ours else ""
+            raise ModelError(
+                f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}{hint}"
+            )
         if schedule is None:
             raise ModelError("a Model needs a schedule (e.g. bns.schedules.CondOT())")
         if isinstance(schedule, str):  # a name: that scheduler with its default parameters
