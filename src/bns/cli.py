@@ -548,7 +548,10 @@ def cmd_distill(args) -> int:
         # The network fails, and would fail again: a checkpoint this run wrote is nothing to
         # resume (an interrupted run's, or one it resumed, stays).
         if not had_ckpt:
-            ckpt.unlink(missing_ok=True)
+            from .train import start_checkpoint
+
+            for k in range(cfg.starts):
+                start_checkpoint(ckpt, k).unlink(missing_ok=True)
         raise
 
     def write() -> None:
@@ -571,6 +574,9 @@ def cmd_distill(args) -> int:
     from .cost import Ledger
 
     print(Ledger.from_dict(solver.meta["cost"]).table("cost of this run"))
+    if "starts" in solver.meta:
+        each = ", ".join(f"{k} {v:.2f} dB" for k, v in solver.meta["starts"].items())
+        print(f"bns distill: {len(solver.meta['starts'])} starts: {each}")
     if hist.get("stopped_by_budget"):
         print(f"bns distill: stopped before crossing the budget ({cfg.budget})")
     print(
@@ -601,6 +607,8 @@ def _estimate(args) -> int:
     )
     if used.adam_steps:
         steps = f"{used.adam_steps} Adam steps" + (f", then {steps}" if steps else "")
+    if used.starts > 1:
+        steps += f", from each of up to {used.starts} starts"
     print(
         f"bns distill --estimate: {model.name} nfe={used.nfe} guidance={used.guidance:g} on"
         f" {model.device or 'cpu'}: {used.train_pairs} train / {used.val_pairs} validation pairs,"

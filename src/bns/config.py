@@ -181,6 +181,12 @@ class DistillConfig:
         "per-sample loss: log-mse (the paper's: mean log of each sample's MSE, i.e. mean"
         " PSNR), mse or l1",
     )
+    starts: int = _opt(
+        1,
+        "initial solvers to distill from, each to its end, keeping the one that validates best:"
+        " the best classical solver, then in turn the best remaining preconditioned and plain"
+        " ones (each start costs its own optimizer steps)",
+    )
     train_pairs: int = _opt(128, "ground-truth pairs to train on")
     val_pairs: int = _opt(128, "ground-truth pairs to validate on (the best step is kept)")
     init_pairs: int = _opt(
@@ -294,7 +300,8 @@ def _warn_renamed(old: str) -> None:
 
 def _check(cfg: DistillConfig) -> None:
     """Raise TrainingError on settings no run can use."""
-    positive = ("nfe", "train_pairs", "val_pairs", "init_pairs", "batch_size", "val_every")
+    positive = ("nfe", "starts", "train_pairs", "val_pairs", "init_pairs", "batch_size")
+    positive += ("val_every",)
     positive += ("gn_max_stack",)
     if cfg.gn_batch_size is not None:
         positive += ("gn_batch_size",)

@@ -30,6 +30,7 @@ from .config import DistillConfig, resolve_steps
 from .cost import Ledger, Phase, uncounted
 from .model import Model, frozen
 from .solver import NSSolver
+from .solvers.initial import distinct_solvers
 
 __all__ = ["estimate_cost", "Estimator", "gn_step_work", "PILOT_PAIRS"]
 
@@ -277,12 +278,18 @@ class Estimator:
                 stack = min(max(1, cfg.gn_max_stack // chunk), s + 2) * chunk
                 step += (n - s) * clock.rate("jvp", (s + 2) * B, stack)
             opt.seconds += cfg.gn_steps * step
-        ledger.phases["optimizer"] = opt
         validations = 1 + (cfg.adam_steps + cfg.val_every - 1) // cfg.val_every + cfg.gn_steps
         per_val = n * clock.rate("forward", cfg.val_pairs, cfg.eval_batch_size)
-        ledger.phases["validation"] = Phase(
-            forwards=validations * cfg.val_pairs * n * fpe, seconds=validations * per_val
-        )
+        val = Phase(forwards=validations * cfg.val_pairs * n * fpe, seconds=validations * per_val)
+        # Several starts: each its own steps and validations.
+        k = min(cfg.starts, len(distinct_solvers(candidates))) if cfg.starts > 1 else 1
+        for phase in (opt, val):
+            phase.forwards, phase.jvps, phase.seconds = (
+                k * phase.forwards,
+                k * phase.jvps,
+                k * phase.seconds,
+            )
+        ledger.phases["optimizer"], ledger.phases["validation"] = opt, val
         return ledger
 
 

@@ -227,7 +227,7 @@ def distill_guidance_range(
     cfg = (config or DistillConfig(nfe=int(nfe))).replace(nfe=int(nfe), guidance=mid, **overrides)
     cfg.check()
     cfg = resolve_steps(cfg, lambda: False)  # Adam alone (refused below if asked otherwise)
-    refused = {"family": "bns", "gn_steps": 0}
+    refused = {"family": "bns", "gn_steps": 0, "starts": 1}
     for name, only in refused.items():
         if getattr(cfg, name) != only:
             raise TrainingError(f"a guidance-range solver takes {name} {only} only")

@@ -38,6 +38,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,6 +57,7 @@ from .pairs import Pairs, make_pairs
 from .solver import NSSolver
 from .solvers import init_candidates
 from .solvers.ends import resolve_end
+from .solvers.initial import distinct_solvers
 
 __all__ = [
     "distill",
@@ -110,6 +112,28 @@ def choose_initial_solver(
     scores = {c.meta["init"]: p for c, p in zip(candidates, psnrs)}
     best = max(candidates, key=lambda c: _finite_or(scores[c.meta["init"]]))
     return best, scores, model.forwards - f0
+
+
+def pick_starts(candidates: list[NSSolver], scores: dict[str, float], k: int) -> list[NSSolver]:
+    """The ``k`` initial solvers of a run with ``starts = k``: the best on validation, then in
+    turn the best remaining one of the other kind (preconditioned, then not, ...), leaving out
+    those that equal one taken. The best classical start is not always where Gauss-Newton ends
+    best (docs/results.md, "How far the start can matter"); the other kind is the likeliest
+    to end elsewhere."""
+    ranked = sorted(candidates, key=lambda c: -_finite_or(scores.get(c.meta["init"], -math.inf)))
+    ranked = distinct_solvers(ranked)
+    out = ranked[:1]
+    rest = ranked[1:]
+    while rest and len(out) < k:
+        want = not _preconditioned(out[-1])
+        pick = next((c for c in rest if _preconditioned(c) == want), rest[0])
+        out.append(pick)
+        rest = [c for c in rest if c is not pick]
+    return out
+
+
+def _preconditioned(solver: NSSolver) -> bool:
+    return "+pc" in solver.meta.get("init", "")
 
 
 def strictly_increasing(times: torch.Tensor) -> bool:
@@ -231,27 +255,65 @@ def _distill(
     train, val = train.to(device), val.to(device)
     with ledger.phase("ranking", model):
         init, scores, _ = choose_initial_solver(model, cfg, val, candidates)
-    family = make_family(cfg.family, init)
-    loop = _Loop(model, cfg, family, init, train, val, callback, ledger)
-    run_loop(loop, _run_id(model, cfg, train, val), checkpoint_path, resume, progress, main)
+    starts = pick_starts(candidates, scores, cfg.starts) if cfg.starts > 1 else [init]
+    run_id = _run_id(model, cfg, train, val)
+    loops = []
+    for k, start in enumerate(starts):  # each start to its end; the best validated is kept
+        loop = _Loop(
+            model, cfg, make_family(cfg.family, start), start, train, val, callback, ledger
+        )
+        if len(starts) == 1:
+            run_loop(loop, run_id, checkpoint_path, resume, progress, main)
+        else:
+            path = start_checkpoint(checkpoint_path, k)
+            run_loop(loop, f"{run_id} start {k}", path, resume, progress, main, finish=True)
+        loops.append(loop)
+    loop = max(loops, key=lambda lp: _finite_or(lp.best_psnr))  # the first of equals
     cost = loop.ledger.summed_over_workers()  # every worker's share of the work
     solver = loop.best
     solver.meta = _artifact_meta(model, cfg, end, loop, train, scores, cost)
+    if len(loops) > 1:
+        solver.meta["starts"] = {lp.init.meta["init"]: lp.best_psnr for lp in loops}
+        if checkpoint_path is not None and main:  # the starts' own files; the caller's stays
+            for k in range(1, len(loops)):
+                start_checkpoint(checkpoint_path, k).unlink(missing_ok=True)
     solver.validate(t_range=model.t_range, strict=True)
     return solver, _history(loop, cost)
 
 
-def run_loop(loop: _Loop, run_id: str, checkpoint_path, resume: bool, progress: bool, main: bool):
+def start_checkpoint(path: str | os.PathLike | None, k: int) -> Path | None:
+    """Where start ``k`` of a run with several starts keeps its checkpoint: the run's own file
+    for the first, ``PATH.startK`` beside it for the others."""
+    if path is None:
+        return None
+    return Path(path) if k == 0 else Path(f"{path}.start{k}")
+
+
+def run_loop(
+    loop: _Loop,
+    run_id: str,
+    checkpoint_path,
+    resume: bool,
+    progress: bool,
+    main: bool,
+    finish: bool = False,
+):
     """Run ``loop`` to its end, writing checkpoints of the run ``run_id`` to
-    ``checkpoint_path`` (rank 0 alone: ``main``) and first continuing from one if ``resume``."""
+    ``checkpoint_path`` (rank 0 alone: ``main``) and first continuing from one if ``resume``.
+    With ``finish`` the last checkpoint says the run ended, and resuming from it runs nothing
+    (one of several starts, done before the interruption)."""
     ckpt = Checkpoint(checkpoint_path, run_id) if checkpoint_path and main else None
     if resume:  # rank 0 reads the checkpoint and sends it to every worker
         state = executor.current().on_main(lambda: ckpt.load() if ckpt is not None else None)
-        if state is None and ckpt is not None:
+        if state is None and ckpt is not None and not finish:
             warnings.warn(f"bns: no checkpoint at {ckpt.path}; starting anew", stacklevel=3)
         elif state is not None:
             _restore_loop(loop, state)
+            if state.get("finished"):
+                return
     loop.run(ckpt, progress)
+    if finish and ckpt is not None:
+        ckpt.save({**_loop_state(loop), "finished": True})
 
 
 def _fit_budget(model, cfg, candidates, device, cache, pairs_given) -> DistillConfig:

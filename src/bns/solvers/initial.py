@@ -27,7 +27,13 @@ from .ends import with_data_end
 if TYPE_CHECKING:
     from ..model import Model
 
-__all__ = ["init_candidates", "initial_solver", "solver_from_label", "AUTO_SIGMA0"]
+__all__ = [
+    "init_candidates",
+    "initial_solver",
+    "solver_from_label",
+    "distinct_solvers",
+    "AUTO_SIGMA0",
+]
 
 AUTO_SIGMA0 = (
     1.0  # the paper's sigma0; best of 0.5, 1, 2 in benchmarks/results/precondition_gmm-vp.md
@@ -136,3 +142,17 @@ def solver_from_label(model: Model, nfe: int, label: str, end: str = "range") ->
     ``"midpoint+pc1"``; ``"ipndm"``, from files before grids were measured: the default grid)."""
     name, grid, pc = _parse(label)
     return initial_solver(model, nfe, name, pc, end, grid)
+
+
+def distinct_solvers(solvers: list[NSSolver]) -> list[NSSolver]:
+    """``solvers`` less those whose times and coefficients equal an earlier one's (at low NFE
+    some methods coincide: DPM-Solver++ 2M and 3M, UniPC-2 and -3, iPNDM and AB3)."""
+    out: list[NSSolver] = []
+    for s in solvers:
+        if not any(_same_solver(s, o) for o in out):
+            out.append(s)
+    return out
+
+
+def _same_solver(s: NSSolver, o: NSSolver) -> bool:
+    return all(torch.equal(getattr(s, k), getattr(o, k)) for k in ("times", "a", "b"))
