@@ -309,6 +309,10 @@ def two_worker_job(tmp_path_factory):
         # a budget: rank 0 fits it, and every worker stops where one worker would
         ["distill", "--model", "gmm", "--nfe", "4", "--quiet", "--budget", "10k"]
         + ["--gt-batch-size", "8", "--out", "{out}/b.json"],
+        # two starts, each to its end, on s.json's cached pairs
+        ["distill", "--model", "gmm", "--nfe", "4", "--quiet", "--starts", "2"]
+        + ["--train-pairs", "40", "--val-pairs", "24", "--init-pairs", "24", "--gn-steps", "2"]
+        + ["--gn-batch-size", "8", "--gt-batch-size", "8", "--out", "{out}/k.json"],
     ]
     # the network that warns, with a cache of its own (the job's cache is compared below)
     warn = ["eval", "--model", f"{warn_file}:net", "--baselines", "euler", "--nfe", "2"]
@@ -339,8 +343,9 @@ def two_worker_job(tmp_path_factory):
 def test_two_workers_give_one_workers_results(two_worker_job):
     job = two_worker_job
     one, two, ref, got = job.one, job.two, job.ref, job.got
-    # rank 0 alone speaks: two distills, two evals (the warning's is the second)
-    assert job.out.count("bns distill:") == 4 and job.out.count("rows ->") == 2
+    # rank 0 alone speaks: five distills (one says its two starts), two evals (the warning's
+    # is the second)
+    assert job.out.count("bns distill:") == 6 and job.out.count("rows ->") == 2
     # The analytic model, on the command line.
     _assert_same_caches(one / "cache", two / "cache")
     assert len([c for c in _caches(one / "cache") if c.startswith("pairs-gmm-")]) == 3
@@ -359,6 +364,13 @@ def test_two_workers_give_one_workers_results(two_worker_job):
         **b2["meta"]["cost"]["total"],
         "seconds": b1["meta"]["cost"]["total"]["seconds"],
     }
+    k1, k2 = (json.loads((d / "k.json").read_text()) for d in (one, two))
+    _assert_same_solver(k1, k2)
+    assert list(k1["meta"]["starts"]) == list(k2["meta"]["starts"])
+    assert len(k1["meta"]["starts"]) == 2
+    for name, v in k1["meta"]["starts"].items():
+        assert k2["meta"]["starts"][name] == pytest.approx(v, abs=1e-6)
+    assert not list(two.glob("k.json.ckpt*"))  # the starts' checkpoints are gone
     r1, r2 = (json.loads((d / "r.json").read_text())["rows"] for d in (one, two))
     _assert_same_rows(r1, r2)
     # The conditional network: one solver for guidance 1 to 3, and one for the span 0.4 to 1.
