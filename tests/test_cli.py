@@ -377,6 +377,13 @@ def test_image_model_grids_from_eval_and_sample(env, capsys):
     ev += ["--nfe", "4", "--test-pairs", "4", "--quiet", "--json", str(env / "two.json")]
     assert "trained at different guidance scales (1, 2): pass --guidance W" in _error(capsys, ev)
     assert not (env / "two.json").exists()
+    # A solver file that records no scale (a classical one saved by hand) fits any: no conflict.
+    from bns.specs import load_model
+
+    bns.solvers.by_name("euler", 4, load_model(m)).save(env / "plain.json")
+    ev[ev.index(str(one))] = str(env / "plain.json")
+    assert main(ev) == 0
+    assert json.loads((env / "two.json").read_text())["guidance"] == 2
 
 
 def test_eval_batch_sizes_change_memory_not_results(env, tmp_path_factory, monkeypatch, capsys):

@@ -103,7 +103,51 @@ def test_a_killed_run_of_several_starts_resumes_to_the_same_solver(runs, tmp_pat
     for key in ("times", "a", "b"):
         assert torch.equal(getattr(resumed, key), getattr(plain, key))
     assert resumed.meta["starts"] == plain.meta["starts"]
-    assert not (tmp_path / "s.ckpt.start1").exists()  # the starts' own files are gone
+    # The files stay with the caller's: resuming the finished run runs nothing.
+    assert torch.load(tmp_path / "s.ckpt.start1", weights_only=True)["finished"] is True
+    calls.clear()
+    again, _ = bns.distill(model, 4, resume=True, callback=killer, **kw)
+    assert calls == [] and torch.equal(again.b, plain.b)
+    # Resuming from a checkpoint that is not there says so, as with one start.
+    gone = dict(kw, checkpoint_path=tmp_path / "missing.ckpt")
+    with pytest.warns(UserWarning, match="no checkpoint at"):
+        bns.distill(model, 4, resume=True, **gone)
+
+
+def test_a_start_that_never_validates_is_recorded_and_the_file_saves(runs, tmp_path, monkeypatch):
+    _, _, _, _, cache = runs
+    real = bns.train.Objective.validate
+
+    def nan_for_preconditioned(self):
+        v, solver = real(self)
+        return (float("nan"), solver) if "+pc" in self.init.meta["init"] else (v, solver)
+
+    monkeypatch.setattr(bns.train.Objective, "validate", nan_for_preconditioned)
+    solver, _ = bns.distill(ddpm_mixture(), 4, starts=2, cache=cache, **RUN)
+    (pc,) = [k for k in solver.meta["starts"] if "+pc" in k]
+    assert solver.meta["starts"][pc] is None and "+pc" not in solver.meta["init"]
+    solver.save(tmp_path / "s.json")  # a finite file: no -inf or NaN in its meta
+    assert bns.NSSolver.load(tmp_path / "s.json").meta["starts"][pc] is None
+
+
+def test_a_budget_pays_for_every_start(tmp_path):
+    """The budget's fit counts every start (a smaller rung than one start's), and the run with
+    its three starts stays within it."""
+    model = ddpm_mixture()
+    kw = dict(gt_batch_size=32, progress=False, budget="40k")
+    _, one = bns.estimate_cost(
+        model,
+        4,
+        cache=tmp_path / "e",
+        repeats=1,
+        return_config=True,
+        **{k: v for k, v in kw.items() if k != "progress"},
+    )
+    solver, _ = bns.distill(model, 4, starts=3, cache=tmp_path / "c", **kw)
+    total = solver.meta["cost"]["total"]
+    assert total["forwards"] + total["jvps"] <= 40_000
+    assert solver.meta["config"]["train_pairs"] < one.train_pairs
+    assert len(solver.meta["starts"]) == 3
 
 
 def test_the_estimate_counts_every_start(tmp_path):

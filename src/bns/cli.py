@@ -160,7 +160,9 @@ def _guidance(given: float | None, paths: list[Path]) -> float:
                 f"{p} is a solver for guidance {lo:g} to {hi:g}: pass --guidance W, W in that range"
             )
         try:
-            scales.add(float(NSSolver.load(p).meta.get("guidance", 1.0)))
+            meta = NSSolver.load(p).meta
+            if "guidance" in meta:  # one without (a classical solver saved by hand) fits any
+                scales.add(float(meta["guidance"]))
         except (TypeError, ValueError):
             continue  # a bad meta value: said where the file is loaded for the model
     if len(scales) > 1:
@@ -548,10 +550,10 @@ def cmd_distill(args) -> int:
         # The network fails, and would fail again: a checkpoint this run wrote is nothing to
         # resume (an interrupted run's, or one it resumed, stays).
         if not had_ckpt:
-            from .train import start_checkpoint
+            from .train import start_checkpoints
 
-            for k in range(cfg.starts):
-                start_checkpoint(ckpt, k).unlink(missing_ok=True)
+            for path in [ckpt, *start_checkpoints(ckpt)]:
+                path.unlink(missing_ok=True)
         raise
 
     def write() -> None:
@@ -565,8 +567,10 @@ def cmd_distill(args) -> int:
             ckpt.unlink()
             solver.save(args.out)
         NSSolver.load(args.out, model=model, guidance=cfg.guidance)  # what we wrote reads back
-        if ckpt.exists():
-            ckpt.unlink()
+        from .train import start_checkpoints
+
+        for path in [ckpt, *start_checkpoints(ckpt)]:  # the run's, and its other starts'
+            path.unlink(missing_ok=True)
 
     if not _written_by_rank0(model, write):
         return 0  # rank 0 alone speaks
@@ -575,7 +579,10 @@ def cmd_distill(args) -> int:
 
     print(Ledger.from_dict(solver.meta["cost"]).table("cost of this run"))
     if "starts" in solver.meta:
-        each = ", ".join(f"{k} {v:.2f} dB" for k, v in solver.meta["starts"].items())
+        each = ", ".join(
+            f"{k} {v:.2f} dB" if v is not None else f"{k} (no finite validation)"
+            for k, v in solver.meta["starts"].items()
+        )
         print(f"bns distill: {len(solver.meta['starts'])} starts: {each}")
     if hist.get("stopped_by_budget"):
         print(f"bns distill: stopped before crossing the budget ({cfg.budget})")

@@ -46,9 +46,7 @@ _PREDICTION_ELSEWHERE = {
     "v_prediction": "v",
     "sample": "x1",
     "x0": "x1",
-    "flow": "velocity",
-    "flow_prediction": "velocity",
-}
+}  # (diffusers' "flow" runs time the other way: bns.integrations.diffusers handles it)
 
 
 def _is_dual(v: Tensor) -> bool:

@@ -32,6 +32,7 @@ each with one name:
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -123,7 +124,8 @@ def pick_starts(candidates: list[NSSolver], scores: dict[str, float], k: int) ->
     ranked = sorted(candidates, key=lambda c: -_finite_or(scores.get(c.meta["init"], -math.inf)))
     ranked = distinct_solvers(ranked)
     out = ranked[:1]
-    rest = ranked[1:]
+    # the others only if they validated at all (a start that never does is kept by nothing)
+    rest = [c for c in ranked[1:] if not scores or math.isfinite(scores.get(c.meta["init"], 0))]
     while rest and len(out) < k:
         want = not _preconditioned(out[-1])
         pick = next((c for c in rest if _preconditioned(c) == want), rest[0])
@@ -257,11 +259,19 @@ def _distill(
         init, scores, _ = choose_initial_solver(model, cfg, val, candidates)
     starts = pick_starts(candidates, scores, cfg.starts) if cfg.starts > 1 else [init]
     run_id = _run_id(model, cfg, train, val)
-    loops = []
-    for k, start in enumerate(starts):  # each start to its end; the best validated is kept
-        loop = _Loop(
-            model, cfg, make_family(cfg.family, start), start, train, val, callback, ledger
+    if cfg.starts > 1 and len(starts) == 1:
+        warnings.warn(
+            f"bns: starts={cfg.starts}, but init {cfg.init!r} gives one initial solver: one start",
+            stacklevel=3,
         )
+    loops: list[_Loop] = []
+    for k, start in enumerate(starts):  # each start to its end; the best validated is kept
+        if loops and _budget_left(cfg, ledger) < loops[-1].step_cost:
+            loops[-1].stopped_by_budget = True  # not one more step: no more starts
+            break
+        family = make_family(cfg.family, start)
+        loop = _Loop(model, cfg, family, start, train, val, callback, ledger)
+        loop.step_cost = loops[-1].step_cost if loops else 0.0
         if len(starts) == 1:
             run_loop(loop, run_id, checkpoint_path, resume, progress, main)
         else:
@@ -269,24 +279,42 @@ def _distill(
             run_loop(loop, f"{run_id} start {k}", path, resume, progress, main, finish=True)
         loops.append(loop)
     loop = max(loops, key=lambda lp: _finite_or(lp.best_psnr))  # the first of equals
+    loop.stopped_by_budget = any(lp.stopped_by_budget for lp in loops)
     cost = loop.ledger.summed_over_workers()  # every worker's share of the work
     solver = loop.best
     solver.meta = _artifact_meta(model, cfg, end, loop, train, scores, cost)
-    if len(loops) > 1:
-        solver.meta["starts"] = {lp.init.meta["init"]: lp.best_psnr for lp in loops}
-        if checkpoint_path is not None and main:  # the starts' own files; the caller's stays
-            for k in range(1, len(loops)):
-                start_checkpoint(checkpoint_path, k).unlink(missing_ok=True)
+    if len(starts) > 1:  # each start's validation PSNR (None: none was finite)
+        solver.meta["starts"] = {
+            lp.init.meta["init"]: lp.best_psnr if math.isfinite(lp.best_psnr) else None
+            for lp in loops
+        }
     solver.validate(t_range=model.t_range, strict=True)
     return solver, _history(loop, cost)
 
 
+def _budget_left(cfg: DistillConfig, ledger: Ledger) -> float:
+    """What is left of ``cfg.budget`` (in its unit) after ``ledger``; infinite without one."""
+    if cfg.budget is None:
+        return math.inf
+    from .budget import parse_budget
+
+    budget = parse_budget(cfg.budget)
+    return budget.value - _spent(budget, ledger)
+
+
 def start_checkpoint(path: str | os.PathLike | None, k: int) -> Path | None:
     """Where start ``k`` of a run with several starts keeps its checkpoint: the run's own file
-    for the first, ``PATH.startK`` beside it for the others."""
+    for the first, ``PATH.startK`` beside it for the others. They stay with ``PATH``: whoever
+    removes it removes them too (:func:`start_checkpoints`)."""
     if path is None:
         return None
     return Path(path) if k == 0 else Path(f"{path}.start{k}")
+
+
+def start_checkpoints(path: str | os.PathLike) -> list[Path]:
+    """The other starts' checkpoint files beside ``path`` (``PATH.start1``, ...)."""
+    path = Path(path)
+    return sorted(path.parent.glob(f"{glob.escape(path.name)}.start*"))
 
 
 def run_loop(
@@ -305,7 +333,7 @@ def run_loop(
     ckpt = Checkpoint(checkpoint_path, run_id) if checkpoint_path and main else None
     if resume:  # rank 0 reads the checkpoint and sends it to every worker
         state = executor.current().on_main(lambda: ckpt.load() if ckpt is not None else None)
-        if state is None and ckpt is not None and not finish:
+        if state is None and ckpt is not None and (not finish or run_id.endswith(" start 0")):
             warnings.warn(f"bns: no checkpoint at {ckpt.path}; starting anew", stacklevel=3)
         elif state is not None:
             _restore_loop(loop, state)
@@ -459,7 +487,7 @@ class _Loop:
     steps); ``steps_run`` counts the optimizer steps taken."""
 
     SCALARS = ("step", "lr_backoff", "skipped", "reverts", "bad_rounds", "elapsed", "gn_lam")
-    SCALARS += ("gn_stall", "gn_rejections", "steps_run")
+    SCALARS += ("gn_stall", "gn_rejections", "steps_run", "stopped_by_budget", "step_cost")
 
     def __init__(
         self, model, cfg, family: Family, init, train, val, callback, ledger=None, objective=None
@@ -475,6 +503,7 @@ class _Loop:
         self.step = self.skipped = self.reverts = self.bad_rounds = self.gn_stall = 0
         self.gn_rejections = self.steps_run = 0
         self.gn_rejected = self.stopped_by_budget = False
+        self.step_cost = 0.0  # what the last step (and its validation) cost, in budget units
         self.lr_backoff, self.elapsed, self.gn_lam = 1.0, 0.0, 1e-3
         self.history: dict[str, list] = {"step": [], "train_loss": [], "val_psnr": [], "lr": []}
         self.best, self.best_psnr, self.best_step = init.detach(), -math.inf, 0
@@ -528,10 +557,9 @@ class _Loop:
         from .budget import parse_budget
 
         budget = parse_budget(cfg.budget) if cfg.budget is not None else None
-        step_cost = 0.0
         while self.step < last:
             spent = _spent(budget, self.ledger) if budget is not None else 0.0
-            if budget is not None and spent + step_cost > budget.value:
+            if budget is not None and spent + self.step_cost > budget.value:
                 self.stopped_by_budget = True
                 break  # the next step would cross the budget: keep the best so far
             if self.bad_rounds >= cfg.patience:
@@ -568,7 +596,7 @@ class _Loop:
                 warnings.warn("bns: too many non-finite steps; stopping early", stacklevel=3)
                 break
             if budget is not None:  # what one more step (and its validation) will cost
-                step_cost = _spent(budget, self.ledger) - spent
+                self.step_cost = _spent(budget, self.ledger) - spent
             if gn and 0 < cfg.gn_patience <= self.gn_stall:
                 break  # the last gn_patience steps gained less than gn_min_gain dB
         bar.close()
