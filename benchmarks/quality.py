@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -40,6 +41,16 @@ def machine() -> str:
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads,"
         f" {gpu}, torch {torch.__version__}"
     )
+
+
+def save(name: str, out: dict, table: str) -> None:
+    """``out`` (with the machine and the command added) as ``results/NAME.json``, ``table`` as
+    ``results/NAME.md`` (characters a file name cannot hold become ``_``); prints the table."""
+    out.update(machine=machine(), command=" ".join(sys.argv))
+    stem = RESULTS / re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    stem.with_suffix(".json").write_text(json.dumps(out, indent=1))
+    stem.with_suffix(".md").write_text(table)
+    print(table)
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -22,7 +22,7 @@ import sys
 import time
 
 import torch
-from quality import RESULTS, machine
+from quality import save
 
 import bns
 from bns.evaluate import evaluate_psnr
@@ -116,11 +116,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     out = run(args)
-    out.update(test_pairs=args.test_pairs, machine=machine(), command=" ".join(sys.argv))
-    stem = RESULTS / f"starts_{out['model']}"
-    stem.with_suffix(".json").write_text(json.dumps(out, indent=1))
-    stem.with_suffix(".md").write_text(table(out))
-    print(table(out))
+    out["test_pairs"] = args.test_pairs
+    save(f"starts_{out['model']}", out, table(out))
 
 
 if __name__ == "__main__":

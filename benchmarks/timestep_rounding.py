@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 
 import torch
-from quality import RESULTS, machine
+from quality import save
 from torch import nn
 
 import bns
@@ -151,11 +150,8 @@ def main() -> None:
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
     out = run(args)
-    out.update(test_pairs=args.test_pairs, machine=machine(), command=" ".join(sys.argv))
-    stem = RESULTS / f"timestep_rounding_{re.sub(r'[^A-Za-z0-9_.-]', '_', out['model'])}"
-    stem.with_suffix(".json").write_text(json.dumps(out, indent=1))
-    stem.with_suffix(".md").write_text(table(out))
-    print(table(out))
+    out["test_pairs"] = args.test_pairs
+    save(f"timestep_rounding_{out['model']}", out, table(out))
 
 
 if __name__ == "__main__":

@@ -275,12 +275,11 @@ def test_concurrency_benchmark_tiny(tmp_path):
     )
 
 
-def test_timestep_rounding_hands_the_network_integer_timesteps(monkeypatch):
+def test_timestep_rounding_hands_the_network_integer_timesteps():
     """What benchmarks/timestep_rounding.py's claims rest on: the wrapped network sees the
     nearest integer timestep (the noise level stays exact), and snapped times are integer
     timesteps with the ends kept."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    tr = importlib.import_module("timestep_rounding")
+    tr = _benchmark("timestep_rounding")
     betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
     sched = DiscreteVP(torch.cumprod(1 - betas, 0))
     seen = []

@@ -14,12 +14,12 @@ import json
 
 import pytest
 import torch
+from test_benchmarks import _benchmark
 
 import bns
 from bns.cli import main
 from bns.config import TrainingError
-from bns.models.gmm import GaussianMixtureNet, gaussian_mixture_model
-from bns.schedules import DiscreteVP
+from bns.models.gmm import gaussian_mixture_model
 from bns.solvers.initial import distinct_solvers, init_candidates
 from bns.train import pick_starts
 
@@ -28,14 +28,7 @@ RUN = dict(train_pairs=64, val_pairs=32, init_pairs=32, gt_batch_size=32, progre
 
 def ddpm_mixture() -> bns.Model:
     """benchmarks/starts.py's ``gmm-ddpm``: three components in 8 dimensions."""
-    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
-    schedule = DiscreteVP(torch.cumprod(1 - betas, 0))
-    means = 0.5 * torch.randn(3, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    net = GaussianMixtureNet(
-        means, torch.full((3,), 0.2), torch.ones(3) / 3, torch.arange(3), schedule, "eps",
-        sample_shape=(8,),
-    )  # fmt: skip
-    return bns.Model(net, "eps", schedule, (8,), name="mix")
+    return _benchmark("starts").gmm_ddpm()
 
 
 @pytest.fixture(scope="module")
@@ -214,3 +207,17 @@ def test_starts_through_the_command_line_on_a_user_network(tmp_path, capsys):
     assert (
         "2 Gauss-Newton steps of 24 pairs, from each of up to 2 starts" in capsys.readouterr().out
     )
+
+
+def test_starts_through_the_api_on_a_closure_over_a_user_network(tmp_path):
+    """A closure over a float32 module (no dtype given): the kept start is the run from it."""
+    namespace: dict = {}
+    exec(USER_FILE, namespace)  # the same user network as the command line's
+    net = namespace["Eps"]()
+    model = bns.Model(lambda x, t: net(x, t), "eps", bns.schedules.VP(), (6,), name="closure")
+    kw = dict(train_pairs=24, val_pairs=16, init_pairs=16, gt_batch_size=24, gn_steps=2)
+    kw.update(cache=tmp_path, progress=False)
+    two, _ = bns.distill(model, 4, starts=2, **kw)
+    alone, _ = bns.distill(model, 4, init=two.meta["init"], **kw)
+    assert len(two.meta["starts"]) == 2
+    assert torch.equal(two.b, alone.b) and torch.equal(two.times, alone.times)

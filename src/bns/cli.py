@@ -507,7 +507,7 @@ def load_solver(path: Path, model: Any, guidance: float, force: bool = False) ->
 def cmd_distill(args) -> int:
     from .config import DistillConfig, config_from_args
     from .solver import NSSolver
-    from .train import distill
+    from .train import distill, remove_checkpoints
 
     if args.estimate:
         return _estimate(args)
@@ -550,10 +550,7 @@ def cmd_distill(args) -> int:
         # The network fails, and would fail again: a checkpoint this run wrote is nothing to
         # resume (an interrupted run's, or one it resumed, stays).
         if not had_ckpt:
-            from .train import start_checkpoints
-
-            for path in [ckpt, *start_checkpoints(ckpt)]:
-                path.unlink(missing_ok=True)
+            remove_checkpoints(ckpt)
         raise
 
     def write() -> None:
@@ -567,10 +564,7 @@ def cmd_distill(args) -> int:
             ckpt.unlink()
             solver.save(args.out)
         NSSolver.load(args.out, model=model, guidance=cfg.guidance)  # what we wrote reads back
-        from .train import start_checkpoints
-
-        for path in [ckpt, *start_checkpoints(ckpt)]:  # the run's, and its other starts'
-            path.unlink(missing_ok=True)
+        remove_checkpoints(ckpt)  # the run's, and its other starts'
 
     if not _written_by_rank0(model, write):
         return 0  # rank 0 alone speaks

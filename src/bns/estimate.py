@@ -283,13 +283,8 @@ class Estimator:
         val = Phase(forwards=validations * cfg.val_pairs * n * fpe, seconds=validations * per_val)
         # Several starts: each its own steps and validations.
         k = min(cfg.starts, len(distinct_solvers(candidates))) if cfg.starts > 1 else 1
-        for phase in (opt, val):
-            phase.forwards, phase.jvps, phase.seconds = (
-                k * phase.forwards,
-                k * phase.jvps,
-                k * phase.seconds,
-            )
-        ledger.phases["optimizer"], ledger.phases["validation"] = opt, val
+        for name, phase in (("optimizer", opt), ("validation", val)):
+            ledger.phases[name] = Phase(k * phase.forwards, k * phase.jvps, k * phase.seconds)
         return ledger
 
 

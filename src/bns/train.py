@@ -276,7 +276,8 @@ def _distill(
             run_loop(loop, run_id, checkpoint_path, resume, progress, main)
         else:
             path = start_checkpoint(checkpoint_path, k)
-            run_loop(loop, f"{run_id} start {k}", path, resume, progress, main, finish=True)
+            args = (f"{run_id} start {k}", path, resume, progress, main)
+            run_loop(loop, *args, finish=True, missing_ok=k > 0)  # (a later start: not begun)
         loops.append(loop)
     loop = max(loops, key=lambda lp: _finite_or(lp.best_psnr))  # the first of equals
     loop.stopped_by_budget = any(lp.stopped_by_budget for lp in loops)
@@ -305,16 +306,18 @@ def _budget_left(cfg: DistillConfig, ledger: Ledger) -> float:
 def start_checkpoint(path: str | os.PathLike | None, k: int) -> Path | None:
     """Where start ``k`` of a run with several starts keeps its checkpoint: the run's own file
     for the first, ``PATH.startK`` beside it for the others. They stay with ``PATH``: whoever
-    removes it removes them too (:func:`start_checkpoints`)."""
+    removes it removes them too (:func:`remove_checkpoints`)."""
     if path is None:
         return None
     return Path(path) if k == 0 else Path(f"{path}.start{k}")
 
 
-def start_checkpoints(path: str | os.PathLike) -> list[Path]:
-    """The other starts' checkpoint files beside ``path`` (``PATH.start1``, ...)."""
+def remove_checkpoints(path: str | os.PathLike) -> None:
+    """Remove the checkpoint ``path`` and the other starts' files beside it (``PATH.start1``,
+    ...), where they exist."""
     path = Path(path)
-    return sorted(path.parent.glob(f"{glob.escape(path.name)}.start*"))
+    for p in [path, *path.parent.glob(f"{glob.escape(path.name)}.start*")]:
+        p.unlink(missing_ok=True)
 
 
 def run_loop(
@@ -325,15 +328,17 @@ def run_loop(
     progress: bool,
     main: bool,
     finish: bool = False,
+    missing_ok: bool = False,
 ):
     """Run ``loop`` to its end, writing checkpoints of the run ``run_id`` to
     ``checkpoint_path`` (rank 0 alone: ``main``) and first continuing from one if ``resume``.
     With ``finish`` the last checkpoint says the run ended, and resuming from it runs nothing
-    (one of several starts, done before the interruption)."""
+    (one of several starts, done before the interruption); ``missing_ok``: no checkpoint to
+    resume from is no news (a start the interrupted run had not begun)."""
     ckpt = Checkpoint(checkpoint_path, run_id) if checkpoint_path and main else None
     if resume:  # rank 0 reads the checkpoint and sends it to every worker
         state = executor.current().on_main(lambda: ckpt.load() if ckpt is not None else None)
-        if state is None and ckpt is not None and (not finish or run_id.endswith(" start 0")):
+        if state is None and ckpt is not None and not missing_ok:
             warnings.warn(f"bns: no checkpoint at {ckpt.path}; starting anew", stacklevel=3)
         elif state is not None:
             _restore_loop(loop, state)
